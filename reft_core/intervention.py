@@ -28,7 +28,7 @@ class UnitWeights:
         return self.R, self.W, self.b
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity semantics: tensors do not compare or hash by value
 class Intervention:
     config: InterventionConfig
     hidden_size: int

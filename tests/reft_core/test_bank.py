@@ -1,0 +1,162 @@
+"""Equivalences for the batched bank: identity for empty slots, mixed == alone, padding-invariance, == naive loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reft_core.bank import InterventionBank, RowPlacement
+from reft_core.config import InterventionConfig
+from reft_core.functional import affine_delta, direft, fold, loreft
+from reft_core.generate import left_pad
+from reft_core.hooks import editing_layers
+from reft_core.intervention import Intervention
+
+from .conftest import HIDDEN, LAYERS, random_intervention
+
+PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [60, 61], [7, 7, 7, 100, 3, 1, 2, 3, 4, 5, 6, 99], [11, 12, 13]]
+CONFIGS = [
+    InterventionConfig(layers=(1,), rank=4, positions="l1"),
+    InterventionConfig(layers=(0, 2), rank=2, positions="f1+l1", share_weights=False),
+    InterventionConfig(layers=(1, 3), rank=8, positions="f2+l3", share_weights=True, type="direft"),
+]
+
+
+def forward(model, prompts, interventions, pad: str = "left") -> list[torch.Tensor]:
+    """Per-row logits over the real prompt tokens, with each row's intervention applied through the bank."""
+    distinct = [i for i in dict.fromkeys(interventions) if i is not None]
+    bank = InterventionBank.for_interventions(distinct, num_layers=LAYERS)
+    slot = {id(i): s for s, i in enumerate(distinct, start=1)}
+    if pad == "left":
+        batch = left_pad(prompts, pad_token_id=0)
+        ids, mask, pos, offsets = batch.input_ids, batch.attention_mask, batch.position_ids, batch.offsets
+    else:  # right padding: prompts start at 0
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+        pos = torch.arange(width).expand(len(prompts), -1)
+        offsets = [0] * len(prompts)
+    rows = [
+        RowPlacement(slot[id(i)] if i is not None else 0, len(p), o) for i, p, o in zip(interventions, prompts, offsets)
+    ]
+    plan = bank.plan(rows)
+    with torch.no_grad(), editing_layers(model, bank.edits(plan)):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return [logits[r, o : o + len(p)] for r, (p, o) in enumerate(zip(prompts, offsets))]
+
+
+def bare(model, prompts) -> list[torch.Tensor]:
+    batch = left_pad(prompts, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    return [logits[r, o:] for r, o in enumerate(batch.offsets)]
+
+
+@pytest.fixture(scope="module")
+def interventions() -> list[Intervention]:
+    return [random_intervention(c, seed=i) for i, c in enumerate(CONFIGS)]
+
+
+def test_rows_without_intervention_equal_bare_model_exactly(model, interventions) -> None:
+    mixed = forward(model, PROMPTS, [None, interventions[0], None, interventions[1]])
+    reference = bare(model, PROMPTS)
+    assert torch.equal(mixed[0], reference[0]) and torch.equal(mixed[2], reference[2])
+    assert not torch.allclose(mixed[1], reference[1], atol=1e-3)  # the edited rows really changed
+    assert not torch.allclose(mixed[3], reference[3], atol=1e-3)
+
+
+def test_mixed_batch_equals_each_row_alone(model, interventions) -> None:
+    chosen = [interventions[0], interventions[1], interventions[2], None]
+    mixed = forward(model, PROMPTS, chosen)
+    for row, (prompt, intervention) in enumerate(zip(PROMPTS, chosen)):
+        (alone,) = forward(model, [prompt], [intervention])
+        torch.testing.assert_close(mixed[row], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_left_padded_equals_right_padded_equals_unpadded(model, interventions, index) -> None:
+    chosen = [interventions[index]] * len(PROMPTS)
+    left, right = forward(model, PROMPTS, chosen, "left"), forward(model, PROMPTS, chosen, "right")
+    for row, prompt in enumerate(PROMPTS):
+        (unpadded,) = forward(model, [prompt], [interventions[index]])
+        torch.testing.assert_close(left[row], unpadded, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(right[row], unpadded, rtol=1e-4, atol=1e-4)
+
+
+def naive_forward(model, prompt: list[int], intervention: Intervention) -> torch.Tensor:
+    """Straightforward reference: hook each layer, loop over units and positions, apply the unfolded formula."""
+    config = intervention.config
+    formula = direft if config.type == "direft" else loreft
+
+    def make_hook(layer: int):
+        def hook(_module, _args, h):
+            h = h.clone()
+            for unit, weights in intervention.units.items():
+                if unit.layer != layer:
+                    continue
+                for p in config.positions_for(unit.group, len(prompt)):
+                    h[0, p] = formula(h[0, p], *weights.as_tuple())
+            return h
+
+        return hook
+
+    layers = model.model.layers
+    handles = [layers[layer].register_forward_hook(make_hook(layer)) for layer in config.layers]
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([prompt])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_bank_equals_naive_per_position_loop(model, interventions, index) -> None:
+    for prompt in PROMPTS:
+        (ours,) = forward(model, [prompt], [interventions[index]])
+        torch.testing.assert_close(ours, naive_forward(model, prompt, interventions[index]), rtol=1e-4, atol=1e-4)
+
+
+def test_cleared_slot_is_identity_and_reload_replaces(model, interventions) -> None:
+    bank = InterventionBank(hidden_size=HIDDEN, num_layers=LAYERS, num_slots=3)
+    bank.load(1, interventions[1])
+    bank.load(2, interventions[2])  # larger rank: the bank pads everything to 8
+    bank.clear(1)
+    batch = left_pad(PROMPTS[:1], 0)
+    with pytest.raises(KeyError):
+        bank.plan([RowPlacement(1, len(PROMPTS[0]), 0)])
+    plan = bank.plan([RowPlacement(0, len(PROMPTS[0]), 0)])
+    assert plan.layers == []
+    bank.load(1, interventions[0])
+    plan = bank.plan([RowPlacement(1, len(PROMPTS[0]), 0)])
+    with torch.no_grad(), editing_layers(model, bank.edits(plan)):
+        ours = model(input_ids=batch.input_ids).logits[0]
+    torch.testing.assert_close(ours, naive_forward(model, PROMPTS[0], interventions[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_one_token_prompt_gets_no_positions(model, interventions) -> None:
+    """pyreft clamps to L // 2: a one-token prompt has nothing to edit, so it equals the bare model."""
+    (ours,) = forward(model, [[42]], [interventions[0]])
+    assert torch.equal(ours, bare(model, [[42]])[0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(kind=st.sampled_from(["loreft", "noreft", "direft"]), rank=st.integers(1, 6), pad=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_folded_form_with_rank_padding_equals_formula(kind: str, rank: int, pad: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    d = 16
+    h, R, W, b = torch.randn(3, 5, d, generator=g), torch.randn(rank, d, generator=g), torch.randn(rank, d, generator=g), torch.randn(rank, generator=g)
+    A, C, bias = fold(kind, R, W, b)
+    A, C = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (A, C))  # zero-pad the rank
+    bias = torch.nn.functional.pad(bias, (0, pad))
+    delta = affine_delta(h, A.expand(3, 5, -1, -1), C.expand(3, 5, -1, -1), bias.expand(3, 5, -1))
+    expected = (direft if kind == "direft" else loreft)(h, R, W, b)
+    torch.testing.assert_close(h + delta, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_weights_are_exactly_identity() -> None:
+    h = torch.randn(2, 3, 8)
+    zeros = torch.zeros(2, 3, 4, 8)
+    assert torch.equal(h + affine_delta(h, zeros, zeros, torch.zeros(2, 3, 4)), h)
