@@ -1,0 +1,69 @@
+"""Plain data crossing the boundary between HTTP handlers and the engine thread.
+
+Handlers build a `GenerationRequest` (already tokenized, already validated) and receive `GenerationEvent`s; nothing
+here references torch, so the HTTP side never needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS or a stop string / stop token
+    LENGTH = "length"  # max_tokens reached or context full
+    CANCELLED = "cancelled"  # client went away or asked to stop
+    ERROR = "error"  # this request failed (the engine keeps running)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 -> disabled
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        assert self.max_tokens >= 1 and 0 <= self.min_tokens <= self.max_tokens
+        assert self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class InterventionRef:
+    """Which intervention a request runs with; `key` (the artifact digest) identifies the exact version."""
+
+    name: str
+    key: str
+    intervention: Any  # reft_core.Intervention; typed loosely so this module stays torch-free
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    intervention: InterventionRef | None = None
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One increment of a request's output; the last one has `finish_reason` set."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
