@@ -1,0 +1,233 @@
+"""The engine: one thread that owns the model and runs the serving loop.
+
+    loop: apply commands (submit / cancel) -> schedule (admit waiting rows) -> prefill new rows -> decode all
+          running rows -> sample -> postprocess (detokenize, stop checks, emit, release finished rows)
+
+Handlers call `submit`/`cancel` from any thread; those only enqueue commands. Everything that touches the model,
+the bank, the cache or the scheduler happens on the engine thread. A failure inside one request (unusable logits)
+fails that request; a failing forward fails the rows of that forward and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from reft_core.bank import InterventionBank
+from reft_core.hooks import decoder_layers
+from server.engine.residency import SlotTable
+from server.engine.runner import ModelRunner, PrefillRow
+from server.engine.sampler import sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import EventSink, Sequence
+from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
+from server.metrics import Metrics
+
+log = logging.getLogger("reft_serve.engine")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_running: int = 64  # rows in the running batch
+    max_prefill_tokens: int = 8192  # prompt tokens per prefill forward
+    resident_interventions: int = 256  # bank slots (besides the identity)
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return tuple(sorted(ids))
+
+
+class Engine:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, settings: EngineSettings = EngineSettings(), metrics: Metrics | None = None
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        device = next(model.parameters()).device
+        bank = InterventionBank(
+            hidden_size=int(model.config.hidden_size),
+            num_layers=len(decoder_layers(model)),
+            num_slots=settings.resident_interventions + 1,
+            device=device,
+        )
+        self.slots = SlotTable(bank)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
+        self.runner = ModelRunner(model, bank, pad)
+        self.scheduler = Scheduler(
+            self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens
+        )
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._by_request: dict[str, Sequence] = {}
+        self._next_seq_id = 0
+
+    # -- API for other threads -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        assert self._thread is None, "engine already started"
+        self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def submit(self, request: GenerationRequest, sink: EventSink) -> None:
+        """Queue a request; `sink` receives its events on the engine thread (it must be quick and thread-safe)."""
+        self._commands.put(("submit", (request, sink)))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        self._commands.put(("cancel", request_id))
+        self._wake.set()
+
+    # -- engine thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        log.info("engine started", extra={"max_running": self.settings.max_running})
+        while not self._stop.is_set():
+            self._apply_commands()
+            if self.scheduler.idle:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self.step()
+        for seq in list(self._by_request.values()):
+            self._finish(seq, FinishReason.ERROR, error="server is shutting down")
+
+    def step(self) -> None:
+        """One iteration: admit and prefill new rows, then one decode step for every running row."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._forward(admitted, prefill=True)
+        if self.scheduler.running:
+            self._forward([self.scheduler.running[i] for i in self.runner.row_ids], prefill=False)
+        self.metrics.queue_depth.set(len(self.scheduler.waiting))
+        self.metrics.running_rows.set(len(self.scheduler.running))
+        self.metrics.resident_interventions.set(self.slots.resident)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                request, sink = payload
+                seq = Sequence.create(self._next_seq_id, request, sink, self.tokenizer)
+                self._next_seq_id += 1
+                self._by_request[request.request_id] = seq
+                self.scheduler.add(seq)
+            elif kind == "cancel" and payload in self._by_request:
+                self._finish(self._by_request[payload], FinishReason.CANCELLED)
+
+    def _forward(self, seqs: list[Sequence], *, prefill: bool) -> None:
+        started = time.perf_counter()
+        try:
+            if prefill:
+                logits = self.runner.prefill([PrefillRow(s.seq_id, s.request.prompt_ids, s.slot) for s in seqs])
+            else:
+                logits = self.runner.decode([s.last_token for s in seqs])
+        except Exception as exc:  # noqa: BLE001 - a failed forward must not take the engine down
+            log.exception("forward failed", extra={"prefill": prefill, "rows": len(seqs)})
+            # A decode failure can leave the shared cache half-updated: fail every running row, not just these.
+            victims = seqs if prefill else list(self.scheduler.running.values())
+            for seq in victims:
+                self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
+            return
+        (self.metrics.prefill_step if prefill else self.metrics.decode_step).observe(time.perf_counter() - started)
+        if prefill:
+            self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
+        tokens = sample(logits, [s.sampling for s in seqs], self.eos_ids)
+        for seq, token in zip(seqs, tokens):
+            self._postprocess(seq, token)
+
+    def _postprocess(self, seq: Sequence, token: int | None) -> None:
+        if token is None:
+            self._finish(seq, FinishReason.ERROR, error="the model produced non-finite logits for this request")
+            return
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.arrived_at)
+        elif seq.last_token_at is not None:
+            self.metrics.inter_token.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        seq.sampling.generated += 1
+        self.metrics.tokens_generated.inc()
+        params = seq.request.params
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            self._finish(seq, FinishReason.STOP, token=token)
+            return
+        text, hit_stop = seq.detokenizer.add(token)
+        if hit_stop:
+            self._finish(seq, FinishReason.STOP, text=text, token=token)
+        elif len(seq.generated) >= params.max_tokens or seq.prompt_len + len(seq.generated) >= self.max_context:
+            self._finish(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush(), token=token)
+        else:
+            seq.sink(GenerationEvent(text=text, token_ids=(token,)))
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, *, text: str = "", token: int | None = None, error: str | None = None
+    ) -> None:
+        if seq.request.request_id not in self._by_request:
+            return
+        del self._by_request[seq.request.request_id]
+        if not self.scheduler.remove_waiting(seq):
+            self.runner.release([seq.seq_id])
+            self.scheduler.finish(seq)
+        if reason is FinishReason.CANCELLED and seq.generated:
+            text = seq.detokenizer.flush()
+        self.metrics.requests.labels(finish_reason=reason.value).inc()
+        seq.sink(
+            GenerationEvent(
+                text=text,
+                token_ids=(token,) if token is not None else (),
+                finish_reason=reason,
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=len(seq.generated),
+                error=error,
+                timings=self._timings(seq),
+            )
+        )
+
+    @staticmethod
+    def _timings(seq: Sequence) -> dict[str, float]:
+        timings = {}
+        if seq.first_token_at is not None:
+            timings["ttft_s"] = seq.first_token_at - seq.arrived_at
+        if seq.last_token_at is not None:
+            timings["total_s"] = seq.last_token_at - seq.arrived_at
+        return timings
+
+    def run_until_idle(self, requests: Iterable[tuple[GenerationRequest, EventSink]]) -> None:
+        """Synchronous driver for tests and benchmarks: submit everything and step on this thread until done."""
+        assert self._thread is None, "run_until_idle drives the engine itself; do not start() it"
+        for request, sink in requests:
+            self.submit(request, sink)
+        self._apply_commands()
+        while not self.scheduler.idle:
+            self.step()
+            self._apply_commands()

@@ -1,0 +1,58 @@
+"""A sequence: one request's evolving state inside the engine (all per-request state lives on this object)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.sampler import RowSampling
+from server.engine.types import GenerationEvent, GenerationRequest
+
+EventSink = Callable[[GenerationEvent], None]
+
+
+class SequenceStatus(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    sink: EventSink
+    detokenizer: Detokenizer
+    sampling: RowSampling
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = 0
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    arrived_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @classmethod
+    def create(cls, seq_id: int, request: GenerationRequest, sink: EventSink, tokenizer: object) -> Sequence:
+        params = request.params
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        return cls(
+            seq_id=seq_id,
+            request=request,
+            sink=sink,
+            detokenizer=Detokenizer(tokenizer, params.stop),
+            sampling=RowSampling(params=params, generated=0, generator=generator),
+        )
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
