@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from reft_core.config import InterventionConfig
 from reft_core.intervention import Intervention, UnitWeights
+from tests import tiny
 
-HIDDEN = 64
-LAYERS = 4
+HIDDEN = tiny.HIDDEN
+LAYERS = tiny.LAYERS
 VOCAB = 128
 
 
 def tiny_llama(seed: int = 0, std: float = 0.1) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=std,  # larger than default so greedy continuations are not one repeated token
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    return tiny.tiny_llama(seed=seed, std=std, vocab=VOCAB)
 
 
 def random_intervention(config: InterventionConfig, seed: int = 0, hidden: int = HIDDEN, scale: float = 1.0) -> Intervention:

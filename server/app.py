@@ -1,0 +1,95 @@
+"""The app factory: builds the FastAPI app from `Settings`, loads the model and wires services in the lifespan.
+
+The model loads in a background thread so `/health` answers (and `/ready` says "loading") during the ~seconds it
+takes; routes that need the model answer 503 until it is ready. Passing `base_model` (tests, embedding) loads
+synchronously instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapters_store import ArtifactStore
+from reft_core.base_model import BaseModel, load_base_model
+from server.dependencies import Services
+from server.engine.engine import Engine, EngineSettings
+from server.errors import install_error_handlers
+from server.generation import GenerationService
+from server.metrics import Metrics
+from server.registry import InterventionRegistry
+from server.routes import completions, health, interventions, models
+from server.settings import Settings
+
+log = logging.getLogger("reft_serve.app")
+
+
+def build_services(settings: Settings, base: BaseModel, metrics: Metrics) -> Services:
+    store = ArtifactStore(settings.data_dir / "store", base.fingerprint)
+    engine = Engine(
+        base.model,
+        base.tokenizer,
+        EngineSettings(
+            max_running=settings.max_running,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            resident_interventions=settings.resident_interventions,
+        ),
+        metrics,
+    )
+    registry = InterventionRegistry(store, base.fingerprint, settings)
+    model_id = settings.model_id or base.model_id
+    generation = GenerationService(engine, base.tokenizer, registry, settings, model_id)
+    engine.start()
+    return Services(
+        settings=settings, model_id=model_id, fingerprint=base.fingerprint, tokenizer=base.tokenizer, engine=engine,
+        store=store, registry=registry, generation=generation, created=int(time.time()),
+    )
+
+
+def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
+    metrics = Metrics()
+
+    def load() -> None:
+        started = time.perf_counter()
+        try:
+            base = base_model or load_base_model(
+                settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir
+            )
+            app.state.services = build_services(settings, base, metrics)
+        except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
+            log.exception("failed to load the model")
+            app.state.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        log.info("ready", extra={"model": app.state.services.model_id, "load_s": round(time.perf_counter() - started, 2)})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.get_running_loop().run_in_executor(None, load)
+        if base_model is not None:
+            await loader
+        try:
+            yield
+        finally:
+            await loader
+            services: Services | None = app.state.services
+            if services is not None:
+                services.engine.stop()
+
+    app = FastAPI(
+        title="reft-serve",
+        version="0.1.0",
+        description="Serve many ReFT interventions from one frozen language model (OpenAI-compatible).",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.services = None
+    app.state.load_error = None
+    install_error_handlers(app)
+    for module in (completions, models, interventions, health):
+        app.include_router(module.router)
+    return app

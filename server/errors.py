@@ -1,0 +1,101 @@
+"""One table from errors to HTTP: status, OpenAI error `type` and `code`, and the JSON body clients see.
+
+Domain code raises typed exceptions (reft_core, adapters_store) or `APIError`; nothing else in the server picks a
+status code. Every error body has the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_store import errors as store_errors
+from reft_core import errors as core_errors
+
+log = logging.getLogger("reft_serve.errors")
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+
+# (exception class, status, type, code). First match wins: list subclasses before their bases.
+ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
+    (store_errors.InterventionNotFoundError, 404, "not_found_error", "intervention_not_found"),
+    (store_errors.InterventionExistsError, 409, "conflict_error", "intervention_exists"),
+    (store_errors.InvalidNameError, 400, "invalid_request_error", "invalid_name"),
+    (store_errors.ArtifactUnavailableError, 503, "server_error", "artifact_unavailable"),
+    (store_errors.StoreWriteError, 507, "server_error", "storage_unavailable"),
+    (core_errors.IncompatibleBaseModelError, 409, "invalid_request_error", "incompatible_base_model"),
+    (core_errors.UnsupportedFormatVersionError, 422, "invalid_request_error", "unsupported_format_version"),
+    (core_errors.ArtifactIntegrityError, 422, "invalid_request_error", "invalid_artifact"),
+    (core_errors.PyreftImportError, 422, "invalid_request_error", "invalid_pyreft_archive"),
+    (core_errors.ArtifactFormatError, 422, "invalid_request_error", "invalid_artifact"),
+    (core_errors.InvalidConfigError, 400, "invalid_request_error", "invalid_config"),
+    (core_errors.ReftError, 400, "invalid_request_error", "invalid_request"),
+    (store_errors.StoreError, 500, "server_error", "store_error"),
+]
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def classify(exc: Exception) -> APIError | None:
+    if isinstance(exc, APIError):
+        return exc
+    for cls, status, type_, code in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return APIError(status, str(exc), type=type_, code=code)
+    return None
+
+
+def _respond(request: Request, error: APIError) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(type=error.type).inc()
+    return JSONResponse(error_body(error.message, error.type, error.code, error.param), status_code=error.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _respond(request, APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _respond(request, APIError(exc.status_code, str(exc.detail), type=kind))
+
+    async def _on_domain(request: Request, exc: Exception) -> JSONResponse:
+        error = classify(exc)
+        assert error is not None, f"{type(exc).__name__} is missing from ERROR_TABLE"
+        return _respond(request, error)
+
+    for domain_error in (APIError, core_errors.ReftError, store_errors.StoreError):
+        app.add_exception_handler(domain_error, _on_domain)
+
+    @app.exception_handler(Exception)
+    async def _on_any(request: Request, exc: Exception) -> JSONResponse:
+        error = classify(exc)
+        if error is None:
+            log.exception("unhandled error", extra={"path": request.url.path})
+            error = APIError(500, "internal server error", type="server_error")
+        return _respond(request, error)

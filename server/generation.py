@@ -1,0 +1,144 @@
+"""Bridges HTTP handlers and the engine: resolve the model name, tokenize, validate lengths, submit, stream events.
+
+Handlers never call torch: tokenization and intervention lookup run in a threadpool, and the engine delivers
+events onto the handler's event loop through a thread-safe sink. Leaving the event stream early (client gone,
+generator closed) cancels the request so its batch row is freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from server.engine.engine import Engine
+from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
+from server.errors import APIError
+from server.registry import InterventionRegistry
+from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.settings import Settings
+from adapters_store import InterventionNotFoundError
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request: GenerationRequest
+    model: str
+
+
+class GenerationService:
+    def __init__(
+        self, engine: Engine, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.settings = settings
+        self.model_id = model_id
+
+    async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = await run_in_threadpool(self._chat_ids, messages)
+        return await self._prepare(body, prompt_ids, body.requested_max_tokens)
+
+    async def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+            prompt_ids = list(prompt)
+        else:
+            text = prompt[0] if isinstance(prompt, list) else prompt
+            prompt_ids = await run_in_threadpool(self._text_ids, text)
+        return await self._prepare(body, prompt_ids, body.requested_max_tokens)
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._text_ids(text)
+
+    def _text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def _prepare(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None) -> PreparedRequest:
+        ref = await self.resolve(body.model)
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        if len(prompt_ids) > self.settings.max_prompt_tokens:
+            raise APIError(
+                400, f"the prompt has {len(prompt_ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
+                param="messages", code="context_length_exceeded",
+            )
+        room = self.engine.max_context - len(prompt_ids)
+        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
+            raise APIError(
+                400, f"max_tokens {max_tokens} exceeds the server limit {self.settings.max_tokens_limit}",
+                param="max_tokens", code="invalid_value",
+            )
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.engine.max_context} tokens; the prompt has "
+                f"{len(prompt_ids)} and {max_tokens or 1} more were requested.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        effective_max = max_tokens if max_tokens is not None else min(self.settings.default_max_tokens, room)
+        stops = body.stop_list()
+        if len(stops) > self.settings.max_stop_sequences:
+            raise APIError(400, f"at most {self.settings.max_stop_sequences} stop sequences", param="stop")
+        if body.min_tokens > effective_max:
+            raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens", code="invalid_value")
+        params = SamplingParams(
+            max_tokens=effective_max,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            min_tokens=body.min_tokens,
+            stop=tuple(stops),
+            ignore_eos=body.ignore_eos,
+            seed=body.seed,
+        )
+        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params, ref)
+        return PreparedRequest(request=request, model=body.model)
+
+    async def resolve(self, model: str) -> InterventionRef | None:
+        """The base model's id means no intervention; any other name must be a stored intervention (else 404)."""
+        if model == self.model_id:
+            return None
+        try:
+            return await run_in_threadpool(self.registry.resolve, model)
+        except InterventionNotFoundError:
+            raise APIError(
+                404, f"The model '{model}' does not exist", type="not_found_error", param="model", code="model_not_found"
+            ) from None
+
+    async def events(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
+        """Submit and yield events until the final one; cancels the request if the consumer stops early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        finished = False
+
+        def sink(event: GenerationEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        self.engine.submit(prepared.request, sink)
+        try:
+            while True:
+                event = await queue.get()
+                if event.finish_reason is not None:
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(prepared.request.request_id)
+
+
+def raise_for_error(event: GenerationEvent) -> None:
+    if event.finish_reason is FinishReason.ERROR:
+        raise APIError(500, event.error or "generation failed", type="server_error", code="generation_failed")

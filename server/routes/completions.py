@@ -1,0 +1,135 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions` (OpenAI-compatible, with SSE streaming)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.dependencies import generation_service
+from server.engine.types import FinishReason, GenerationEvent
+from server.errors import error_body
+from server.generation import GenerationService, PreparedRequest, raise_for_error
+from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+router = APIRouter(prefix="/v1", tags=["generation"])
+
+
+def _finish(reason: FinishReason | None) -> str | None:
+    return None if reason is None else ("length" if reason is FinishReason.LENGTH else "stop")
+
+
+def _usage(event: GenerationEvent) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+async def _collect(service: GenerationService, prepared: PreparedRequest, request: Request) -> tuple[str, GenerationEvent]:
+    """Run to completion, cancelling if the client disconnects while we wait."""
+    parts: list[str] = []
+    events = service.events(prepared)
+    try:
+        while True:
+            next_event = asyncio.ensure_future(events.__anext__())
+            while not next_event.done():
+                await asyncio.wait({next_event}, timeout=1.0)
+                if not next_event.done() and await request.is_disconnected():
+                    next_event.cancel()
+                    raise asyncio.CancelledError
+            event = next_event.result()
+            parts.append(event.text)
+            if event.finish_reason is not None:
+                raise_for_error(event)
+                return "".join(parts), event
+    finally:
+        await events.aclose()
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    service: GenerationService, prepared: PreparedRequest, body: SamplingFields, chunk: Any, final_usage: Any
+) -> AsyncIterator[str]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = service.events(prepared)
+    try:
+        first = True
+        async for event in events:
+            if event.finish_reason is FinishReason.ERROR:
+                yield _sse(error_body(event.error or "generation failed", "server_error", "generation_failed"))
+                break
+            if event.text or first or event.finish_reason is not None:
+                yield _sse(chunk(event, first))
+                first = False
+            if event.finish_reason is not None and include_usage:
+                yield _sse(final_usage(event))
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()
+
+
+@router.post("/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, service: GenerationService = Depends(generation_service)
+) -> JSONResponse | StreamingResponse:
+    """Chat completion; `model` is the base model id or an intervention name."""
+    prepared = await service.prepare_chat(body)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        def chunk(event: GenerationEvent, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(event.finish_reason)}
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [choice]}
+
+        def usage(event: GenerationEvent) -> dict[str, Any]:
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [], "usage": _usage(event)}
+
+        return StreamingResponse(_stream(service, prepared, body, chunk, usage), media_type="text/event-stream")
+    text, final = await _collect(service, prepared, request)
+    return JSONResponse({
+        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": _finish(final.finish_reason)}],
+        "usage": _usage(final),
+    })
+
+
+@router.post("/completions", response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request, service: GenerationService = Depends(generation_service)
+) -> JSONResponse | StreamingResponse:
+    """Text completion; `model` is the base model id or an intervention name."""
+    prepared = await service.prepare_completion(body)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
+    if body.stream:
+        def chunk(event: GenerationEvent, first: bool) -> dict[str, Any]:
+            choice = {"index": 0, "text": (prefix if first else "") + event.text, "logprobs": None,
+                      "finish_reason": _finish(event.finish_reason)}
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [choice]}
+
+        def usage(event: GenerationEvent) -> dict[str, Any]:
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [], "usage": _usage(event)}
+
+        return StreamingResponse(_stream(service, prepared, body, chunk, usage), media_type="text/event-stream")
+    text, final = await _collect(service, prepared, request)
+    return JSONResponse({
+        "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "text": prefix + text, "logprobs": None, "finish_reason": _finish(final.finish_reason)}],
+        "usage": _usage(final),
+    })

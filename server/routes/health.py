@@ -1,0 +1,37 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """The model is loaded and the engine is running (503 otherwise)."""
+    svc = getattr(request.app.state, "services", None)
+    if svc is None or not svc.engine.running:
+        reason = getattr(request.app.state, "load_error", None) or "loading"
+        return JSONResponse({"status": "not_ready", "reason": str(reason)}, status_code=503)
+    return JSONResponse({"status": "ready", "model": svc.model_id})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    registry_metrics = request.app.state.metrics
+    svc = getattr(request.app.state, "services", None)
+    if svc is not None:
+        stats = svc.store.stats()
+        registry_metrics.store_interventions.set(stats.interventions)
+        registry_metrics.store_bytes.set(stats.bytes)
+    return Response(generate_latest(registry_metrics.registry), media_type=CONTENT_TYPE_LATEST)
