@@ -1,0 +1,168 @@
+"""The `reft-serve` command: run the server, train or import interventions locally, or generate once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from server.logging_setup import configure_logging
+from server.settings import Settings, default_data_dir
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local HF model directory or .gguf file (default: embedded SmolLM2-135M)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    parser.add_argument("--dtype", help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--model-cache-dir", type=Path, help="where converted GGUF models are cached")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = Settings(
+        model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype, host=args.host,
+        port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
+        max_running=args.max_running, resident_interventions=args.resident_interventions,
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=args.access_log)
+    return 0
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - BaseModel import is deferred (torch is slow to import)
+    from reft_core.base_model import load_base_model
+
+    return load_base_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.model_cache_dir)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from reft_core.artifact import load_artifact
+    from reft_core.examples import encode_prompt
+    from reft_core.generate import generate
+
+    base = _load(args)
+    intervention = None
+    if args.intervention:
+        intervention = load_artifact(args.intervention, base_model=base.fingerprint).intervention
+    prompt_ids = encode_prompt(base.tokenizer, args.prompt, chat_template=not args.raw)
+    [tokens] = generate(base.model, [prompt_ids], [intervention], max_new_tokens=args.max_tokens,
+                        eos_token_id=base.tokenizer.eos_token_id, pad_token_id=base.tokenizer.pad_token_id)
+    print(base.tokenizer.decode(tokens, skip_special_tokens=True))
+    return 0
+
+
+def _read_examples(path: Path) -> list:
+    from reft_core.examples import Example
+
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise SystemExit(f"{path}:{number}: each line must be {{\"prompt\": str, \"completion\": str}}")
+        examples.append(Example(row["prompt"], row["completion"]))
+    return examples
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from reft_core.artifact import save_artifact
+    from reft_core.config import InterventionConfig
+    from reft_core.examples import tokenize_examples
+    from reft_core.trainer import TrainingConfig, train_intervention
+
+    examples = _read_examples(args.examples)
+    base = _load(args)
+    layers = tuple(args.layers) if args.layers else (base.num_layers // 4,)
+    config = InterventionConfig(layers=layers, rank=args.rank, positions=args.positions, type=args.type,
+                                share_weights=args.share_weights)
+    training = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
+    tokenized = tokenize_examples(base.tokenizer, examples, chat_template=not args.raw)
+    with tqdm(total=None, unit="step", desc=f"training {args.name}", file=sys.stderr) as bar:
+        def progress(p) -> None:  # noqa: ANN001
+            bar.total = p.total_steps
+            bar.set_postfix(loss=f"{p.loss:.4f}", epoch=p.epoch)
+            bar.update(1)
+
+        result = train_intervention(base.model, config, tokenized, training, on_progress=progress)
+    output = args.output or Path(f"{args.name}.safetensors")
+    save_artifact(output, result.intervention, base.fingerprint, result.metadata(training, len(examples)) | {"name": args.name})
+    print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1)}))
+    return 0
+
+
+def _import_pyreft(args: argparse.Namespace) -> int:
+    from reft_core.artifact import save_artifact
+    from reft_core.pyreft_import import import_pyreft
+
+    base = _load(args)
+    intervention = import_pyreft(args.directory, positions=args.positions)
+    artifact = save_artifact(args.output, intervention, base.fingerprint, {"imported_from": "pyreft"})
+    print(json.dumps({"artifact": str(args.output), "digest": artifact.digest}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reft-serve", description=__doc__)
+    parser.add_argument("--log-level", default="info")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    _add_model_args(serve)
+    serve.add_argument("--model-id", help="name clients use for the bare model (default: the model's own id)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", type=Path, default=default_data_dir(), help="artifact store location")
+    serve.add_argument("--max-running", type=int, default=64, help="rows in the running batch")
+    serve.add_argument("--resident-interventions", type=int, default=256, help="interventions kept in the bank")
+    serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.set_defaults(run=_serve)
+
+    gen = commands.add_parser("generate", help="generate once, optionally with an intervention artifact")
+    _add_model_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--intervention", type=Path, help="a .safetensors artifact")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(run=_generate)
+
+    train = commands.add_parser("train", help="train an intervention locally and write an artifact")
+    _add_model_args(train)
+    train.add_argument("examples", type=Path, help="JSONL with {prompt, completion} per line")
+    train.add_argument("--name", required=True)
+    train.add_argument("--output", type=Path, help="artifact path (default: NAME.safetensors)")
+    train.add_argument("--layers", type=int, nargs="+", help="default: one layer a quarter of the way up")
+    train.add_argument("--rank", type=int, default=4)
+    train.add_argument("--positions", default="l1")
+    train.add_argument("--type", default="loreft", choices=["loreft", "direft", "noreft"])
+    train.add_argument("--share-weights", action="store_true")
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--lr", type=float, default=4e-3)
+    train.add_argument("--batch-size", type=int, default=10)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
+    train.set_defaults(run=_train)
+
+    imp = commands.add_parser("import-pyreft", help="convert a pyreft save directory into an artifact")
+    _add_model_args(imp)
+    imp.add_argument("directory", type=Path)
+    imp.add_argument("--positions", default="l1")
+    imp.add_argument("--output", type=Path, required=True)
+    imp.set_defaults(run=_import_pyreft)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
