@@ -1,0 +1,58 @@
+"""An app on a tiny random model and byte tokenizer, driven in-process through the app factory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from reft_core.artifact import encode_artifact
+from reft_core.base_model import BaseModel
+from reft_core.config import InterventionConfig
+from reft_core.fingerprint import fingerprint_model
+from reft_core.intervention import Intervention
+from server.app import create_app
+from server.settings import Settings
+from tests import tiny
+from tests.reft_core.conftest import random_intervention
+
+MODEL_ID = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> BaseModel:
+    model = tiny.tiny_llama()
+    return BaseModel(
+        model=model, tokenizer=tiny.tiny_tokenizer(), fingerprint=fingerprint_model(model), model_id=MODEL_ID,
+        model_dir=Path("."), device=torch.device("cpu"), dtype=torch.float32,
+    )
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    return Settings(data_dir=tmp_path / "data", max_tokens_limit=64, default_max_tokens=16, **overrides)
+
+
+@pytest.fixture
+def client(tmp_path, tiny_base) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(tmp_path), base_model=tiny_base)) as test_client:
+        yield test_client
+
+
+def persona(seed: int, config: InterventionConfig | None = None) -> Intervention:
+    config = config or InterventionConfig(layers=(0, 2), rank=4, positions="f1+l1")
+    return random_intervention(config, seed=seed, scale=3.0)
+
+
+def artifact_bytes(base: BaseModel, intervention: Intervention) -> bytes:
+    return encode_artifact(intervention, base.fingerprint)[0]
+
+
+def upload(client: TestClient, name: str, payload: bytes, **fields) -> dict:
+    response = client.post(
+        "/v1/interventions", data={"name": name, **fields}, files={"file": (f"{name}.safetensors", payload)}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
