@@ -29,7 +29,7 @@ class Detokenizer:
             if found != -1:
                 self.text = self.text[:found]
                 return self._release(len(self.text)), True
-        hold = max((self._partial_stop_suffix(stop) for stop in self.stop), default=0)
+        hold = max((self._partial_stop_suffix(self.text[:stable], stop) for stop in self.stop), default=0)
         return self._release(max(self.emitted, stable - hold)), False
 
     def flush(self) -> str:
@@ -41,9 +41,10 @@ class Detokenizer:
         self.emitted = max(self.emitted, upto)
         return chunk
 
-    def _partial_stop_suffix(self, stop: str) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of `stop`."""
-        for size in range(min(len(stop) - 1, len(self.text)), 0, -1):
-            if self.text.endswith(stop[:size]):
+    @staticmethod
+    def _partial_stop_suffix(text: str, stop: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
                 return size
         return 0
