@@ -130,3 +130,52 @@ def test_two_interventions_per_layer_need_two_sided_positions(tmp_path) -> None:
     with pytest.raises(PyreftImportError, match="prefix and a suffix"):
         import_pyreft(directory, positions="l1")
     assert import_pyreft(directory, positions="f1+l1").config == config
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pyreft"
+
+
+@pytest.fixture(scope="module")
+def pyreft_model():
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(FIXTURES / "tiny_llama", dtype=torch.float32).eval()
+
+
+def prefill_last_logits(model, prompt: list[int], intervention) -> torch.Tensor:
+    from reft_core.bank import InterventionBank, RowPlacement
+    from reft_core.hooks import editing_layers
+
+    bank = InterventionBank.for_interventions([intervention], num_layers=len(model.model.layers))
+    plan = bank.plan([RowPlacement(slot=1, prompt_len=len(prompt))])
+    with torch.no_grad(), editing_layers(model, bank.edits(plan)):
+        return model(input_ids=torch.tensor([prompt])).logits[0, -1]
+
+
+@pytest.mark.parametrize("name", ["loreft_l1", "loreft_f1l1_noshare"])
+def test_outputs_equal_pyreft_on_its_own_saves(pyreft_model, name) -> None:
+    """Artifacts written by real pyreft (tests/fixtures/pyreft/make_fixtures.py) give pyreft's tokens and logits."""
+    from reft_core.generate import generate
+
+    expected = json.loads((FIXTURES / "expected.json").read_text())
+    eos = expected["eos_token_id"]
+    setup = expected[name]
+    intervention = import_pyreft(FIXTURES / name, positions=setup["positions"])
+    steered_somewhere = False
+    for case in setup["cases"]:
+        prompt = case["prompt_ids"]
+        # the positions we derive are the ones pyreft was given
+        ours = [intervention.config.positions_for(u.group, len(prompt)) for u in intervention.config.units()]
+        assert ours == case["unit_locations"]
+        [tokens] = generate(pyreft_model, [prompt], [intervention], max_new_tokens=12, eos_token_id=eos)
+        theirs = case["greedy_ids"]
+        assert tokens == (theirs[: theirs.index(eos)] if eos in theirs else theirs)
+        steered_somewhere |= theirs != case["bare_greedy_ids"]
+        torch.testing.assert_close(
+            prefill_last_logits(pyreft_model, prompt, intervention), torch.tensor(case["prefill_last_logits"]),
+            rtol=1e-4, atol=1e-4,
+        )
+        [bare] = generate(pyreft_model, [prompt], [None], max_new_tokens=12, eos_token_id=eos)
+        bare_theirs = case["bare_greedy_ids"]
+        assert bare == (bare_theirs[: bare_theirs.index(eos)] if eos in bare_theirs else bare_theirs)
+    assert steered_somewhere
