@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
+from reft_core.frozen_context import FrozenContext, compute_frozen_context, forward_suffix, supports_frozen_context
 from reft_core.functional import add_at_positions, gather_positions
 from reft_core.hooks import LayerEdit, decoder_layers, editing_layers
 from reft_core.intervention import Intervention
@@ -82,6 +83,8 @@ class ReftTrainer:
         config: InterventionConfig,
         examples: Sequence[TokenizedExample],
         training: TrainingConfig = TrainingConfig(),
+        *,
+        reuse_frozen_context: bool = True,
     ) -> None:
         if not examples:
             raise InvalidConfigError("at least one training example is required")
@@ -107,6 +110,19 @@ class ReftTrainer:
         self.step_count = 0
         self.losses: list[float] = []
         self._epoch_batches: list[list[int]] = []
+        self.first_layer = min(config.layers)
+        self._contexts: list[FrozenContext] | None = None
+        if reuse_frozen_context and supports_frozen_context(model):
+            self._contexts = [
+                compute_frozen_context(model, ex.input_ids, self._first_changing_position(ex), self.first_layer)
+                for ex in self.examples
+            ]
+
+    def _first_changing_position(self, example: TokenizedExample) -> int:
+        """Earliest position an edit can affect; also no later than the first position that predicts a label."""
+        prompt_len = len(example.prompt_ids)
+        edited = [p for group in self.config.groups for p in self.config.positions_for(group, prompt_len)]
+        return min(edited + [prompt_len - 1])
 
     @property
     def done(self) -> bool:
@@ -119,9 +135,9 @@ class ReftTrainer:
             order = torch.randperm(len(self.examples), generator=self._shuffle).tolist()
             size = self.training.batch_size
             self._epoch_batches = [order[i : i + size] for i in range(0, len(order), size)]
-        batch = [self.examples[i] for i in self._epoch_batches.pop(0)]
+        indices = self._epoch_batches.pop(0)
         self.intervention.train()
-        loss = self._loss(batch)
+        loss = self._loss(indices)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.intervention.parameters(), self.training.max_grad_norm)
@@ -135,35 +151,45 @@ class ReftTrainer:
     def result(self) -> Intervention:
         return self.intervention.export()
 
-    def _loss(self, batch: Sequence[TokenizedExample]) -> Tensor:
-        lengths = [len(ex.input_ids) for ex in batch]
-        width = max(lengths)
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ex in enumerate(batch):  # right padding: prompt positions need no offset
-            input_ids[row, : lengths[row]] = torch.tensor(ex.input_ids)
-            attention_mask[row, : lengths[row]] = 1
+    def _loss(self, indices: Sequence[int]) -> Tensor:
+        """Mean cross-entropy over the completion + EOS tokens of the examples at `indices`."""
+        batch = [self.examples[i] for i in indices]
+        contexts = [self._contexts[i] for i in indices] if self._contexts is not None else None
+        starts = [c.start for c in contexts] if contexts is not None else [0] * len(batch)
+        edits = self._edits([len(ex.prompt_ids) for ex in batch], starts)
+        with editing_layers(self.model, edits):
+            if contexts is not None:
+                hidden = forward_suffix(self.model, contexts, self.first_layer)  # [B, S, d], S from each start
+            else:
+                hidden = self._forward_full(batch)  # [B, T, d]
         # Logit at position t predicts token t+1: predict each completion token from the position before it.
         rows, cols, targets = [], [], []
-        for row, ex in enumerate(batch):
-            start = len(ex.prompt_ids)
+        for row, (ex, start) in enumerate(zip(batch, starts)):
+            first = len(ex.prompt_ids) - 1 - start
             for offset, token in enumerate(ex.completion_ids):
                 rows.append(row)
-                cols.append(start + offset - 1)
+                cols.append(first + offset)
                 targets.append(token)
-        edits = self._edits([len(ex.prompt_ids) for ex in batch])
-        with editing_layers(self.model, edits):
-            hidden = self.model.get_decoder()(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
-            ).last_hidden_state  # [B, T, d]
         selected = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
         logits = self.model.get_output_embeddings()(selected).float()  # only where there is a label
         return nn.functional.cross_entropy(logits, torch.tensor(targets, device=self.device))
 
-    def _edits(self, prompt_lengths: list[int]) -> dict[int, LayerEdit]:
+    def _forward_full(self, batch: Sequence[TokenizedExample]) -> Tensor:
+        lengths = [len(ex.input_ids) for ex in batch]
+        input_ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ex in enumerate(batch):  # right padding: prompt positions need no offset
+            input_ids[row, : lengths[row]] = torch.tensor(ex.input_ids)
+            attention_mask[row, : lengths[row]] = 1
+        return self.model.get_decoder()(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
+        ).last_hidden_state
+
+    def _edits(self, prompt_lengths: list[int], starts: list[int]) -> dict[int, LayerEdit]:
+        """Per-layer edit functions; positions are shifted by each row's `start` (where its sequence begins)."""
         by_layer: dict[int, list[tuple[TrainableUnit, Tensor, Tensor]]] = {}
         for unit, module in self.intervention.units():
-            per_row = [self.config.positions_for(unit.group, n) for n in prompt_lengths]
+            per_row = [[p - s for p in self.config.positions_for(unit.group, n)] for n, s in zip(prompt_lengths, starts)]
             width = max(len(p) for p in per_row)
             if width == 0:
                 continue
@@ -191,9 +217,11 @@ def train_intervention(
     examples: Sequence[TokenizedExample],
     training: TrainingConfig = TrainingConfig(),
     on_progress: Callable[[TrainingProgress], None] | None = None,
+    *,
+    reuse_frozen_context: bool = True,
 ) -> TrainingResult:
     started = time.perf_counter()
-    trainer = ReftTrainer(model, config, examples, training)
+    trainer = ReftTrainer(model, config, examples, training, reuse_frozen_context=reuse_frozen_context)
     while not trainer.done:
         progress = trainer.step()
         if on_progress is not None:

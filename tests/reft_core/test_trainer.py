@@ -54,10 +54,10 @@ def test_loss_only_counts_completion_tokens(model) -> None:
     config = InterventionConfig(layers=(2,), rank=4, positions="l1")
     trainer = ReftTrainer(model, config, EXAMPLES[:2], TrainingConfig(epochs=1, batch_size=2))
     with torch.no_grad():
-        ours = trainer._loss(EXAMPLES[:2])
+        ours = trainer._loss([0, 1])
         logits_rows, targets = [], []
         for ex in EXAMPLES[:2]:
-            edits = trainer._edits([len(ex.prompt_ids)])
+            edits = trainer._edits([len(ex.prompt_ids)], [0])
             from reft_core.hooks import editing_layers
 
             with editing_layers(model, edits):
@@ -76,3 +76,24 @@ def test_bad_training_input_is_refused(model) -> None:
         ReftTrainer(model, InterventionConfig(layers=(1,), rank=2), [])
     with pytest.raises(InvalidConfigError, match="epochs"):
         TrainingConfig(epochs=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        InterventionConfig(layers=(2,), rank=4, positions="l1"),
+        InterventionConfig(layers=(1, 3), rank=2, positions="f1+l1", share_weights=False),
+        InterventionConfig(layers=(0,), rank=2, positions="f2+l2", share_weights=True),
+    ],
+    ids=["l1", "f1+l1", "f2+l2@0"],
+)
+def test_frozen_context_training_equals_full_forward_training(model, config) -> None:
+    """Reusing the unchanging prefix and lower layers must not change the loss or the learned weights."""
+    short = TrainingConfig(epochs=4, batch_size=4, learning_rate=2e-2, seed=3)
+    fast_trainer = ReftTrainer(model, config, EXAMPLES, short)
+    assert fast_trainer._contexts is not None and max(c.start for c in fast_trainer._contexts) > 0 or config.position_spec.first
+    fast = train_intervention(model, config, EXAMPLES, short)
+    full = train_intervention(model, config, EXAMPLES, short, reuse_frozen_context=False)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(full.losses), rtol=1e-4, atol=1e-5)
+    for unit in config.units():
+        torch.testing.assert_close(fast.intervention.units[unit].W, full.intervention.units[unit].W, rtol=1e-3, atol=1e-4)
