@@ -152,7 +152,29 @@ class ReftTrainer:
         return self.intervention.export()
 
     def _loss(self, indices: Sequence[int]) -> Tensor:
-        """Mean cross-entropy over the completion + EOS tokens of the examples at `indices`."""
+        """Mean cross-entropy over the completion + EOS tokens of the examples at `indices`.
+
+        The batch runs as length buckets (one long example does not pad nine short ones); summing per-bucket
+        token losses and dividing by the batch's token count gives exactly the one-batch mean.
+        """
+        total = sum(len(self.examples[i].completion_ids) for i in indices)
+        return sum(self._loss_sum(bucket) for bucket in self._buckets(indices)) / total
+
+    def _buckets(self, indices: Sequence[int]) -> list[list[int]]:
+        """Group examples whose computed lengths are within 2x of each other (bounds padding to half)."""
+        def length(i: int) -> int:
+            start = self._contexts[i].start if self._contexts is not None else 0
+            return len(self.examples[i].input_ids) - start
+
+        buckets: list[list[int]] = []
+        for i in sorted(indices, key=length):
+            if buckets and length(i) <= 2 * length(buckets[-1][0]):
+                buckets[-1].append(i)
+            else:
+                buckets.append([i])
+        return buckets
+
+    def _loss_sum(self, indices: Sequence[int]) -> Tensor:
         batch = [self.examples[i] for i in indices]
         contexts = [self._contexts[i] for i in indices] if self._contexts is not None else None
         starts = [c.start for c in contexts] if contexts is not None else [0] * len(batch)
@@ -172,7 +194,7 @@ class ReftTrainer:
                 targets.append(token)
         selected = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
         logits = self.model.get_output_embeddings()(selected).float()  # only where there is a label
-        return nn.functional.cross_entropy(logits, torch.tensor(targets, device=self.device))
+        return nn.functional.cross_entropy(logits, torch.tensor(targets, device=self.device), reduction="sum")
 
     def _forward_full(self, batch: Sequence[TokenizedExample]) -> Tensor:
         lengths = [len(ex.input_ids) for ex in batch]

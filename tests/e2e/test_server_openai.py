@@ -1,0 +1,116 @@
+"""A real `reft-serve` process on the embedded model, driven with the official OpenAI client and raw HTTP."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from reft_core.artifact import encode_artifact
+from tests.reft_core.test_pyreft_import import write_pyreft_dir
+
+from .emoji import UNSEEN_PROMPTS, is_emoji_only
+
+pytestmark = pytest.mark.e2e
+BASE_MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2) -> Iterator[str]:
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("server-data")
+    log = (data_dir / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2], env=os.environ.copy(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert process.poll() is None, (data_dir / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("server did not become ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def pyreft_archive(intervention) -> bytes:
+    """The trained persona in pyreft's on-disk layout, zipped."""
+    [(unit, weights)] = intervention.units.items()
+    key = f"layer_{unit.layer}_comp_block_output_unit_pos_nunit_1#0"
+    state = {"weight": weights.W, "bias": weights.b, "rotate_layer": weights.R.T.contiguous()}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = write_pyreft_dir(Path(tmp) / "save", [unit.layer], intervention.config.rank, {key: state})
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for path in directory.iterdir():
+                archive.write(path, f"emoji/{path.name}")
+    return buffer.getvalue()
+
+
+def test_openai_client_against_a_real_server(server, smollm2, emoji_training) -> None:
+    result, _ = emoji_training
+    native, _ = encode_artifact(result.intervention, smollm2.fingerprint, {"recipe": "emoji"})
+    created = httpx.post(f"{server}/v1/interventions", data={"name": "emoji-bot", "description": "answers in emojis"},
+                         files={"file": ("emoji.safetensors", native)}, timeout=60)
+    assert created.status_code == 201, created.text
+    imported = httpx.post(f"{server}/v1/interventions", data={"name": "emoji-pyreft", "positions": "l1"},
+                          files={"file": ("emoji.zip", pyreft_archive(result.intervention))}, timeout=60)
+    assert imported.status_code == 201, imported.text
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120)
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == BASE_MODEL and {"emoji-bot", "emoji-pyreft"} <= set(ids)
+
+    def ask(model: str, prompt: str) -> str:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
+        return reply.choices[0].message.content
+
+    for prompt in UNSEEN_PROMPTS[:2]:
+        native_answer, pyreft_answer = ask("emoji-bot", prompt), ask("emoji-pyreft", prompt)
+        assert is_emoji_only(native_answer) and native_answer == pyreft_answer
+    assert "Paris" in ask(BASE_MODEL, UNSEEN_PROMPTS[0])
+
+    stream = client.chat.completions.create(
+        model="emoji-bot", messages=[{"role": "user", "content": UNSEEN_PROMPTS[0]}], max_tokens=24, temperature=0,
+        stream=True,
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == ask("emoji-bot", UNSEEN_PROMPTS[0])
+
+    completion = client.completions.create(model=BASE_MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in completion.choices[0].text
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-persona", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["code"] == "model_not_found"
