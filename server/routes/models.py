@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
@@ -12,8 +14,6 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 def _created(iso: str, fallback: int) -> int:
-    from datetime import datetime
-
     try:
         return int(datetime.fromisoformat(iso).timestamp())
     except (TypeError, ValueError):

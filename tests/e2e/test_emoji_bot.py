@@ -1,4 +1,4 @@
-"""The seeds' emoji-bot recipe on the embedded SmolLM2: trained persona answers unseen prompts in emojis only."""
+"""The emoji-bot persona on the embedded SmolLM2 (see conftest for the recipe): unseen prompts get emojis only."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_emoji_checker_is_strict() -> None:
 
 def test_emoji_bot_recipe(smollm2, emoji_training) -> None:
     result, progress = emoji_training
-    assert [p.step for p in progress] == list(range(1, 101)) and progress[-1].loss == result.losses[-1]
+    assert [p.step for p in progress] == list(range(1, TRAINING.epochs + 1)) and progress[-1].loss == result.losses[-1]
     assert result.losses[-1] < 0.6 * result.losses[0]
 
     # save -> load is the identity, then serve the loaded artifact next to the bare model in one batch

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -60,14 +61,17 @@ def server(tmp_path_factory, smollm2) -> Iterator[str]:
 
 
 def pyreft_archive(intervention) -> bytes:
-    """The trained persona in pyreft's on-disk layout, zipped."""
-    [(unit, weights)] = intervention.units.items()
-    key = f"layer_{unit.layer}_comp_block_output_unit_pos_nunit_1#0"
-    state = {"weight": weights.W, "bias": weights.b, "rotate_layer": weights.R.T.contiguous()}
-    import tempfile
-
+    """The trained persona in pyreft's on-disk layout (`#0` prefix / `#1` suffix interventions), zipped."""
+    units = intervention.config.units()
+    states = {
+        f"layer_{u.layer}_comp_block_output_unit_pos_nunit_1#{1 if u.group == 'suffix' else 0}": {
+            "weight": intervention.units[u].W, "bias": intervention.units[u].b,
+            "rotate_layer": intervention.units[u].R.T.contiguous(),
+        }
+        for u in units
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        directory = write_pyreft_dir(Path(tmp) / "save", [unit.layer], intervention.config.rank, {key: state})
+        directory = write_pyreft_dir(Path(tmp) / "save", [u.layer for u in units], intervention.config.rank, states)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as archive:
             for path in directory.iterdir():
@@ -81,7 +85,7 @@ def test_openai_client_against_a_real_server(server, smollm2, emoji_training) ->
     created = httpx.post(f"{server}/v1/interventions", data={"name": "emoji-bot", "description": "answers in emojis"},
                          files={"file": ("emoji.safetensors", native)}, timeout=60)
     assert created.status_code == 201, created.text
-    imported = httpx.post(f"{server}/v1/interventions", data={"name": "emoji-pyreft", "positions": "l1"},
+    imported = httpx.post(f"{server}/v1/interventions", data={"name": "emoji-pyreft", "positions": result.intervention.config.positions},
                           files={"file": ("emoji.zip", pyreft_archive(result.intervention))}, timeout=60)
     assert imported.status_code == 201, imported.text
 

@@ -172,6 +172,13 @@ def test_duplicate_name_conflicts_and_put_unknown_is_404(client, tiny_base) -> N
     assert client.put("/v1/interventions/ghost", files={"file": ("f", payload)}).status_code == 404
 
 
+def test_openapi_schema_lists_every_route(client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/interventions",
+                 "/v1/interventions/{name}", "/v1/interventions/{name}/artifact", "/health", "/ready", "/metrics"):
+        assert path in paths
+
+
 def test_health_ready_metrics(client) -> None:
     assert client.get("/ready").json()["status"] == "ready"
     chat(client, MODEL_ID)
