@@ -154,16 +154,20 @@ def pyreft_style(base: BaseModel, personas: list[Intervention], count: int, toke
             "failed": 0, "tok_s": count * tokens / wall, "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99)}
 
 
-def long_prompt_ttft(url: str, model: str, repeats: int) -> float:
-    filler = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
-    times = []
+def long_prompt_ttft(url: str, models: tuple[str, str], repeats: int) -> tuple[float, float]:
+    """Median time to the first token of a ~512-token prompt, alternating the two models to cancel drift."""
+    filler = " ".join(["The quick brown fox jumps over the lazy dog."] * 50)
+    times: dict[str, list[float]] = {m: [] for m in models}
     with httpx.Client(base_url=url, timeout=300) as client:
         for _ in range(repeats):
-            body = {"model": model, "prompt": filler, "max_tokens": 1, "temperature": 0}
-            t0 = time.perf_counter()
-            assert client.post("/v1/completions", json=body).status_code == 200
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            for model in models:
+                body = {"model": model, "prompt": filler, "max_tokens": 1, "temperature": 0}
+                t0 = time.perf_counter()
+                response = client.post("/v1/completions", json=body)
+                assert response.status_code == 200
+                times[model].append(time.perf_counter() - t0)
+        assert 500 <= response.json()["usage"]["prompt_tokens"] <= 530
+    return statistics.median(times[models[0]]), statistics.median(times[models[1]])
 
 
 def hot_swap_during_load(url: str, base: BaseModel, names: list[str], tokens: int) -> dict:
@@ -234,8 +238,7 @@ def main() -> None:
                 results, wall = asyncio.run(load(url, models, args.tokens))
                 rows.append(summarize(f"reft-serve, {size} concurrent, {label}", results, wall))
                 print(rows[-1], flush=True)
-        ttft_plain = long_prompt_ttft(url, base.model_id, 5)
-        ttft_steered = long_prompt_ttft(url, "p0", 5)
+        ttft_plain, ttft_steered = long_prompt_ttft(url, (base.model_id, "p0"), 3 if args.quick else 11)
         swap = hot_swap_during_load(url, base, [f"p{i}" for i in range(max(sizes))], args.tokens)
         print(swap, flush=True)
     finally:

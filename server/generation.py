@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -128,15 +128,24 @@ class GenerationService:
         self.engine.submit(prepared.request, sink)
         try:
             while True:
-                event = await queue.get()
-                if event.finish_reason is not None:
-                    finished = True
+                event = _coalesce(await queue.get(), queue)
+                finished = event.finish_reason is not None
                 yield event
                 if finished:
                     return
         finally:
             if not finished:
                 self.engine.cancel(prepared.request.request_id)
+
+
+def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> GenerationEvent:
+    """Merge events already waiting into one, so a slow consumer gets fewer, larger chunks (less per-token work)."""
+    while event.finish_reason is None and not queue.empty():
+        following = queue.get_nowait()
+        event = replace(
+            following, text=event.text + following.text, token_ids=event.token_ids + following.token_ids
+        )
+    return event
 
 
 def raise_for_error(event: GenerationEvent) -> None:
