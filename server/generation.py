@@ -8,7 +8,9 @@ generator closed) cancels the request so its batch row is freed at once.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +24,35 @@ from server.registry import InterventionRegistry
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
 from adapters_store import InterventionNotFoundError
+
+
+class LoopDispatcher:
+    """Hands engine events to one asyncio loop with a single wakeup per burst.
+
+    The engine emits one event per running row per step; waking the loop once per event (64 wakeups a step at
+    batch 64) costs CPU the engine needs. Events are queued here and one scheduled flush delivers them all.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: deque[tuple[asyncio.Queue[GenerationEvent], GenerationEvent]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[GenerationEvent], event: GenerationEvent) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._scheduled = list(self._pending), False
+            self._pending.clear()
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 @dataclass(frozen=True)
@@ -39,6 +70,7 @@ class GenerationService:
         self.registry = registry
         self.settings = settings
         self.model_id = model_id
+        self._dispatchers: dict[asyncio.AbstractEventLoop, LoopDispatcher] = {}
 
     async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
@@ -119,11 +151,12 @@ class GenerationService:
     async def events(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
         """Submit and yield events until the final one; cancels the request if the consumer stops early."""
         loop = asyncio.get_running_loop()
+        dispatcher = self._dispatchers.get(loop) or self._dispatchers.setdefault(loop, LoopDispatcher(loop))
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         finished = False
 
         def sink(event: GenerationEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            dispatcher.post(queue, event)
 
         self.engine.submit(prepared.request, sink)
         try:

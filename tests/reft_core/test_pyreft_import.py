@@ -179,3 +179,42 @@ def test_outputs_equal_pyreft_on_its_own_saves(pyreft_model, name) -> None:
         bare_theirs = case["bare_greedy_ids"]
         assert bare == (bare_theirs[: bare_theirs.index(eos)] if eos in bare_theirs else bare_theirs)
     assert steered_somewhere
+
+
+def _pyreft_like(kind: str, hidden: int = HIDDEN, rank: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A module with the parameter layout of pyreft's DireftIntervention / NoreftIntervention."""
+    torch.manual_seed(seed)
+    module = torch.nn.Module()
+    module.learned_source = torch.nn.Linear(hidden, rank)
+    if kind == "direft":
+        rotate = torch.nn.Module()
+        rotate.weight = torch.nn.Parameter(torch.empty(hidden, rank))
+        torch.nn.init.orthogonal_(rotate.weight)
+        module.rotate_layer = torch.nn.utils.parametrizations.orthogonal(rotate)
+        with torch.no_grad():  # move away from the initial point so the parametrization matters
+            module.rotate_layer.parametrizations.weight.original.add_(0.3 * torch.randn(hidden, rank))
+    else:
+        module.proj_layer = torch.nn.Linear(hidden, rank, bias=True)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["direft", "noreft"])
+def test_direft_and_noreft_imports_compute_pyreft_formulas(tmp_path, kind) -> None:
+    module = _pyreft_like(kind)
+    key = "layer_1_comp_block_output_unit_pos_nunit_1#0"
+    type_name = f"<class 'pyreft.interventions.{'Direft' if kind == 'direft' else 'Noreft'}Intervention'>"
+    directory = write_pyreft_dir(tmp_path / kind, [1], 3, {key: module.state_dict()}, kind=type_name)
+    imported = import_pyreft(directory)
+    assert imported.config.type == kind
+    [weights] = imported.units.values()
+    h = torch.randn(5, HIDDEN)
+    with torch.no_grad():
+        source = module.learned_source(h)
+        if kind == "direft":  # pyreft: h + (W h + b) @ rotate_layer.weight.T
+            expected = h + source @ module.rotate_layer.weight.T
+        else:  # pyreft: h + (W h + b − proj(h)) @ proj.weight
+            expected = h + (source - module.proj_layer(h)) @ module.proj_layer.weight
+    from reft_core.functional import direft, loreft
+
+    ours = (direft if kind == "direft" else loreft)(h, *weights.as_tuple())
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
