@@ -124,6 +124,13 @@ def summarize(name: str, results: list[RequestResult], wall: float) -> dict:
             "ttft_p99": pct([r.ttft for r in ok], 0.99)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (its TTFTs come with it); failures are summed over all runs."""
+    chosen = dict(sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2])
+    chosen["failed"] = sum(r["failed"] for r in runs)
+    return chosen
+
+
 def hf_static(base: BaseModel, count: int, tokens: int) -> dict:
     tok = base.tokenizer
     tok.padding_side = "left"
@@ -206,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="smaller run for a smoke test")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per scenario (median reported)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
@@ -237,12 +245,15 @@ def main() -> None:
         # warm-up: every persona resident in the bank and decoded in the registry, as in steady-state serving
         asyncio.run(load(url, [base.model_id] + [f"p{i}" for i in range(len(personas))], 1))
         for size in sizes:
-            distinct = [f"p{i}" for i in range(size)]
-            for label, models in (("every request a different intervention", distinct),
-                                  ("no intervention", [base.model_id] * size),
-                                  ("one shared intervention", ["p0"] * size)):
-                results, wall = asyncio.run(load(url, models, args.tokens))
-                rows.append(summarize(f"reft-serve, {size} concurrent, {label}", results, wall))
+            scenarios = {"every request a different intervention": [f"p{i}" for i in range(size)],
+                         "no intervention": [base.model_id] * size, "one shared intervention": ["p0"] * size}
+            runs: dict[str, list[dict]] = {label: [] for label in scenarios}
+            for _ in range(args.repeats):  # interleaved rounds: slow drifts of this shared machine hit all alike
+                for label, models in scenarios.items():
+                    results, wall = asyncio.run(load(url, models, args.tokens))
+                    runs[label].append(summarize(f"reft-serve, {size} concurrent, {label}", results, wall))
+            for label in scenarios:
+                rows.append(median_run(runs[label]))
                 print(rows[-1], flush=True)
         ttft_plain, ttft_steered = long_prompt_ttft(url, (base.model_id, "p0"), 3 if args.quick else 11)
         swap = hot_swap_during_load(url, base, [f"p{i}" for i in range(max(sizes))], args.tokens)
@@ -251,7 +262,7 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     for size in sizes:
-        rows.append(hf_static(base, size, args.tokens))
+        rows.append(median_run([hf_static(base, size, args.tokens) for _ in range(args.repeats)]))
         print(rows[-1], flush=True)
     pyreft_count = 4 if args.quick else 16
     rows.append(pyreft_style(base, personas, pyreft_count, args.tokens))
@@ -291,7 +302,8 @@ def write_report(args, rows, sizes, ttft_plain, ttft_steered, swap) -> None:  # 
         "# Benchmarks", "",
         "Serving benchmark from `bench/serve_bench.py`: the server runs as a separate process on loopback and is",
         "driven over HTTP with streaming requests; baselines run in-process on the same machine right after.",
-        f"Every request asks for exactly {args.tokens} new tokens (`min_tokens` + `ignore_eos`). Personas are random",
+        f"Every request asks for exactly {args.tokens} new tokens (`min_tokens` + `ignore_eos`). Each reft-serve and HF",
+        f"row is the median of {args.repeats} runs (reft-serve scenarios interleaved round by round). Personas are random",
         "LoReFT interventions of varied layers (4–19), ranks (2/4/8) and positions (`l1`, `f1+l1`).", "",
         f"Machine and versions: {versions}.", "",
         f"Command: `.venv/bin/python bench/serve_bench.py{' --quick' if args.quick else ''}`", "",

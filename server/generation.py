@@ -141,6 +141,9 @@ class GenerationService:
         """The base model's id means no intervention; any other name must be a stored intervention (else 404)."""
         if model == self.model_id:
             return None
+        cached = self.registry.cached(model)
+        if cached is not None:
+            return cached
         try:
             return await run_in_threadpool(self.registry.resolve, model)
         except InterventionNotFoundError:

@@ -2,7 +2,9 @@
 
 Resolving a name returns an `InterventionRef` pinned to one exact version (its artifact digest): a request keeps
 the version it started with even if the name is replaced or deleted meanwhile (hot swap). Decoded artifacts are
-cached by digest (content-addressed, so entries never go stale). Uploads of either format end up as a validated
+cached by digest (content-addressed, so entries never go stale), and the current version of each name is cached
+too: every write goes through this registry (the server is the store's only writer), which updates that cache in
+the same call, so a request on a known name costs a dict lookup, not a database query. Uploads of either format end up as a validated
 native artifact in the store. All methods block (disk, decoding): handlers call them through a threadpool.
 """
 
@@ -27,12 +29,36 @@ class InterventionRegistry:
         self.fingerprint = fingerprint
         self.settings = settings
         self._decoded: OrderedDict[str, Intervention] = OrderedDict()
+        self._current: dict[str, InterventionRef] = {}
+        self._writes = 0  # bumped by every write; a resolve that raced a write does not cache what it read
         self._lock = threading.Lock()
+
+    def cached(self, name: str) -> InterventionRef | None:
+        """The current version of `name` if it was resolved before (no I/O; safe on the event loop)."""
+        with self._lock:
+            return self._current.get(name)
 
     def resolve(self, name: str) -> InterventionRef:
         """The current version of `name`, decoded (raises InterventionNotFoundError if unknown)."""
+        with self._lock:
+            writes_before = self._writes
         record = self.store.get(name)
-        return InterventionRef(name=record.name, key=record.digest, intervention=self._decode(record))
+        ref = InterventionRef(name=record.name, key=record.digest, intervention=self._decode(record))
+        with self._lock:
+            if self._writes == writes_before and len(self._current) < self.settings.decoded_intervention_cache:
+                self._current[name] = ref
+        return ref
+
+    def delete(self, name: str) -> None:
+        try:
+            self.store.delete(name)
+        finally:
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._writes += 1
+            self._current.pop(name, None)
 
     def _decode(self, record: InterventionRecord) -> Intervention:
         with self._lock:
@@ -50,7 +76,10 @@ class InterventionRegistry:
     def put_artifact(
         self, name: str, payload: bytes, *, description: str = "", replace: bool = False, source: str = "upload"
     ) -> InterventionRecord:
-        return self.store.put(name, payload, description=description, replace=replace, source=source)
+        try:
+            return self.store.put(name, payload, description=description, replace=replace, source=source)
+        finally:
+            self._forget(name)  # the next request resolves the new version
 
     def put_pyreft_archive(
         self, name: str, archive: bytes, *, positions: str, description: str = "", replace: bool = False

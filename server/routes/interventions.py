@@ -100,5 +100,5 @@ async def replace_intervention(
 @router.delete("/{name}")
 async def delete_intervention(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
     """Delete an intervention; requests already running on it finish normally."""
-    await run_in_threadpool(svc.store.delete, name)
+    await run_in_threadpool(svc.registry.delete, name)
     return {"id": name, "object": "intervention", "deleted": True}

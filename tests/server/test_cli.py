@@ -1,0 +1,55 @@
+"""The `reft-serve` command on a tiny local model: train (progress bar with loss) -> artifact -> generate / import."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from reft_core.artifact import load_artifact
+from reft_core.base_model import load_base_model
+from server.cli import main
+from tests import tiny
+from tests.reft_core.test_pyreft_import import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tiny.tiny_llama().save_pretrained(directory)
+    tiny.tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_train_writes_a_loadable_artifact_and_shows_progress(model_dir, tmp_path, capsys) -> None:
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("\n".join(json.dumps({"prompt": f"hi {i}", "completion": "yo"}) for i in range(4)))
+    output = tmp_path / "persona.safetensors"
+    code = main(["train", str(examples), "--name", "persona", "--model", str(model_dir), "--layers", "1", "2",
+                 "--rank", "2", "--epochs", "3", "--batch-size", "2", "--output", str(output)])
+    captured = capsys.readouterr()
+    assert code == 0 and "loss=" in captured.err and "6/6" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    artifact = load_artifact(output, base_model=load_base_model(model_dir, device="cpu").fingerprint)
+    assert artifact.training["steps"] == 6 and artifact.training["final_loss"] == summary["final_loss"]
+    assert artifact.intervention.config.layers == (1, 2)
+    assert main(["generate", "hello", "--model", str(model_dir), "--intervention", str(output), "--max-tokens", "4"]) == 0
+
+
+def test_bad_examples_file_is_a_clear_error(model_dir, tmp_path) -> None:
+    examples = tmp_path / "bad.jsonl"
+    examples.write_text('{"prompt": "only a prompt"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+        main(["train", str(examples), "--name", "x", "--model", str(model_dir)])
+
+
+def test_import_pyreft_command(tmp_path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(FIXTURES / "tiny_llama", model_dir)
+    tiny.tiny_tokenizer().save_pretrained(model_dir)  # the fixture model ships without a tokenizer
+    output = tmp_path / "imported.safetensors"
+    assert main(["import-pyreft", str(FIXTURES / "loreft_f1l1_noshare"), "--positions", "f1+l1", "--model",
+                 str(model_dir), "--output", str(output)]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"].startswith("sha256:")
+    assert load_artifact(output).intervention.config.positions == "f1+l1"
