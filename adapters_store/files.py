@@ -1,16 +1,15 @@
 """Content-addressed artifact files under `<root>/artifacts/<hh>/<sha256>.safetensors`, written atomically.
 
-A file is written to a temporary name in its final directory, fsynced, renamed into place and the directory
-fsynced, so a crash leaves either no file or a complete one. Files are immutable once written; identical content
-is stored once.
+Files are written atomically (reft_core.atomic_io), so a crash leaves either no file or a complete one. Files are
+immutable once written; identical content is stored once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from reft_core.atomic_io import write_atomically
 
 TEMP_SUFFIX = ".partial"
 
@@ -28,18 +27,7 @@ class ArtifactFiles:
         target = self.path_for(file_sha256)
         if target.exists() and target.stat().st_size == len(payload):
             return file_sha256
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file_sha256[:16]}.", suffix=TEMP_SUFFIX, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        write_atomically(target, payload, temp_suffix=TEMP_SUFFIX)
         return file_sha256
 
     def read(self, file_sha256: str) -> bytes:
@@ -52,9 +40,3 @@ class ArtifactFiles:
         return list(self.root.glob(f"*/.*{TEMP_SUFFIX}")) if self.root.exists() else []
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

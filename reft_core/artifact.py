@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from reft_core.atomic_io import write_atomically
 from reft_core.config import InterventionConfig
 from reft_core.errors import (
     ArtifactFormatError,
@@ -86,18 +85,7 @@ def save_artifact(
 ) -> Artifact:
     """Write an artifact file atomically (temp file in the same directory, fsync, rename)."""
     payload, artifact = encode_artifact(intervention, base_model, training)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(Path(path), payload)
     return artifact
 
 

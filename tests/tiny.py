@@ -6,6 +6,8 @@ any unicode text round-trips, and it carries a ChatML template like SmolLM2's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,3 +53,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def save_tiny_model_dir(directory: Path, seed: int = 0) -> Path:
+    """A local HF model directory (weights + tokenizer) for code paths that load from disk."""
+    tiny_llama(seed=seed).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

@@ -13,10 +13,7 @@ from tests import tiny
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny")
-    tiny.tiny_llama().save_pretrained(directory)
-    tiny.tiny_tokenizer().save_pretrained(directory)
-    return directory
+    return tiny.save_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_local_hf_directory_is_used_as_is(tiny_dir, tmp_path) -> None:
@@ -37,9 +34,7 @@ def test_load_freezes_weights_and_fingerprint_ignores_dtype(tiny_dir, tmp_path) 
     assert not any(p.requires_grad for p in fp32.model.parameters())
     assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     assert fp32.fingerprint == bf16.fingerprint and fp32.num_layers == tiny.LAYERS
-    other = tmp_path / "other"
-    tiny.tiny_llama(seed=1).save_pretrained(other)
-    tiny.tiny_tokenizer().save_pretrained(other)
+    other = tiny.save_tiny_model_dir(tmp_path / "other", seed=1)
     assert load_base_model(other, device="cpu", cache_dir=tmp_path).fingerprint != fp32.fingerprint
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_base_model(tiny_dir, device="cpu", dtype="float8", cache_dir=tmp_path)

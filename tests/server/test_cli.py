@@ -16,10 +16,7 @@ from tests.reft_core.test_pyreft_import import FIXTURES
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-model")
-    tiny.tiny_llama().save_pretrained(directory)
-    tiny.tiny_tokenizer().save_pretrained(directory)
-    return directory
+    return tiny.save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_train_writes_a_loadable_artifact_and_shows_progress(model_dir, tmp_path, capsys) -> None:
