@@ -158,7 +158,8 @@ class ReftTrainer:
         token losses and dividing by the batch's token count gives exactly the one-batch mean.
         """
         total = sum(len(self.examples[i].completion_ids) for i in indices)
-        return sum(self._loss_sum(bucket) for bucket in self._buckets(indices)) / total
+        losses = [self._loss_sum(bucket) for bucket in self._buckets(indices)]
+        return torch.stack(losses).sum() / total
 
     def _buckets(self, indices: Sequence[int]) -> list[list[int]]:
         """Group examples whose computed lengths are within 2x of each other (bounds padding to half)."""

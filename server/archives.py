@@ -11,7 +11,7 @@ import io
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +19,7 @@ from server.errors import APIError
 from server.settings import Settings
 
 _ALLOWED_NAME = ("config.json",)
+Member = tuple[str, int, Callable[[], bytes]]  # name, declared size, reader
 
 
 def _refuse(message: str) -> APIError:
@@ -69,7 +70,7 @@ def unpack_archive(payload: bytes, settings: Settings) -> Iterator[Path]:
         yield directory
 
 
-def _zip_members(payload: bytes) -> list[tuple[str, int, object]]:
+def _zip_members(payload: bytes) -> list[Member]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(payload))
         infos = archive.infolist()
@@ -92,7 +93,7 @@ def _zip_members(payload: bytes) -> list[tuple[str, int, object]]:
     return members
 
 
-def _tar_members(payload: bytes) -> list[tuple[str, int, object]]:
+def _tar_members(payload: bytes) -> list[Member]:
     try:
         archive = tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")
         infos = archive.getmembers()

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -151,7 +151,7 @@ class GenerationService:
                 404, f"The model '{model}' does not exist", type="not_found_error", param="model", code="model_not_found"
             ) from None
 
-    async def events(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
+    async def events(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit and yield events until the final one; cancels the request if the consumer stops early."""
         loop = asyncio.get_running_loop()
         dispatcher = self._dispatchers.get(loop) or self._dispatchers.setdefault(loop, LoopDispatcher(loop))
