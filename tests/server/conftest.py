@@ -32,7 +32,7 @@ def tiny_base() -> BaseModel:
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
-    return Settings(data_dir=tmp_path / "data", max_tokens_limit=64, default_max_tokens=16, **overrides)
+    return Settings(**({"data_dir": tmp_path / "data", "max_tokens_limit": 64, "default_max_tokens": 16} | overrides))
 
 
 @pytest.fixture
