@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapters_store import ArtifactStore
+from adapters_store.jobs import JobStore
 from reft_core.base_model import BaseModel, load_base_model
 from server.dependencies import Services
 from server.engine.engine import Engine, EngineSettings
@@ -23,8 +24,9 @@ from server.errors import install_error_handlers
 from server.generation import GenerationService
 from server.metrics import Metrics
 from server.registry import InterventionRegistry
-from server.routes import completions, health, interventions, models
+from server.routes import completions, health, interventions, models, trainings
 from server.settings import Settings
+from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.app")
 
@@ -44,10 +46,14 @@ def build_services(settings: Settings, base: BaseModel, metrics: Metrics) -> Ser
     registry = InterventionRegistry(store, base.fingerprint, settings)
     model_id = settings.model_id or base.model_id
     generation = GenerationService(engine, base.tokenizer, registry, settings, model_id)
+    training = TrainingManager(
+        engine, registry, base.tokenizer, JobStore(settings.data_dir / "jobs"), settings,
+        num_layers=base.num_layers, hidden_size=base.hidden_size,
+    )
     engine.start()
     return Services(
         settings=settings, model_id=model_id, fingerprint=base.fingerprint, tokenizer=base.tokenizer, engine=engine,
-        store=store, registry=registry, generation=generation, created=int(time.time()),
+        store=store, registry=registry, generation=generation, training=training, created=int(time.time()),
     )
 
 
@@ -90,6 +96,6 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
     app.state.services = None
     app.state.load_error = None
     install_error_handlers(app)
-    for module in (completions, models, interventions, health):
+    for module in (completions, models, interventions, trainings, health):
         app.include_router(module.router)
     return app

@@ -14,6 +14,7 @@ from server.errors import APIError
 from server.generation import GenerationService
 from server.registry import InterventionRegistry
 from server.settings import Settings
+from server.training import TrainingManager
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Services:
     store: ArtifactStore
     registry: InterventionRegistry
     generation: GenerationService
+    training: TrainingManager
     created: int
 
 

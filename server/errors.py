@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import errors as store_errors
+from adapters_store.jobs import JobNotFoundError
 from reft_core import errors as core_errors
 
 log = logging.getLogger("reft_serve.errors")
@@ -31,6 +32,7 @@ class APIError(Exception):
 # (exception class, status, type, code). First match wins: list subclasses before their bases.
 ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (store_errors.InterventionNotFoundError, 404, "not_found_error", "intervention_not_found"),
+    (JobNotFoundError, 404, "not_found_error", "training_job_not_found"),
     (store_errors.InterventionExistsError, 409, "conflict_error", "intervention_exists"),
     (store_errors.InvalidNameError, 400, "invalid_request_error", "invalid_name"),
     (store_errors.ArtifactUnavailableError, 503, "server_error", "artifact_unavailable"),

@@ -39,3 +39,9 @@ class Settings(BaseModel):
     max_archive_unpacked_bytes: int = Field(256 << 20, description="pyreft archive size once unpacked")
     max_archive_members: int = 256
     decoded_intervention_cache: int = Field(1024, ge=1, description="decoded artifacts kept in host memory")
+
+    # training jobs
+    max_queued_trainings: int = Field(8, ge=1, description="training jobs queued or running at once")
+    max_training_examples: int = Field(1000, ge=1, description="examples per training job")
+    max_example_tokens: int = Field(1024, ge=8, description="prompt + completion tokens per example")
+    max_training_epochs: int = Field(1000, ge=1, description="epochs per training job")

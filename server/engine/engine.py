@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch import nn
 
 from reft_core.bank import InterventionBank
 from reft_core.hooks import decoder_layers
+from reft_core.intervention import Intervention
+from reft_core.trainer import ReftTrainer, TrainingProgress
 from server.engine.residency import SlotTable
 from server.engine.runner import ModelRunner, PrefillRow
 from server.engine.sampler import sample
@@ -39,6 +42,21 @@ class EngineSettings:
     max_running: int = 64  # rows in the running batch
     max_prefill_tokens: int = 8192  # prompt tokens per prefill forward
     resident_interventions: int = 256  # bank slots (besides the identity)
+
+
+@dataclass(frozen=True)
+class TrainingTask:
+    """A training job handed to the engine: it runs one optimizer step per engine iteration, between serving steps.
+
+    Callbacks run on the engine thread and must be quick. `on_finish(intervention, losses, error)`: intervention is
+    None when the job failed (`error` says why) or was cancelled (`error == "cancelled"`).
+    """
+
+    job_id: str
+    make_trainer: Callable[[], ReftTrainer]  # built on the engine thread: its set-up runs the model
+    on_start: Callable[[int], None]  # total steps
+    on_progress: Callable[[TrainingProgress], None]
+    on_finish: Callable[[Intervention | None, list[float], str | None], None]
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
@@ -77,6 +95,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._by_request: dict[str, Sequence] = {}
         self._next_seq_id = 0
+        self._trainings: deque[TrainingTask] = deque()
+        self._training: tuple[TrainingTask, ReftTrainer] | None = None
 
     # -- API for other threads -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,18 +123,33 @@ class Engine:
         self._commands.put(("cancel", request_id))
         self._wake.set()
 
+    def submit_training(self, task: TrainingTask) -> None:
+        self._commands.put(("train", task))
+        self._wake.set()
+
+    def cancel_training(self, job_id: str) -> None:
+        self._commands.put(("cancel_training", job_id))
+        self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and self._training is None and not self._trainings
+
     # -- engine thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("engine started", extra={"max_running": self.settings.max_running})
         while not self._stop.is_set():
             self._apply_commands()
-            if self.scheduler.idle:
+            if self.idle:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             self.step()
         for seq in list(self._by_request.values()):
             self._finish(seq, FinishReason.ERROR, error="server is shutting down")
+        pending = [self._training[0]] if self._training is not None else []
+        for task in pending + list(self._trainings):
+            task.on_finish(None, [], "the server shut down before the job finished")
 
     def step(self) -> None:
         """One iteration: admit and prefill new rows, then one decode step for every running row."""
@@ -123,6 +158,7 @@ class Engine:
             self._forward(admitted, prefill=True)
         if self.scheduler.running:
             self._forward([self.scheduler.running[i] for i in self.runner.row_ids], prefill=False)
+        self._train_slice()
         self.metrics.queue_depth.set(len(self.scheduler.waiting))
         self.metrics.running_rows.set(len(self.scheduler.running))
         self.metrics.resident_interventions.set(self.slots.resident)
@@ -141,6 +177,49 @@ class Engine:
                 self.scheduler.add(seq)
             elif kind == "cancel" and payload in self._by_request:
                 self._finish(self._by_request[payload], FinishReason.CANCELLED)
+            elif kind == "train":
+                self._trainings.append(payload)
+            elif kind == "cancel_training":
+                self._cancel_training(payload)
+
+    def _cancel_training(self, job_id: str) -> None:
+        if self._training is not None and self._training[0].job_id == job_id:
+            task, trainer = self._training
+            self._training = None
+            task.on_finish(None, trainer.losses, "cancelled")
+            return
+        for task in [t for t in self._trainings if t.job_id == job_id]:
+            self._trainings.remove(task)
+            task.on_finish(None, [], "cancelled")
+
+    def _train_slice(self) -> None:
+        """One optimizer step of the current training job (starting the next queued one if needed)."""
+        if self._training is None:
+            if not self._trainings:
+                return
+            task = self._trainings.popleft()
+            try:
+                trainer = task.make_trainer()
+            except Exception as exc:  # noqa: BLE001 - a bad job fails alone
+                log.exception("training set-up failed", extra={"job": task.job_id})
+                task.on_finish(None, [], f"training could not start: {exc}")
+                return
+            self._training = (task, trainer)
+            task.on_start(trainer.total_steps)
+        task, trainer = self._training
+        try:
+            progress = trainer.step()
+            if not torch.isfinite(torch.tensor(progress.loss)):
+                raise FloatingPointError(f"loss became {progress.loss} at step {progress.step}")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("training step failed", extra={"job": task.job_id})
+            self._training = None
+            task.on_finish(None, trainer.losses, f"training failed: {exc}")
+            return
+        task.on_progress(progress)
+        if trainer.done:
+            self._training = None
+            task.on_finish(trainer.result(), trainer.losses, None)
 
     def _forward(self, seqs: list[Sequence], *, prefill: bool) -> None:
         started = time.perf_counter()
@@ -228,6 +307,6 @@ class Engine:
         for request, sink in requests:
             self.submit(request, sink)
         self._apply_commands()
-        while not self.scheduler.idle:
+        while not self.idle:
             self.step()
             self._apply_commands()

@@ -1,0 +1,241 @@
+"""Training jobs over HTTP: validate, queue on the engine, track progress, register the result.
+
+The engine runs one optimizer step per iteration between serving steps (see `TrainingTask`), so generation keeps
+flowing while a persona trains. This module owns the job records: their state in memory (guarded by a lock, since
+engine callbacks arrive on the engine thread), their persistence in the job store, and the event streams of
+clients watching a job. A job registers its intervention only on success; a failed or cancelled job registers
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from adapters_store import InterventionNotFoundError, validate_name
+from adapters_store.jobs import JobRecord, JobStore, now
+from reft_core.config import InterventionConfig
+from reft_core.examples import TokenizedExample, encode_prompt
+from reft_core.intervention import Intervention
+from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
+from server.engine.engine import Engine, TrainingTask
+from server.errors import APIError
+from server.registry import InterventionRegistry
+from server.settings import Settings
+
+log = logging.getLogger("reft_serve.training")
+ACTIVE = ("queued", "running")
+
+
+class ExampleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ExampleIn:
+        if self.messages is None and (not self.prompt or not self.completion):
+            raise ValueError("each example needs a non-empty prompt and completion, or messages")
+        if self.messages is not None:
+            if len(self.messages) < 2 or self.messages[-1].get("role") != "assistant":
+                raise ValueError("messages must end with the assistant turn to learn")
+            if not all(isinstance(m.get("content"), str) and m.get("content") for m in self.messages):
+                raise ValueError("every message needs non-empty text content")
+        return self
+
+
+class InterventionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["loreft", "direft", "noreft"] = "loreft"
+    layers: list[int] | None = None  # default: one middle layer
+    rank: int = Field(4, ge=1, le=256)
+    positions: str = "l1"
+    share_weights: bool = False
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(100, ge=1)
+    learning_rate: float = Field(4e-3, gt=0, le=1)
+    batch_size: int = Field(10, ge=1, le=1024)
+    seed: int = Field(42, ge=0)
+
+
+class TrainingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    examples: list[ExampleIn] = Field(min_length=1)
+    intervention: InterventionSpec = InterventionSpec()
+    hyperparameters: Hyperparameters = Hyperparameters()
+    chat_template: bool = True
+    description: str = Field("", max_length=2000)
+
+
+class TrainingManager:
+    def __init__(
+        self, engine: Engine, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
+        num_layers: int, hidden_size: int,
+    ) -> None:
+        self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        self._lock = threading.Lock()
+        self._live: dict[str, JobRecord] = {}
+        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobRecord]]]] = {}
+        self._started: dict[str, float] = {}
+        for job in jobs.recover_interrupted():
+            log.warning("marked interrupted training job failed", extra={"job": job.id, "intervention": job.name})
+
+    # -- requests --------------------------------------------------------------------------------------------------
+    async def submit(self, body: TrainingRequest) -> JobRecord:
+        validate_name(body.name)
+        s = self.settings
+        if len(body.examples) > s.max_training_examples:
+            raise APIError(400, f"{len(body.examples)} examples; the limit is {s.max_training_examples}", param="examples")
+        if body.hyperparameters.epochs > s.max_training_epochs:
+            raise APIError(400, f"epochs is limited to {s.max_training_epochs}", param="hyperparameters.epochs")
+        spec = body.intervention
+        layers = tuple(spec.layers) if spec.layers else (self.num_layers // 2,)
+        config = InterventionConfig(layers=layers, rank=spec.rank, positions=spec.positions, type=spec.type,
+                                    share_weights=spec.share_weights)
+        config.check_against_model(self.hidden_size, self.num_layers)
+        h = body.hyperparameters
+        training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
+        examples = await run_in_threadpool(self._tokenize, body)
+        with self._lock:
+            active = sum(1 for j in self._live.values() if j.status in ACTIVE)
+            if active >= s.max_queued_trainings:
+                raise APIError(429, f"{active} training jobs are already queued or running; the limit is "
+                               f"{s.max_queued_trainings}", type="rate_limit_error", code="too_many_trainings")
+            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued",
+                            spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
+                                  "examples": len(examples), "description": body.description})
+            self._live[job.id] = job
+        await run_in_threadpool(self.jobs.save, job)
+        self.engine.submit_training(self._task(job.id, body, config, training, examples))
+        return job
+
+    def _tokenize(self, body: TrainingRequest) -> list[TokenizedExample]:
+        tokenized = []
+        eos = self.tokenizer.eos_token_id
+        for index, example in enumerate(body.examples):
+            if example.messages is not None:
+                prompt_ids = list(self.tokenizer(self.tokenizer.apply_chat_template(
+                    example.messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+                )["input_ids"])
+                completion = example.messages[-1]["content"]
+            else:
+                prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=body.chat_template)
+                completion = example.completion or ""
+            completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"]) + [eos]
+            if len(prompt_ids) + len(completion_ids) > self.settings.max_example_tokens:
+                raise APIError(400, f"example {index} has {len(prompt_ids) + len(completion_ids)} tokens; the limit "
+                               f"is {self.settings.max_example_tokens}", param=f"examples.{index}")
+            tokenized.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids)))
+        return tokenized
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            live = self._live.get(job_id)
+        return live or self.jobs.get(job_id)
+
+    def list(self) -> list[JobRecord]:
+        stored = {j.id: j for j in self.jobs.list()}
+        with self._lock:
+            stored.update(self._live)
+        return sorted(stored.values(), key=lambda j: j.created_at)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.status in ACTIVE:
+            self.engine.cancel_training(job_id)
+        return job
+
+    async def events(self, job_id: str) -> AsyncGenerator[JobRecord, None]:
+        """The job now, then every update until it ends."""
+        queue: asyncio.Queue[JobRecord] = asyncio.Queue()
+        entry = (asyncio.get_running_loop(), queue)
+        with self._lock:
+            self._watchers.setdefault(job_id, []).append(entry)
+        try:
+            job = self.get(job_id)
+            while True:
+                yield job
+                if job.status not in ACTIVE:
+                    return
+                job = await queue.get()
+        finally:
+            with self._lock:
+                self._watchers.get(job_id, []).remove(entry)
+
+    # -- engine callbacks (engine thread) --------------------------------------------------------------------------
+    def _task(self, job_id: str, body: TrainingRequest, config: InterventionConfig, training: TrainingConfig,
+              examples: list[TokenizedExample]) -> TrainingTask:
+        def make_trainer() -> ReftTrainer:
+            return ReftTrainer(self.engine.model, config, examples, training)
+
+        def on_start(total: int) -> None:
+            self._started[job_id] = time.perf_counter()
+            self._update(job_id, persist=True, status="running", started_at=now(),
+                         progress={"step": 0, "total_steps": total, "epoch": 0})
+
+        def on_progress(p: TrainingProgress) -> None:
+            elapsed = time.perf_counter() - self._started[job_id]
+            remaining = elapsed / p.step * (p.total_steps - p.step)
+            progress = {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss,
+                        "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2)}
+            with self._lock:
+                losses = [*self._live[job_id].losses, p.loss]
+            self._update(job_id, persist=p.step % 10 == 0, progress=progress, losses=losses)
+
+        def on_finish(result: Intervention | None, losses: list[float], error: str | None) -> None:
+            if result is None:
+                status = "cancelled" if error == "cancelled" else "failed"
+                self._update(job_id, persist=True, status=status, finished_at=now(),
+                             error=None if status == "cancelled" else error)
+                return
+            try:
+                metadata = {**self._get_live(job_id).spec["hyperparameters"], "final_loss": losses[-1],
+                            "steps": len(losses), "job": job_id}
+                record = self._register(body, result, metadata)
+            except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
+                self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
+                return
+            self._update(job_id, persist=True, status="succeeded", finished_at=now(), result_version=record.version)
+
+        return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
+
+    def _register(self, body: TrainingRequest, result: Intervention, metadata: dict[str, Any]):  # noqa: ANN202
+        try:
+            self.registry.store.get(body.name)
+            exists = True
+        except InterventionNotFoundError:
+            exists = False
+        return self.registry.put_intervention(body.name, result, metadata, description=body.description, replace=exists)
+
+    def _get_live(self, job_id: str) -> JobRecord:
+        with self._lock:
+            return self._live[job_id]
+
+    def _update(self, job_id: str, *, persist: bool, **fields: Any) -> None:
+        with self._lock:
+            job = replace(self._live[job_id], **fields)
+            self._live[job_id] = job
+            watchers = list(self._watchers.get(job_id, []))
+        for loop, queue in watchers:
+            loop.call_soon_threadsafe(queue.put_nowait, job)
+        if persist:
+            self.jobs.save(job)

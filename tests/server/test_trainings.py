@@ -1,0 +1,124 @@
+"""Training over HTTP on the tiny model: lifecycle, events, cancel, failures, restart, serving while training."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapters_store.jobs import JobRecord, JobStore
+from server.app import create_app
+
+from .conftest import MODEL_ID, make_settings
+
+EXAMPLES = [{"prompt": f"question {i}", "completion": "yes!"} for i in range(4)]
+SMALL = {"intervention": {"layers": [1], "rank": 2, "positions": "l1"}, "hyperparameters": {"epochs": 3, "batch_size": 2}}
+
+
+def wait_for(client: TestClient, job_id: str, statuses: tuple[str, ...], timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/trainings/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job stayed {job['status']}")
+
+
+def test_job_runs_to_a_servable_intervention(client) -> None:
+    created = client.post("/v1/trainings", json={"name": "yes-bot", "examples": EXAMPLES, **SMALL})
+    assert created.status_code == 202 and created.json()["status"] == "queued"
+    job = wait_for(client, created.json()["id"], ("succeeded", "failed"))
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["step"] == job["progress"]["total_steps"] == 6 and len(job["losses"]) == 6
+    assert job["result_version"] == 1 and job["started_at"] and job["finished_at"]
+    record = client.get("/v1/interventions/yes-bot").json()
+    assert record["source"] == "training" and record["training"]["steps"] == 6
+    reply = client.post("/v1/chat/completions", json={"model": "yes-bot", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 4})
+    assert reply.status_code == 200
+    again = client.post("/v1/trainings", json={"name": "yes-bot", "examples": EXAMPLES, **SMALL}).json()
+    assert wait_for(client, again["id"], ("succeeded", "failed"))["result_version"] == 2  # a new version: hot swap
+    assert [j["id"] for j in client.get("/v1/trainings").json()["data"]] == [created.json()["id"], again["id"]]
+
+
+def test_events_stream_until_the_job_ends(client) -> None:
+    job = client.post("/v1/trainings", json={"name": "evented", "examples": EXAMPLES, **SMALL}).json()
+    with client.stream("GET", f"/v1/trainings/{job['id']}/events") as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    records = [json.loads(line[6:]) for line in lines[:-1]]
+    assert records[-1]["status"] == "succeeded"
+    steps = [r["progress"].get("step") for r in records if r["status"] == "running"]
+    assert steps == sorted(steps) and len(records) >= 2
+
+
+def test_cancel_registers_nothing(client) -> None:
+    body = {"name": "never", "examples": EXAMPLES, **SMALL, "hyperparameters": {"epochs": 1000, "batch_size": 1}}
+    job = client.post("/v1/trainings", json=body).json()
+    wait_for(client, job["id"], ("running",))
+    assert client.delete(f"/v1/trainings/{job['id']}").status_code == 200
+    assert wait_for(client, job["id"], ("cancelled",))["status"] == "cancelled"
+    assert client.get("/v1/interventions/never").status_code == 404
+
+
+def test_generation_keeps_working_during_training(client) -> None:
+    body = {"name": "busy", "examples": EXAMPLES, **SMALL, "hyperparameters": {"epochs": 1000, "batch_size": 1}}
+    job = client.post("/v1/trainings", json=body).json()
+    wait_for(client, job["id"], ("running",))
+    for _ in range(3):
+        reply = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}],
+                                                          "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+    assert client.get(f"/v1/trainings/{job['id']}").json()["status"] == "running"
+    client.delete(f"/v1/trainings/{job['id']}")
+    wait_for(client, job["id"], ("cancelled",))
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        ({"name": "x", "examples": []}, "examples"),
+        ({"name": "x", "examples": [{"prompt": "a", "completion": ""}]}, "prompt and completion"),
+        ({"name": "x", "examples": [{"prompt": "a"}]}, "prompt and completion"),
+        ({"name": "x", "examples": EXAMPLES, "surprise": 1}, "surprise"),
+        ({"name": "../x", "examples": EXAMPLES}, "invalid intervention name"),
+        ({"name": "x", "examples": EXAMPLES, "intervention": {"layers": [99]}}, "out of range"),
+        ({"name": "x", "examples": EXAMPLES, "intervention": {"positions": "q7"}}, "positions"),
+        ({"name": "x", "examples": EXAMPLES, "hyperparameters": {"epochs": 5000}}, "epochs is limited"),
+        ({"name": "x", "examples": [{"prompt": "a" * 2000, "completion": "b"}]}, "tokens; the limit"),
+    ],
+)
+def test_bad_jobs_are_refused_before_queueing(client, body, fragment) -> None:
+    response = client.post("/v1/trainings", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert client.get("/v1/trainings").json()["data"] == []
+
+
+def test_a_failing_step_fails_the_job_with_a_reason(client, monkeypatch) -> None:
+    from reft_core import trainer
+
+    def explode(self):  # noqa: ANN001
+        raise RuntimeError("boom at step 1")
+
+    monkeypatch.setattr(trainer.ReftTrainer, "step", explode)
+    job = client.post("/v1/trainings", json={"name": "doomed", "examples": EXAMPLES, **SMALL}).json()
+    failed = wait_for(client, job["id"], ("failed", "succeeded"))
+    assert failed["status"] == "failed" and "boom at step 1" in failed["error"]
+    assert client.get("/v1/interventions/doomed").status_code == 404
+
+
+def test_restart_marks_unfinished_jobs_failed_and_keeps_finished_ones(tmp_path, tiny_base) -> None:
+    settings = make_settings(tmp_path)
+    jobs = JobStore(settings.data_dir / "jobs")
+    for status in ("queued", "running", "succeeded", "cancelled"):
+        jobs.save(JobRecord(id=f"job-{status}", name="p", status=status, spec={}))
+    with TestClient(create_app(settings, base_model=tiny_base)) as client:
+        listed = {j["id"]: j for j in client.get("/v1/trainings").json()["data"]}
+        assert listed["job-queued"]["status"] == listed["job-running"]["status"] == "failed"
+        assert "restarted" in listed["job-running"]["error"]
+        assert listed["job-succeeded"]["status"] == "succeeded" and listed["job-cancelled"]["status"] == "cancelled"
+        assert client.get("/v1/trainings/nope").status_code == 404
