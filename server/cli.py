@@ -69,7 +69,50 @@ def _read_examples(path: Path) -> list:
     return examples
 
 
+def _train_remote(args: argparse.Namespace) -> int:
+    """Submit the job to a running server; follow its events with a progress bar unless --no-wait."""
+    import httpx
+    from tqdm import tqdm
+
+    examples = [{"prompt": e.prompt, "completion": e.completion} for e in _read_examples(args.examples)]
+    spec = {"rank": args.rank, "positions": args.positions, "type": args.type, "share_weights": args.share_weights}
+    if args.layers:
+        spec["layers"] = args.layers
+    body = {
+        "name": args.name, "examples": examples, "intervention": spec, "chat_template": not args.raw,
+        "hyperparameters": {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
+                            "seed": args.seed},
+    }
+    base = args.server.rstrip("/")
+    with httpx.Client(timeout=httpx.Timeout(30, read=None)) as client:
+        response = client.post(f"{base}/v1/trainings", json=body)
+        if response.status_code != 202:
+            raise SystemExit(f"the server refused the job ({response.status_code}): {response.text}")
+        job = response.json()
+        if args.no_wait:
+            print(json.dumps(job))
+            return 0
+        with tqdm(total=None, unit="step", desc=f"training {args.name}", file=sys.stderr) as bar, client.stream(
+            "GET", f"{base}/v1/trainings/{job['id']}/events"
+        ) as events:
+            for line in events.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                job = json.loads(line[6:])
+                progress = job.get("progress") or {}
+                if progress.get("total_steps"):
+                    bar.total = progress["total_steps"]
+                    bar.n = progress.get("step", 0)
+                    if "loss" in progress:
+                        bar.set_postfix(loss=f"{progress['loss']:.4f}", epoch=progress.get("epoch"))
+                    bar.refresh()
+    print(json.dumps({k: job.get(k) for k in ("id", "status", "intervention", "result_version", "error")}))
+    return 0 if job.get("status") == "succeeded" else 1
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.server:
+        return _train_remote(args)
     from tqdm import tqdm
 
     from reft_core.artifact import save_artifact
@@ -132,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(run=_generate)
 
-    train = commands.add_parser("train", help="train an intervention locally and write an artifact")
+    train = commands.add_parser("train", help="train an intervention (locally, or on a running server with --server)")
     _add_model_args(train)
     train.add_argument("examples", type=Path, help="JSONL with {prompt, completion} per line")
     train.add_argument("--name", required=True)
@@ -147,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=10)
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
+    train.add_argument("--server", help="URL of a running reft-serve: train there (the result is servable at once)")
+    train.add_argument("--no-wait", action="store_true", help="with --server: print the queued job and exit")
     train.set_defaults(run=_train)
 
     imp = commands.add_parser("import-pyreft", help="convert a pyreft save directory into an artifact")

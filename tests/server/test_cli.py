@@ -50,3 +50,31 @@ def test_import_pyreft_command(tmp_path, capsys) -> None:
                  str(model_dir), "--output", str(output)]) == 0
     assert json.loads(capsys.readouterr().out)["digest"].startswith("sha256:")
     assert load_artifact(output).intervention.config.positions == "f1+l1"
+
+
+def test_train_on_a_running_server_waits_with_a_progress_bar(tmp_path, tiny_base, capsys) -> None:
+    from server.app import create_app
+
+    from .conftest import make_settings
+    from .live import live_server
+
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("\n".join(json.dumps({"prompt": f"hi {i}", "completion": "yo"}) for i in range(4)))
+    app = create_app(make_settings(tmp_path), base_model=tiny_base)
+    with live_server(app) as url:
+        args = ["train", str(examples), "--name", "remote", "--server", url, "--layers", "1", "--rank", "2",
+                "--epochs", "2", "--batch-size", "2"]
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "succeeded"
+        assert "loss=" in captured.err and "4/4" in captured.err
+        assert main([*args, "--no-wait"]) == 0
+        queued = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert queued["status"] == "queued" and queued["intervention"] == "remote"
+        assert httpx_get(f"{url}/v1/interventions/remote")["source"] == "training"
+
+
+def httpx_get(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url).json()
