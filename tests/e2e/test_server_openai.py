@@ -118,3 +118,32 @@ def test_openai_client_against_a_real_server(server, smollm2, emoji_training) ->
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="no-such-persona", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.body["code"] == "model_not_found"
+
+
+def test_train_the_emoji_persona_over_http_then_chat(server) -> None:
+    from .conftest import RECIPE, TRAINING
+    from .emoji import emoji_examples
+
+    body = {
+        "name": "emoji-trained",
+        "examples": [{"prompt": e.prompt, "completion": e.completion} for e in emoji_examples()],
+        "intervention": {"layers": list(RECIPE.layers), "rank": RECIPE.rank, "positions": RECIPE.positions,
+                         "share_weights": RECIPE.share_weights},
+        "hyperparameters": {"epochs": TRAINING.epochs, "learning_rate": TRAINING.learning_rate,
+                            "batch_size": TRAINING.batch_size, "seed": TRAINING.seed},
+    }
+    job = httpx.post(f"{server}/v1/trainings", json=body, timeout=60).json()
+    assert job["status"] == "queued"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        job = httpx.get(f"{server}/v1/trainings/{job['id']}", timeout=30).json()
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(1)
+    assert job["status"] == "succeeded", job
+    assert len(job["losses"]) == TRAINING.epochs and job["losses"][-1] < 0.6 * job["losses"][0]
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120)
+    reply = client.chat.completions.create(
+        model="emoji-trained", messages=[{"role": "user", "content": UNSEEN_PROMPTS[2]}], max_tokens=24, temperature=0
+    )
+    assert is_emoji_only(reply.choices[0].message.content), reply.choices[0].message.content
