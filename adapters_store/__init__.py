@@ -1,25 +1,34 @@
-"""adapters_store: where interventions live between requests and across restarts (SQLite index + files)."""
+"""adapters_store: where interventions live between requests and across restarts (SQLite index + files).
+
+`ArtifactStore` is the one entry point: it validates artifacts with `reft_core.artifact` before writing, stores
+them content-addressed under its root, and keeps the version history in a SQLite index. Imports go one way: this
+package uses `reft_core` and knows nothing of HTTP or the server.
+"""
 
 from adapters_store.errors import (
     ArtifactUnavailableError,
     InterventionExistsError,
     InterventionNotFoundError,
+    InvalidMetadataError,
     InvalidNameError,
     StoreError,
     StoreWriteError,
 )
-from adapters_store.records import InterventionRecord, validate_name
+from adapters_store.records import SOURCES, InterventionRecord, validate_name, validate_tenant
 from adapters_store.store import ArtifactStore, StoreStats
 
 __all__ = [
+    "SOURCES",
     "ArtifactStore",
     "ArtifactUnavailableError",
     "InterventionExistsError",
     "InterventionNotFoundError",
     "InterventionRecord",
+    "InvalidMetadataError",
     "InvalidNameError",
     "StoreError",
     "StoreStats",
     "StoreWriteError",
     "validate_name",
+    "validate_tenant",
 ]

@@ -1,6 +1,14 @@
-"""Errors the store raises; the server maps each to an HTTP status in its error table."""
+"""Errors the store raises; the server maps each to an HTTP status in its error table.
+
+Every message names the intervention (and the tenant when it is not the default) and says what would fix it.
+Artifact validation errors are not wrapped: `reft_core.errors.ArtifactError` subclasses pass through unchanged.
+"""
 
 from __future__ import annotations
+
+
+def _describe(name: str, tenant: str) -> str:
+    return f"intervention '{name}'" + (f" of tenant '{tenant}'" if tenant != "default" else "")
 
 
 class StoreError(Exception):
@@ -8,24 +16,28 @@ class StoreError(Exception):
 
 
 class InterventionNotFoundError(StoreError):
-    def __init__(self, name: str, version: int | None = None) -> None:
-        what = f"intervention '{name}'" + (f" version {version}" if version is not None else "")
+    def __init__(self, name: str, version: int | None = None, tenant: str = "default") -> None:
+        what = _describe(name, tenant) + (f" version {version}" if version is not None else "")
         super().__init__(f"{what} does not exist")
-        self.name = name
+        self.name, self.version, self.tenant = name, version, tenant
 
 
 class InterventionExistsError(StoreError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"intervention '{name}' already exists; use PUT to replace it with a new version")
-        self.name = name
+    def __init__(self, name: str, tenant: str = "default") -> None:
+        super().__init__(f"{_describe(name, tenant)} already exists; use PUT to replace it with a new version")
+        self.name, self.tenant = name, tenant
 
 
 class InvalidNameError(StoreError, ValueError):
-    """A name outside `[a-z0-9][a-z0-9._-]{0,63}` (or containing `..`)."""
+    """A name (or tenant) outside `[a-z0-9][a-z0-9._-]{0,63}`, or one containing `..`."""
+
+
+class InvalidMetadataError(StoreError, ValueError):
+    """Record metadata out of bounds: description too long, bad tags, unknown source."""
 
 
 class ArtifactUnavailableError(StoreError):
-    """The record exists but its artifact cannot be served (missing file, corrupt on disk)."""
+    """The record exists but its artifact cannot be served (file missing, corrupt on disk)."""
 
 
 class StoreWriteError(StoreError):

@@ -1,23 +1,55 @@
-"""Intervention records (store metadata) and the name rules."""
+"""Intervention records (the store's metadata about one version of one intervention) and the rules for names.
+
+Names become URL path segments and `model` strings, so they are restricted to a small, case-free alphabet with no
+path separators and no `..`; tenants follow the same rule. Metadata bounds live here too, so every writer (upload,
+pyreft import, training) is held to the same limits.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapters_store.errors import InvalidNameError
+from adapters_store.errors import InvalidMetadataError, InvalidNameError
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+SOURCES = ("upload", "pyreft-import", "training")
+MAX_DESCRIPTION_CHARS = 2000
+MAX_TAGS = 32
+MAX_TAG_CHARS = 64
 
 
-def validate_name(name: str) -> str:
+def validate_name(name: str, *, what: str = "intervention name") -> str:
+    # `fullmatch`, not `match` with `$`: `$` also matches before a trailing newline
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidNameError(
-            f"invalid intervention name {name!r:.80}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            f"invalid {what} {name!r:.80}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit, without '..'"
         )
     return name
+
+
+def validate_tenant(tenant: str) -> str:
+    return validate_name(tenant, what="tenant")
+
+
+def validate_metadata(description: str, tags: Iterable[str], source: str) -> tuple[str, ...]:
+    """Check the caller-supplied metadata; return the tags as a tuple."""
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidMetadataError(f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters")
+    if isinstance(tags, str):  # a bare string is iterable too; "fun" must not become ("f", "u", "n")
+        raise InvalidMetadataError("tags must be a list of strings, not one string")
+    tag_tuple = tuple(tags)
+    if len(tag_tuple) > MAX_TAGS:
+        raise InvalidMetadataError(f"at most {MAX_TAGS} tags are allowed, got {len(tag_tuple)}")
+    for tag in tag_tuple:
+        if not isinstance(tag, str) or not 1 <= len(tag) <= MAX_TAG_CHARS or not tag.isprintable():
+            raise InvalidMetadataError(f"tag {tag!r:.80} must be 1-{MAX_TAG_CHARS} printable characters")
+    if source not in SOURCES:
+        raise InvalidMetadataError(f"source {source!r:.80} must be one of {list(SOURCES)}")
+    return tag_tuple
 
 
 @dataclass(frozen=True)
@@ -26,17 +58,18 @@ class InterventionRecord:
     version: int
     tenant: str
     digest: str  # the artifact's content digest ("sha256:..."), also its identity in the engine
-    file_sha256: str  # hash of the stored file's bytes, checked on every read
+    file_sha256: str  # hash of the stored file's bytes: the file's address, checked on every read
     size_bytes: int
     base_model_id: str
     config: dict[str, Any]
-    created_at: str
+    created_at: str  # UTC, ISO 8601
     source: str = "upload"
     description: str = ""
     tags: tuple[str, ...] = ()
     training: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able public view: `id` is the name clients put in `model`; the file address stays internal."""
         data = asdict(self)
         data["tags"] = list(self.tags)
         data.pop("file_sha256")

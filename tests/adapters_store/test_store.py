@@ -1,143 +1,165 @@
-"""Store: round trips, versions, typed errors, restart survival, corruption isolation, crash consistency."""
+"""Store: round trips, versions, typed errors, tenants, restart survival, shared content, concurrent writers."""
 
 from __future__ import annotations
 
-import errno
-import os
+import threading
+from pathlib import Path
 
 import pytest
 
 from adapters_store import (
     ArtifactStore,
-    ArtifactUnavailableError,
     InterventionExistsError,
     InterventionNotFoundError,
+    InvalidMetadataError,
     InvalidNameError,
-    StoreWriteError,
+    StoreStats,
 )
 from reft_core.artifact import encode_artifact
-from reft_core.config import InterventionConfig
-from reft_core.errors import IncompatibleBaseModelError
-from reft_core.fingerprint import fingerprint_model
+from reft_core.errors import ArtifactFormatError, IncompatibleBaseModelError
+from reft_core.fingerprint import ModelFingerprint, fingerprint_model
+from tests.adapters_store.conftest import CONFIG, make_payload
 from tests.reft_core.conftest import random_intervention, tiny_llama
 
-CONFIG = InterventionConfig(layers=(1,), rank=2, positions="l1")
+
+def nothing_written(store: ArtifactStore) -> bool:
+    return not store.files.all_files() and not store.list() and store.stats() == StoreStats(0, 0, 0)
 
 
-@pytest.fixture(scope="module")
-def fingerprint():
-    return fingerprint_model(tiny_llama())
-
-
-def payload(fingerprint, seed: int = 0) -> bytes:
-    return encode_artifact(random_intervention(CONFIG, seed=seed), fingerprint)[0]
-
-
-@pytest.fixture
-def store(tmp_path, fingerprint) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store", fingerprint)
-
-
-def test_put_get_list_delete(store, fingerprint) -> None:
-    record = store.put("emoji-bot", payload(fingerprint), description="emojis", tags=["fun"])
-    assert (record.name, record.version, record.description, record.tags) == ("emoji-bot", 1, "emojis", ("fun",))
-    assert store.get("emoji-bot") == record
-    assert [r.name for r in store.list()] == ["emoji-bot"]
-    assert store.load(record).digest == record.digest
+def test_put_get_list_delete(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    payload = make_payload(fingerprint, 1)
+    record = store.put("emoji-bot", payload, description="emojis", tags=["fun"], source="training")
+    assert (record.name, record.version, record.tenant) == ("emoji-bot", 1, "default")
+    assert (record.description, record.tags, record.source) == ("emojis", ("fun",), "training")
+    assert record.size_bytes == len(payload) and record.digest.startswith("sha256:")
+    assert record.base_model_id == fingerprint.id and record.config == CONFIG.to_dict()
+    assert record.training == {"steps": 1} and record.created_at.endswith("+00:00")
+    assert store.get("emoji-bot") == record and store.list() == [record]
+    assert store.read_artifact(record) == payload and store.load(record).digest == record.digest
     store.delete("emoji-bot")
     with pytest.raises(InterventionNotFoundError, match="emoji-bot"):
         store.get("emoji-bot")
-    with pytest.raises(InterventionNotFoundError):
+    with pytest.raises(InterventionNotFoundError, match="emoji-bot"):
         store.delete("emoji-bot")
+    assert store.list() == [] and store.gc() == 1 and nothing_written(store)
 
 
-def test_replace_makes_a_new_current_version(store, fingerprint) -> None:
-    first = store.put("p", payload(fingerprint, 1))
-    with pytest.raises(InterventionExistsError):
-        store.put("p", payload(fingerprint, 2))
-    second = store.put("p", payload(fingerprint, 2), replace=True)
-    assert second.version == 2 and second.digest != first.digest
-    assert store.get("p") == second and store.get_version("p", 1) == first
-    assert store.load(first).digest == first.digest  # the old version stays readable for running requests
+def test_list_is_sorted_by_name_and_shows_current_versions(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    for seed, name in enumerate(["zeta", "alpha", "mid"]):
+        store.put(name, make_payload(fingerprint, seed))
+    store.put("mid", make_payload(fingerprint, 9), replace=True)
+    assert [(r.name, r.version) for r in store.list()] == [("alpha", 1), ("mid", 2), ("zeta", 1)]
+
+
+def test_replace_makes_a_new_current_version(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    first = store.put("p", make_payload(fingerprint, 1))
+    second = store.put("p", make_payload(fingerprint, 2), replace=True)
+    third = store.put("p", make_payload(fingerprint, 3), replace=True)
+    assert (second.version, third.version) == (2, 3) and len({first.digest, second.digest, third.digest}) == 3
+    assert store.get("p") == third and store.get_version("p", 1) == first and store.get_version("p", 2) == second
+    assert store.load(first).digest == first.digest  # old versions stay readable for requests still running
+    assert store.stats() == StoreStats(interventions=1, versions=3, bytes=first.size_bytes * 3)
+    with pytest.raises(InterventionNotFoundError, match="'p' version 4"):
+        store.get_version("p", 4)
+
+
+def test_versions_never_repeat_after_delete(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    store.put("p", make_payload(fingerprint, 1))
+    store.delete("p")
     with pytest.raises(InterventionNotFoundError):
-        store.put("unknown", payload(fingerprint), replace=True)
+        store.get_version("p", 1)  # delete removes every version
+    assert store.put("p", make_payload(fingerprint, 2)).version == 1
 
 
-@pytest.mark.parametrize("name", ["../x", "/abs", "A", "a b", "a\x00", "é", "a" * 65, "..", "", "-a", "a/b", "a..b"])
-def test_invalid_names_are_refused(store, fingerprint, name) -> None:
+def test_existing_and_unknown_names_are_typed_errors(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    kept = store.put("p", make_payload(fingerprint, 1))
+    with pytest.raises(InterventionExistsError, match="'p' already exists"):
+        store.put("p", make_payload(fingerprint, 2))
+    with pytest.raises(InterventionNotFoundError, match="'unknown'"):
+        store.put("unknown", make_payload(fingerprint, 3), replace=True)
+    assert store.list() == [kept] and len(store.files.all_files()) == 1  # refusals leave no orphan file
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "A", "a b", "a\x00", "é", "a" * 65, "..", ""])
+def test_invalid_names_write_nothing(store: ArtifactStore, fingerprint: ModelFingerprint, name: str) -> None:
     with pytest.raises(InvalidNameError):
-        store.put(name, payload(fingerprint))
-    assert not store.files.all_files()
+        store.put(name, make_payload(fingerprint))
+    with pytest.raises(InvalidNameError):
+        store.get(name)
+    assert nothing_written(store) and not list(store.root.rglob("*.partial"))
 
 
-def test_other_base_model_writes_nothing(store) -> None:
+def test_bad_metadata_writes_nothing(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    with pytest.raises(InvalidMetadataError):
+        store.put("p", make_payload(fingerprint), description="x" * 2001)
+    with pytest.raises(InvalidMetadataError):
+        store.put("p", make_payload(fingerprint), source="elsewhere")
+    assert nothing_written(store)
+
+
+def test_artifact_for_another_base_model_writes_nothing(store: ArtifactStore) -> None:
     foreign = encode_artifact(random_intervention(CONFIG), fingerprint_model(tiny_llama(seed=5)))[0]
-    with pytest.raises(IncompatibleBaseModelError):
+    with pytest.raises(IncompatibleBaseModelError, match="another base model"):
         store.put("x", foreign)
-    assert not store.files.all_files() and not store.list()
+    assert nothing_written(store)
 
 
-def test_survives_restart(tmp_path, store, fingerprint) -> None:
-    store.put("a", payload(fingerprint, 1))
-    store.put("a", payload(fingerprint, 2), replace=True)
-    reopened = ArtifactStore(tmp_path / "store", fingerprint)
-    assert reopened.get("a").version == 2 and reopened.stats().versions == 2
+def test_malformed_payload_writes_nothing(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    with pytest.raises(ArtifactFormatError):
+        store.put("x", make_payload(fingerprint)[:-7])
+    with pytest.raises(ArtifactFormatError):
+        store.put("x", b"not an artifact at all")
+    assert nothing_written(store)
 
 
-def test_corrupt_file_makes_only_that_intervention_unavailable(store, fingerprint) -> None:
-    bad, good = store.put("bad", payload(fingerprint, 1)), store.put("good", payload(fingerprint, 2))
-    path = store.files.path_for(bad.file_sha256)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactUnavailableError, match="corrupt on disk"):
-        store.load(bad)
-    assert store.load(good).digest == good.digest
-    path.unlink()
-    with pytest.raises(ArtifactUnavailableError, match="file missing"):
-        store.load(bad)
+def test_tenants_are_separate_namespaces(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    mine = store.put("p", make_payload(fingerprint, 1))
+    theirs = store.put("p", make_payload(fingerprint, 2), tenant="acme")
+    assert theirs.version == 1 and store.get("p") == mine and store.get("p", tenant="acme") == theirs
+    assert store.list() == [mine] and store.list("acme") == [theirs]
+    with pytest.raises(InterventionNotFoundError, match="tenant 'other'"):
+        store.get("p", tenant="other")
+    with pytest.raises(InvalidNameError, match="tenant"):
+        store.list("../etc")
+    store.delete("p", tenant="acme")
+    assert store.get("p") == mine
 
 
-def test_crash_before_index_commit_leaves_nothing_visible(store, fingerprint, monkeypatch) -> None:
-    def crash(*_args, **_kwargs):
-        raise KeyboardInterrupt  # stands in for a kill between the file write and the commit
+def test_everything_survives_a_restart(root: Path, store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    first = store.put("a", make_payload(fingerprint, 1), description="d", tags=["t"])
+    second = store.put("a", make_payload(fingerprint, 2), replace=True)
+    other = store.put("b", make_payload(fingerprint, 3), tenant="acme")
+    store.close()
+    reopened = ArtifactStore(root, fingerprint)
+    assert reopened.get("a") == second and reopened.get_version("a", 1) == first
+    assert reopened.list("acme") == [other] and reopened.stats() == StoreStats(2, 3, 3 * first.size_bytes)
+    assert reopened.load(first).digest == first.digest
+    assert reopened.put("a", make_payload(fingerprint, 4), replace=True).version == 3
 
-    monkeypatch.setattr(store, "_insert", crash)
-    with pytest.raises(KeyboardInterrupt):
-        store.put("x", payload(fingerprint))
-    monkeypatch.undo()
-    assert not store.list() and len(store.files.all_files()) == 1
-    assert store.gc() == 1 and not store.files.all_files()
-    assert store.put("x", payload(fingerprint)).version == 1
 
-
-def test_shared_content_is_stored_once(store, fingerprint) -> None:
-    store.put("one", payload(fingerprint))
-    two = store.put("two", payload(fingerprint))
-    assert len(store.files.all_files()) == 1
+def test_identical_content_is_stored_once(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    one = store.put("one", make_payload(fingerprint))
+    two = store.put("two", make_payload(fingerprint))
+    assert one.file_sha256 == two.file_sha256 and len(store.files.all_files()) == 1
+    assert store.stats().bytes == one.size_bytes  # counted once, as on disk
     store.delete("one")
-    store.gc()
+    assert store.gc() == 0  # still referenced by "two"
     assert store.load(two).digest == two.digest
 
 
-def test_disk_full_is_a_clean_write_error(store, fingerprint, monkeypatch) -> None:
-    kept = store.put("kept", payload(fingerprint, 1))
+def test_concurrent_replaces_get_distinct_contiguous_versions(
+    store: ArtifactStore, fingerprint: ModelFingerprint
+) -> None:
+    store.put("p", make_payload(fingerprint, 0))
+    payloads = [make_payload(fingerprint, seed) for seed in range(1, 9)]
+    versions: list[int] = []
 
-    def full(*_args, **_kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def replace(payload: bytes) -> None:
+        versions.append(store.put("p", payload, replace=True).version)
 
-    monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(StoreWriteError, match="disk full"):
-        store.put("new", payload(fingerprint, 2))
-    monkeypatch.undo()
-    assert [r.name for r in store.list()] == ["kept"] and store.load(kept).digest == kept.digest
-    assert not store.files.temp_files()
-
-
-def test_read_only_store_serves_reads_and_refuses_writes(tmp_path, store, fingerprint, monkeypatch) -> None:
-    store.put("a", payload(fingerprint))
-    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)  # root ignores chmod; simulate a read-only mount
-    readonly = ArtifactStore(tmp_path / "store", fingerprint)
-    assert readonly.read_only and readonly.load(readonly.get("a"))
-    with pytest.raises(StoreWriteError, match="read-only"):
-        readonly.put("b", payload(fingerprint, 3))
+    threads = [threading.Thread(target=replace, args=(payload,)) for payload in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(versions) == list(range(2, 10)) and store.get("p").version == 9

@@ -1,0 +1,216 @@
+"""The SQLite index (`<root>/index.sqlite3`): every version of every intervention, and which version is current.
+
+This module owns the connection and all SQL. One connection is shared by the server's threadpool workers
+(`check_same_thread=False`), so every use holds `self._lock`. Writes run in explicit `BEGIN IMMEDIATE`
+transactions: a new version row and the move of the name's "current" pointer commit together or not at all. The
+`meta` table records the schema version; opening an older index migrates it, a newer one is refused. A read-only
+root opens the index read-only, so serving keeps working when writes cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from adapters_store.errors import InterventionExistsError, InterventionNotFoundError, StoreError
+from adapters_store.records import InterventionRecord
+
+SCHEMA_VERSION = 1
+_CREATE = (
+    """CREATE TABLE versions (
+        tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+        digest TEXT NOT NULL, file_sha256 TEXT NOT NULL, size_bytes INTEGER NOT NULL, base_model_id TEXT NOT NULL,
+        config TEXT NOT NULL, created_at TEXT NOT NULL, source TEXT NOT NULL, description TEXT NOT NULL,
+        tags TEXT NOT NULL, training TEXT NOT NULL,
+        PRIMARY KEY (tenant, name, version))""",
+    """CREATE TABLE current (
+        tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (tenant, name))""",
+)
+# statements that take schema version N to N+1; none yet, the table is here so version 2 has a place to go
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_COLUMNS = (
+    "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
+    "description, tags, training"
+)
+_CURRENT = f"SELECT {_COLUMNS} FROM versions JOIN current USING (tenant, name, version)"
+
+Row = tuple[Any, ...]
+
+
+def _to_record(row: Row) -> InterventionRecord:
+    (name, version, tenant, digest, file_sha, size, base_id, config, created, source, description, tags, training) = row
+    return InterventionRecord(
+        name=name, version=version, tenant=tenant, digest=digest, file_sha256=file_sha, size_bytes=size,
+        base_model_id=base_id, config=json.loads(config), created_at=created, source=source,
+        description=description, tags=tuple(json.loads(tags)), training=json.loads(training),
+    )
+
+
+def _to_row(record: InterventionRecord) -> Row:
+    return (
+        record.name, record.version, record.tenant, record.digest, record.file_sha256, record.size_bytes,
+        record.base_model_id, json.dumps(record.config), record.created_at, record.source, record.description,
+        json.dumps(list(record.tags)), json.dumps(record.training),
+    )
+
+
+class Index:
+    def __init__(self, path: Path, *, writable: bool) -> None:
+        self.path = path
+        self.read_only = not writable
+        self._lock = threading.Lock()
+        if writable:
+            try:
+                self._db = self._open_writable()
+                return
+            except sqlite3.OperationalError as exc:
+                # the database file itself is read-only: still serve reads (a busy lock is not a reason)
+                if "readonly" not in str(exc) and "unable to open" not in str(exc):
+                    raise
+                self.read_only = True
+        self._db = self._open_read_only()
+
+    # -- reads -----------------------------------------------------------------------------------------------------
+    def current(self, tenant: str, name: str) -> InterventionRecord | None:
+        with self._lock:
+            row = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        return None if row is None else _to_record(row)
+
+    def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None:
+        query = f"SELECT {_COLUMNS} FROM versions WHERE tenant=? AND name=? AND version=?"
+        with self._lock:
+            row = self._db.execute(query, (tenant, name, version)).fetchone()
+        return None if row is None else _to_record(row)
+
+    def list_current(self, tenant: str) -> list[InterventionRecord]:
+        with self._lock:
+            rows = self._db.execute(f"{_CURRENT} WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
+        return [_to_record(row) for row in rows]
+
+    def referenced_files(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT DISTINCT file_sha256 FROM versions")}
+
+    def counts(self) -> tuple[int, int, int]:
+        """(current interventions, versions, bytes of distinct referenced files) over all tenants."""
+        with self._lock:
+            interventions = self._db.execute("SELECT COUNT(*) FROM current").fetchone()[0]
+            versions = self._db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+            # shared files are stored once, so count each address once: this is what the store occupies on disk
+            size = self._db.execute(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM (SELECT DISTINCT file_sha256, size_bytes FROM versions)"
+            ).fetchone()[0]
+        return int(interventions), int(versions), int(size)
+
+    # -- writes ----------------------------------------------------------------------------------------------------
+    def add_version(
+        self, tenant: str, name: str, *, replace: bool, make: Callable[[int], InterventionRecord]
+    ) -> InterventionRecord:
+        """In one transaction: check the name's state, insert `make(next_version)` and make it current."""
+        with self._transaction():
+            exists = self._db.execute("SELECT 1 FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+            if exists is None and replace:
+                raise InterventionNotFoundError(name, tenant=tenant)
+            if exists is not None and not replace:
+                raise InterventionExistsError(name, tenant=tenant)
+            # MAX over all rows, not the current pointer: versions never repeat, even after a delete and re-create
+            latest = self._db.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM versions WHERE tenant=? AND name=?", (tenant, name)
+            ).fetchone()[0]
+            record = make(int(latest) + 1)
+            self._insert(record)
+        return record
+
+    def _insert(self, record: InterventionRecord) -> None:
+        placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
+        self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", _to_row(record))
+        current = (record.tenant, record.name, record.version)
+        self._db.execute("INSERT OR REPLACE INTO current VALUES (?, ?, ?)", current)
+
+    def delete(self, tenant: str, name: str) -> bool:
+        """Remove every version of the name; False when it had no current version."""
+        with self._transaction():
+            if not self._db.execute("DELETE FROM current WHERE tenant=? AND name=?", (tenant, name)).rowcount:
+                return False
+            self._db.execute("DELETE FROM versions WHERE tenant=? AND name=?", (tenant, name))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- opening ---------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock between processes
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _open_writable(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            db.execute("PRAGMA synchronous=FULL")  # a committed put survives power loss, like its file
+            self._db = db
+            with self._transaction():
+                self._prepare_schema()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prepare_schema(self) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        found = self._schema_version()
+        if found is None:
+            for statement in _CREATE:
+                self._db.execute(statement)
+            found = SCHEMA_VERSION
+        while found < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[found]:
+                self._db.execute(statement)
+            found += 1
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(found),))
+
+    def _schema_version(self) -> int | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            return None
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store index {self.path} has schema version {version}, newer than this build's "
+                f"{SCHEMA_VERSION}: upgrade reft-serve or use another data directory"
+            )
+        return version
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            raise StoreError(f"the store at {self.path.parent} is read-only and has no index to serve from")
+        uri = f"file:{quote(str(self.path))}?mode=ro"
+        # a WAL database needs its -shm file; when the last writer removed it and the directory is read-only it
+        # cannot be created, so fall back to `immutable` (the WAL was checkpointed into the file at that close)
+        for suffix in ("", "&immutable=1"):
+            db = sqlite3.connect(uri + suffix, uri=True, check_same_thread=False, isolation_level=None)
+            self._db = db
+            try:
+                version = self._schema_version()
+            except sqlite3.OperationalError:
+                db.close()
+                continue
+            if version != SCHEMA_VERSION:
+                db.close()
+                raise StoreError(f"the store index {self.path} needs a migration, which a read-only store cannot do")
+            return db
+        raise StoreError(f"cannot open the store index {self.path} read-only")
