@@ -310,7 +310,10 @@ def write_report(args, rows, sizes, ttft_plain, ttft_steered, swap) -> None:  # 
         "## Results", "", *lines, "", "## Ratios (side by side, same run)", "", "| comparison | value |", "|---|---|",
         *ratios, "",
     ])
-    args.output.write_text(report)
+    # keep sections other benchmarks maintain (bench/train_bench.py's "## Training" table)
+    previous = args.output.read_text() if args.output.exists() else ""
+    kept = previous[previous.index("## Training"):] if "## Training" in previous else ""
+    args.output.write_text(report + ("\n" + kept if kept else ""))
     print(report)
 
 
