@@ -6,7 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -54,12 +55,30 @@ async def _collect(service: GenerationService, prepared: PreparedRequest, reques
         await events.aclose()
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """The fields every response object and stream chunk of one completion shares."""
+
+    id: str
+    object: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def wrap(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices}
+        return body if usage is None else body | {"usage": usage}
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def _stream(
-    service: GenerationService, prepared: PreparedRequest, body: SamplingFields, chunk: Any, final_usage: Any
+    service: GenerationService,
+    prepared: PreparedRequest,
+    body: SamplingFields,
+    envelope: _Envelope,
+    choice: Callable[[GenerationEvent, bool], dict[str, Any]],
 ) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = service.events(prepared)
@@ -70,10 +89,10 @@ async def _stream(
                 yield _sse(error_body(event.error or "generation failed", "server_error", "generation_failed"))
                 break
             if event.text or first or event.finish_reason is not None:
-                yield _sse(chunk(event, first))
+                yield _sse(envelope.wrap([choice(event, first)]))
                 first = False
             if event.finish_reason is not None and include_usage:
-                yield _sse(final_usage(event))
+                yield _sse(envelope.wrap([], _usage(event)))
         yield "data: [DONE]\n\n"
     finally:
         await events.aclose()
@@ -85,26 +104,20 @@ async def create_chat_completion(
 ) -> JSONResponse | StreamingResponse:
     """Chat completion; `model` is the base model id or an intervention name."""
     prepared = await service.prepare_chat(body)
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         def chunk(event: GenerationEvent, first: bool) -> dict[str, Any]:
             delta: dict[str, Any] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(event.finish_reason)}
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [choice]}
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(event.finish_reason)}
 
-        def usage(event: GenerationEvent) -> dict[str, Any]:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [], "usage": _usage(event)}
-
-        return StreamingResponse(_stream(service, prepared, body, chunk, usage), media_type="text/event-stream")
+        envelope = _Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", body.model)
+        return StreamingResponse(_stream(service, prepared, body, envelope, chunk), media_type="text/event-stream")
     text, final = await _collect(service, prepared, request)
-    return JSONResponse({
-        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": _finish(final.finish_reason)}],
-        "usage": _usage(final),
-    })
+    envelope = _Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", body.model)
+    message = {"role": "assistant", "content": text}
+    return JSONResponse(envelope.wrap(
+        [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(final.finish_reason)}],
+        _usage(final),
+    ))
 
 
 @router.post("/completions", response_model=None)
@@ -113,23 +126,16 @@ async def create_completion(
 ) -> JSONResponse | StreamingResponse:
     """Text completion; `model` is the base model id or an intervention name."""
     prepared = await service.prepare_completion(body)
-    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    envelope = _Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", body.model)
     prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
     if body.stream:
         def chunk(event: GenerationEvent, first: bool) -> dict[str, Any]:
-            choice = {"index": 0, "text": (prefix if first else "") + event.text, "logprobs": None,
-                      "finish_reason": _finish(event.finish_reason)}
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [choice]}
+            text = (prefix if first else "") + event.text
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(event.finish_reason)}
 
-        def usage(event: GenerationEvent) -> dict[str, Any]:
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [], "usage": _usage(event)}
-
-        return StreamingResponse(_stream(service, prepared, body, chunk, usage), media_type="text/event-stream")
+        return StreamingResponse(_stream(service, prepared, body, envelope, chunk), media_type="text/event-stream")
     text, final = await _collect(service, prepared, request)
-    return JSONResponse({
-        "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "text": prefix + text, "logprobs": None, "finish_reason": _finish(final.finish_reason)}],
-        "usage": _usage(final),
-    })
+    return JSONResponse(envelope.wrap(
+        [{"index": 0, "text": prefix + text, "logprobs": None, "finish_reason": _finish(final.finish_reason)}],
+        _usage(final),
+    ))
