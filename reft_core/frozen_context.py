@@ -7,20 +7,20 @@ input to layer L0 for the remaining positions. A training step then runs only la
 that cached prefix: for `l1` on a chat prompt that is the last prompt token plus the completion, instead of the
 whole sequence through the whole stack. The result is the same loss as a full forward (tested), just cheaper.
 
-This path drives the model's own decoder with `inputs_embeds`, explicit positions and a pre-filled cache, and
-runs only a suffix of its layers; it needs a decoder whose blocks read their layer index from their attention
-module (Llama, Mistral, Qwen2, ...). `supports_frozen_context` says whether a model qualifies.
+This path calls the model's own decoder layers one by one (`SuffixPass`) with explicit positions and a
+pre-filled cache; it needs a decoder whose blocks read their layer index from their attention module and that
+exposes its rotary embedding and final norm (Llama, Mistral, Qwen2, ...). `supports_frozen_context` says whether a model qualifies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
 
 from reft_core.hooks import decoder_layers
 
@@ -41,7 +41,8 @@ def supports_frozen_context(model: nn.Module) -> bool:
     indexed = all(getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i for i, layer in enumerate(layers))
     layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
     full_attention = getattr(model.config, "sliding_window", None) is None and layer_types == {"full_attention"}
-    return indexed and full_attention and hasattr(model.get_decoder(), "norm")
+    decoder = model.get_decoder()
+    return indexed and full_attention and hasattr(decoder, "norm") and hasattr(decoder, "rotary_emb")
 
 
 @torch.no_grad()
@@ -63,42 +64,63 @@ def compute_frozen_context(model: nn.Module, input_ids: Sequence[int], start: in
     return FrozenContext(start, keys, values, captured[0][0, start:].clone())
 
 
-@contextmanager
-def _layers_from(model: nn.Module, first_layer: int) -> Iterator[None]:
-    """Temporarily run only decoder layers `first_layer..` (hooks stay on the same module objects)."""
-    inner = model.get_decoder()
-    full = inner.layers
-    inner.layers = nn.ModuleList(list(full)[first_layer:])
-    try:
-        yield
-    finally:
-        inner.layers = full
+class SuffixPass:
+    """Runs decoder layers `first_layer..` one at a time over the examples' suffixes and cached prefixes.
+
+    Layer by layer (rather than one call to the decoder) so that a caller can pause between layers: the server
+    interleaves training with serving at that granularity. Nothing on the shared model is mutated, so serving
+    forwards in the pauses see the bare model. Inputs are right-padded suffixes over left-padded prefixes.
+    """
+
+    def __init__(self, model: nn.Module, contexts: Sequence[FrozenContext], first_layer: int) -> None:
+        device = contexts[0].suffix_input.device
+        batch, prefix_len = len(contexts), max(c.start for c in contexts)
+        suffix_len = max(c.suffix_input.shape[0] for c in contexts)
+        hidden = contexts[0].suffix_input.shape[-1]
+        inputs = torch.zeros((batch, suffix_len, hidden), dtype=contexts[0].suffix_input.dtype, device=device)
+        mask = torch.zeros((batch, prefix_len + suffix_len), dtype=torch.long, device=device)
+        positions = torch.zeros((batch, suffix_len), dtype=torch.long, device=device)
+        for row, ctx in enumerate(contexts):
+            n = ctx.suffix_input.shape[0]
+            inputs[row, :n] = ctx.suffix_input
+            mask[row, prefix_len - ctx.start : prefix_len + n] = 1
+            positions[row] = ctx.start + torch.arange(suffix_len, device=device)
+        self.cache = DynamicCache(config=model.config)
+        for layer_index in range(len(contexts[0].prefix_keys)):
+            k = torch.stack([_left_pad(c.prefix_keys[layer_index], prefix_len) for c in contexts])
+            v = torch.stack([_left_pad(c.prefix_values[layer_index], prefix_len) for c in contexts])
+            self.cache.update(k, v, layer_index)
+        decoder = model.get_decoder()
+        self.inputs = inputs  # [B, S, d]: input to `first_layer`
+        self.positions = positions
+        self.layer_indices = range(first_layer, len(decoder.layers))
+        self._layers = decoder.layers
+        self._norm = decoder.norm
+        self._mask = create_causal_mask(
+            config=model.config, inputs_embeds=inputs, attention_mask=mask, past_key_values=self.cache,
+            position_ids=positions,
+        )
+        self._rotary = decoder.rotary_emb(inputs, position_ids=positions)
+
+    def layer(self, index: int, hidden: Tensor) -> Tensor:
+        """Output of decoder layer `index` for `hidden` (its input); call in order, each index once."""
+        out = self._layers[index](
+            hidden, attention_mask=self._mask, position_embeddings=self._rotary, position_ids=self.positions,
+            past_key_values=self.cache, use_cache=True,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def norm(self, hidden: Tensor) -> Tensor:
+        return self._norm(hidden)
 
 
 def forward_suffix(model: nn.Module, contexts: Sequence[FrozenContext], first_layer: int) -> Tensor:
     """Final hidden states [B, S, d] of the suffixes (right-padded to S) over their cached prefixes."""
-    device = contexts[0].suffix_input.device
-    batch, prefix_len = len(contexts), max(c.start for c in contexts)
-    suffix_len = max(c.suffix_input.shape[0] for c in contexts)
-    hidden = contexts[0].suffix_input.shape[-1]
-    inputs = torch.zeros((batch, suffix_len, hidden), dtype=contexts[0].suffix_input.dtype, device=device)
-    mask = torch.zeros((batch, prefix_len + suffix_len), dtype=torch.long, device=device)
-    positions = torch.zeros((batch, suffix_len), dtype=torch.long, device=device)
-    for row, ctx in enumerate(contexts):  # prefixes are left-padded, suffixes right-padded
-        n = ctx.suffix_input.shape[0]
-        inputs[row, :n] = ctx.suffix_input
-        mask[row, prefix_len - ctx.start : prefix_len + n] = 1
-        positions[row] = ctx.start + torch.arange(suffix_len, device=device)
-    cache = DynamicCache(config=model.config)
-    for layer_index in range(len(contexts[0].prefix_keys)):
-        k = torch.stack([_left_pad(c.prefix_keys[layer_index], prefix_len) for c in contexts])
-        v = torch.stack([_left_pad(c.prefix_values[layer_index], prefix_len) for c in contexts])
-        cache.update(k, v, layer_index)
-    with _layers_from(model, first_layer):
-        out = model.get_decoder()(
-            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-    return out.last_hidden_state
+    suffix = SuffixPass(model, contexts, first_layer)
+    hidden = suffix.inputs
+    for index in suffix.layer_indices:
+        hidden = suffix.layer(index, hidden)
+    return suffix.norm(hidden)
 
 
 def _left_pad(tensor: Tensor, length: int) -> Tensor:

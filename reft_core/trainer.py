@@ -4,16 +4,20 @@ pyreft's recipe: AdamW with a linear decay to zero, gradient-norm clipping at 1.
 cross-entropy on completion + EOS tokens only, intervening on the prompt positions given by the config. Seeded and
 deterministic: the seed fixes the initial weights and the per-epoch shuffles, without touching the global RNG.
 
-`ReftTrainer.step()` runs one optimizer step and returns progress, so a caller can interleave training with other
-work (the server runs slices between serving steps); `train_intervention` is the run-to-completion wrapper.
-Only the intervention's parameters require grad, so autograd does no work below the lowest intervened layer.
+Training is cut into short slices so a caller can interleave it with other work on the same thread: the server
+runs slices between serving steps. `ReftTrainer.advance(deadline)` runs slices until a deadline or the end of an
+optimizer step; a slice is one example's frozen context, or one decoder layer's forward or backward for one
+micro-batch (the layers are run one by one, and backpropagation goes layer by layer through detached layer
+boundaries, which gives the same gradients as one backward call). `step()` runs a whole optimizer step and
+`train_intervention` runs to completion. Only the intervention's parameters require grad, so autograd does no work
+below the lowest intervened layer.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +27,7 @@ from torch import Tensor, nn
 from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
-from reft_core.frozen_context import FrozenContext, compute_frozen_context, forward_suffix, supports_frozen_context
+from reft_core.frozen_context import FrozenContext, SuffixPass, compute_frozen_context, supports_frozen_context
 from reft_core.functional import add_at_positions, gather_positions
 from reft_core.hooks import LayerEdit, decoder_layers, editing_layers
 from reft_core.intervention import Intervention
@@ -85,7 +89,10 @@ class ReftTrainer:
         training: TrainingConfig = TrainingConfig(),
         *,
         reuse_frozen_context: bool = True,
+        micro_batch_tokens: int | None = None,
     ) -> None:
+        """`micro_batch_tokens` caps the padded tokens of one micro-batch (None: whole length buckets). Smaller
+        micro-batches make shorter slices; the gradient is the same (losses are summed, then divided once)."""
         if not examples:
             raise InvalidConfigError("at least one training example is required")
         hidden_size = int(model.config.hidden_size)
@@ -94,6 +101,7 @@ class ReftTrainer:
         self.config = config
         self.examples = list(examples)
         self.training = training
+        self.micro_batch_tokens = micro_batch_tokens
         self.device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(training.seed)
@@ -111,12 +119,9 @@ class ReftTrainer:
         self.losses: list[float] = []
         self._epoch_batches: list[list[int]] = []
         self.first_layer = min(config.layers)
-        self._contexts: list[FrozenContext] | None = None
-        if reuse_frozen_context and supports_frozen_context(model):
-            self._contexts = [
-                compute_frozen_context(model, ex.input_ids, self._first_changing_position(ex), self.first_layer)
-                for ex in self.examples
-            ]
+        self._reuse_frozen_context = reuse_frozen_context and supports_frozen_context(model)
+        self._contexts: list[FrozenContext] | None = None  # filled by the first slices (one example each)
+        self._work: Generator[None, None, TrainingProgress] | None = None
 
     def _first_changing_position(self, example: TokenizedExample) -> int:
         """Earliest position an edit can affect; also no later than the first position that predicts a label."""
@@ -128,63 +133,133 @@ class ReftTrainer:
     def done(self) -> bool:
         return self.step_count >= self.total_steps
 
-    def step(self) -> TrainingProgress:
-        """One optimizer step on the next batch."""
+    def advance(self, deadline: float | None = None) -> TrainingProgress | None:
+        """Run slices until `deadline` (a `time.perf_counter()` value) passes or the current optimizer step ends.
+
+        Runs at least one slice. Returns the step's progress when a step ended, else None (call again).
+        """
         assert not self.done, "training already finished"
+        if self._work is None:
+            self._work = self._step_work()
+        while True:
+            try:
+                next(self._work)
+            except StopIteration as finished:
+                self._work = None
+                return finished.value
+            if deadline is not None and time.perf_counter() >= deadline:
+                return None
+
+    def step(self) -> TrainingProgress:
+        """One whole optimizer step on the next batch."""
+        progress = self.advance()
+        assert progress is not None
+        return progress
+
+    def result(self) -> Intervention:
+        return self.intervention.export()
+
+    @torch.no_grad()
+    def loss(self, indices: Sequence[int]) -> Tensor:
+        """The training loss on the examples at `indices` with the current weights (no gradient work)."""
+        self._prepare_all()
+        total = sum(len(self.examples[i].completion_ids) for i in indices)
+        return sum(_drain(self._micro_batch(chunk, total, backward=False)) for chunk in self._micro_batches(indices))
+
+    # -- slices ----------------------------------------------------------------------------------------------------
+    def _step_work(self) -> Generator[None, None, TrainingProgress]:
+        yield from self._prepare()
         if not self._epoch_batches:
             order = torch.randperm(len(self.examples), generator=self._shuffle).tolist()
             size = self.training.batch_size
             self._epoch_batches = [order[i : i + size] for i in range(0, len(order), size)]
         indices = self._epoch_batches.pop(0)
         self.intervention.train()
-        loss = self._loss(indices)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Mean cross-entropy over the batch's completion + EOS tokens: each micro-batch backpropagates its token-loss
+        # sum divided by the batch's token count, so the accumulated gradient is exactly the one-batch gradient.
+        total = sum(len(self.examples[i].completion_ids) for i in indices)
+        loss = torch.zeros((), device=self.device)
+        for chunk in self._micro_batches(indices):
+            loss = loss + (yield from self._micro_batch(chunk, total, backward=True))
         torch.nn.utils.clip_grad_norm_(self.intervention.parameters(), self.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        self.losses.append(float(loss.detach()))
+        self.losses.append(float(loss))
         epoch = (self.step_count - 1) // self.steps_per_epoch + 1
         return TrainingProgress(self.step_count, self.total_steps, epoch, self.losses[-1])
 
-    def result(self) -> Intervention:
-        return self.intervention.export()
+    def _prepare(self) -> Iterator[None]:
+        """Frozen contexts, one example per slice (a long example list must not stall the caller)."""
+        if not self._reuse_frozen_context or (self._contexts is not None and len(self._contexts) == len(self.examples)):
+            return
+        self._contexts = self._contexts or []
+        for example in self.examples[len(self._contexts) :]:
+            start = self._first_changing_position(example)
+            self._contexts.append(compute_frozen_context(self.model, example.input_ids, start, self.first_layer))
+            yield
 
-    def _loss(self, indices: Sequence[int]) -> Tensor:
-        """Mean cross-entropy over the completion + EOS tokens of the examples at `indices`.
+    def _prepare_all(self) -> None:
+        for _ in self._prepare():
+            pass
 
-        The batch runs as length buckets (one long example does not pad nine short ones); summing per-bucket
-        token losses and dividing by the batch's token count gives exactly the one-batch mean.
-        """
-        total = sum(len(self.examples[i].completion_ids) for i in indices)
-        losses = [self._loss_sum(bucket) for bucket in self._buckets(indices)]
-        return torch.stack(losses).sum() / total
-
-    def _buckets(self, indices: Sequence[int]) -> list[list[int]]:
-        """Group examples whose computed lengths are within 2x of each other (bounds padding to half)."""
+    def _micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
+        """Length buckets (examples within 2x of each other: padding at most half), split to `micro_batch_tokens`."""
         def length(i: int) -> int:
-            start = self._contexts[i].start if self._contexts is not None else 0
+            start = self._contexts[i].start if self._reuse_frozen_context else 0
             return len(self.examples[i].input_ids) - start
 
         buckets: list[list[int]] = []
         for i in sorted(indices, key=length):
-            if buckets and length(i) <= 2 * length(buckets[-1][0]):
+            fits = bool(buckets) and length(i) <= 2 * length(buckets[-1][0])
+            if fits and self.micro_batch_tokens is not None:  # sorted: length(i) is the padded length
+                fits = length(i) * (len(buckets[-1]) + 1) <= self.micro_batch_tokens
+            if fits:
                 buckets[-1].append(i)
             else:
                 buckets.append([i])
         return buckets
 
-    def _loss_sum(self, indices: Sequence[int]) -> Tensor:
+    def _micro_batch(self, indices: Sequence[int], total: int, *, backward: bool) -> Generator[None, None, Tensor]:
+        """Loss contribution (token-loss sum / `total`) of one micro-batch; with `backward`, also its gradient."""
         batch = [self.examples[i] for i in indices]
-        contexts = [self._contexts[i] for i in indices] if self._contexts is not None else None
-        starts = [c.start for c in contexts] if contexts is not None else [0] * len(batch)
+        if not self._reuse_frozen_context:  # no layer-by-layer path for this architecture: one slice
+            loss = self._loss_full(batch) / total
+            if backward:
+                loss.backward()
+            yield
+            return loss.detach()
+        contexts = [self._contexts[i] for i in indices]
+        starts = [c.start for c in contexts]
         edits = self._edits([len(ex.prompt_ids) for ex in batch], starts)
-        with editing_layers(self.model, edits):
-            if contexts is not None:
-                hidden = forward_suffix(self.model, contexts, self.first_layer)  # [B, S, d], S from each start
-            else:
-                hidden = self._forward_full(batch)  # [B, T, d]
+        suffix = SuffixPass(self.model, contexts, self.first_layer)
+        # Each layer runs on a detached copy of its input so that backpropagation can stop at every layer boundary.
+        boundaries: list[tuple[Tensor, Tensor]] = []
+        hidden = suffix.inputs
+        for index in suffix.layer_indices:
+            layer_input = hidden.detach().requires_grad_(backward and bool(boundaries))
+            hidden = suffix.layer(index, layer_input)
+            if index in edits:
+                hidden = edits[index](hidden)
+            boundaries.append((layer_input, hidden))
+            yield
+        top = hidden.detach().requires_grad_(backward)
+        loss = self._completion_loss(suffix.norm(top), batch, starts) / total
+        if not backward:
+            return loss
+        loss.backward()
+        grad = top.grad
+        yield
+        for layer_input, layer_output in reversed(boundaries):
+            if layer_output.requires_grad and grad is not None:
+                torch.autograd.backward(layer_output, grad)
+            grad = layer_input.grad
+            yield
+        return loss.detach()
+
+    def _completion_loss(self, hidden: Tensor, batch: Sequence[TokenizedExample], starts: Sequence[int]) -> Tensor:
+        """Summed cross-entropy of the completion tokens; `hidden` [B, S, d] holds each row from its `start`."""
         # Logit at position t predicts token t+1: predict each completion token from the position before it.
         rows, cols, targets = [], [], []
         for row, (ex, start) in enumerate(zip(batch, starts)):
@@ -197,16 +272,19 @@ class ReftTrainer:
         logits = self.model.get_output_embeddings()(selected).float()  # only where there is a label
         return nn.functional.cross_entropy(logits, torch.tensor(targets, device=self.device), reduction="sum")
 
-    def _forward_full(self, batch: Sequence[TokenizedExample]) -> Tensor:
+    def _loss_full(self, batch: Sequence[TokenizedExample]) -> Tensor:
         lengths = [len(ex.input_ids) for ex in batch]
         input_ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, ex in enumerate(batch):  # right padding: prompt positions need no offset
             input_ids[row, : lengths[row]] = torch.tensor(ex.input_ids)
             attention_mask[row, : lengths[row]] = 1
-        return self.model.get_decoder()(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
-        ).last_hidden_state
+        edits = self._edits([len(ex.prompt_ids) for ex in batch], [0] * len(batch))
+        with editing_layers(self.model, edits):
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
+            ).last_hidden_state
+        return self._completion_loss(hidden, batch, [0] * len(batch))
 
     def _edits(self, prompt_lengths: list[int], starts: list[int]) -> dict[int, LayerEdit]:
         """Per-layer edit functions; positions are shifted by each row's `start` (where its sequence begins)."""
@@ -250,3 +328,11 @@ def train_intervention(
         if on_progress is not None:
             on_progress(progress)
     return TrainingResult(trainer.result(), trainer.losses, time.perf_counter() - started)
+
+
+def _drain(work: Generator[None, None, Tensor]) -> Tensor:
+    while True:
+        try:
+            next(work)
+        except StopIteration as finished:
+            return finished.value

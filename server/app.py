@@ -40,6 +40,7 @@ def build_services(settings: Settings, base: BaseModel, metrics: Metrics) -> Ser
             max_running=settings.max_running,
             max_prefill_tokens=settings.max_prefill_tokens,
             resident_interventions=settings.resident_interventions,
+            training_share=settings.training_share,
         ),
         metrics,
     )

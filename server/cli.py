@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype, host=args.host,
         port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
         max_running=args.max_running, resident_interventions=args.resident_interventions,
+        training_share=args.training_share,
     )
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=args.access_log)
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=default_data_dir(), help="artifact store location")
     serve.add_argument("--max-running", type=int, default=64, help="rows in the running batch")
     serve.add_argument("--resident-interventions", type=int, default=256, help="interventions kept in the bank")
+    serve.add_argument("--training-share", type=float, default=0.5,
+                       help="training time per engine iteration while serving, as a fraction of a decode step")
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(run=_serve)
 

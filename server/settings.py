@@ -45,3 +45,9 @@ class Settings(BaseModel):
     max_training_examples: int = Field(1000, ge=1, description="examples per training job")
     max_example_tokens: int = Field(1024, ge=8, description="prompt + completion tokens per example")
     max_training_epochs: int = Field(1000, ge=1, description="epochs per training job")
+    training_share: float = Field(
+        0.5, gt=0, le=10, description="training time per engine iteration while serving, as a fraction of a decode step"
+    )
+    training_micro_batch_tokens: int = Field(
+        256, ge=1, description="padded tokens per training micro-batch: smaller means shorter pauses in serving"
+    )

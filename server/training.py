@@ -1,7 +1,7 @@
 """Training jobs over HTTP: validate, queue on the engine, track progress, register the result.
 
-The engine runs one optimizer step per iteration between serving steps (see `TrainingTask`), so generation keeps
-flowing while a persona trains. This module owns the job records: their state in memory (guarded by a lock, since
+The engine runs training in short slices between serving steps (see `TrainingTask`), so generation keeps flowing
+while a persona trains. This module owns the job records: their state in memory (guarded by a lock, since
 engine callbacks arrive on the engine thread), their persistence in the job store, and the event streams of
 clients watching a job. A job registers its intervention only on success; a failed or cancelled job registers
 nothing.
@@ -185,7 +185,8 @@ class TrainingManager:
     def _task(self, job_id: str, body: TrainingRequest, config: InterventionConfig, training: TrainingConfig,
               examples: list[TokenizedExample]) -> TrainingTask:
         def make_trainer() -> ReftTrainer:
-            return ReftTrainer(self.engine.model, config, examples, training)
+            return ReftTrainer(self.engine.model, config, examples, training,
+                               micro_batch_tokens=self.settings.training_micro_batch_tokens)
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()

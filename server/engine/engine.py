@@ -11,6 +11,7 @@ fails that request; a failing forward fails the rows of that forward and the eng
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -19,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from reft_core.bank import InterventionBank
@@ -42,11 +42,16 @@ class EngineSettings:
     max_running: int = 64  # rows in the running batch
     max_prefill_tokens: int = 8192  # prompt tokens per prefill forward
     resident_interventions: int = 256  # bank slots (besides the identity)
+    # While requests are being served, training gets this fraction of a decode step's time per engine iteration
+    # (so inter-token latency grows by about that fraction); with nothing to serve it runs in idle_training_slice_s
+    # chunks, which bounds how long a newly arrived request waits for its prefill.
+    training_share: float = 0.5
+    idle_training_slice_s: float = 0.1
 
 
 @dataclass(frozen=True)
 class TrainingTask:
-    """A training job handed to the engine: it runs one optimizer step per engine iteration, between serving steps.
+    """A training job handed to the engine: it runs in short slices between serving steps (see `_train_slice`).
 
     Callbacks run on the engine thread and must be quick. `on_finish(intervention, losses, error)`: intervention is
     None when the job failed (`error` says why) or was cancelled (`error == "cancelled"`).
@@ -97,6 +102,7 @@ class Engine:
         self._next_seq_id = 0
         self._trainings: deque[TrainingTask] = deque()
         self._training: tuple[TrainingTask, ReftTrainer] | None = None
+        self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes the training slices
 
     # -- API for other threads -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,7 +199,7 @@ class Engine:
             task.on_finish(None, [], "cancelled")
 
     def _train_slice(self) -> None:
-        """One optimizer step of the current training job (starting the next queued one if needed)."""
+        """Run the current training job for a bounded time (starting the next queued one if needed)."""
         if self._training is None:
             if not self._trainings:
                 return
@@ -207,14 +213,18 @@ class Engine:
             self._training = (task, trainer)
             task.on_start(trainer.total_steps)
         task, trainer = self._training
+        serving = bool(self.scheduler.running or self.scheduler.waiting)
+        budget = self.settings.training_share * self._decode_step_s if serving else self.settings.idle_training_slice_s
         try:
-            progress = trainer.step()
-            if not torch.isfinite(torch.tensor(progress.loss)):
+            progress = trainer.advance(deadline=time.perf_counter() + budget)
+            if progress is not None and not math.isfinite(progress.loss):
                 raise FloatingPointError(f"loss became {progress.loss} at step {progress.step}")
         except Exception as exc:  # noqa: BLE001
             log.exception("training step failed", extra={"job": task.job_id})
             self._training = None
             task.on_finish(None, trainer.losses, f"training failed: {exc}")
+            return
+        if progress is None:
             return
         task.on_progress(progress)
         if trainer.done:
@@ -235,7 +245,10 @@ class Engine:
             for seq in victims:
                 self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
             return
-        (self.metrics.prefill_step if prefill else self.metrics.decode_step).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        (self.metrics.prefill_step if prefill else self.metrics.decode_step).observe(elapsed)
+        if not prefill:
+            self._decode_step_s = elapsed if not self._decode_step_s else 0.8 * self._decode_step_s + 0.2 * elapsed
         if prefill:
             self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
         tokens = sample(logits, [s.sampling for s in seqs], self.eos_ids)

@@ -6,12 +6,15 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.dependencies import services
-from server.training import TrainingManager, TrainingRequest
+from server.errors import APIError
+from server.training import ExampleIn, TrainingManager, TrainingRequest
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
 
@@ -29,6 +32,69 @@ def _job(job: Any) -> dict[str, Any]:
 async def create_training(body: TrainingRequest, trainings: TrainingManager = Depends(manager)) -> JSONResponse:
     """Queue a training job; the intervention is stored and servable when it succeeds."""
     return JSONResponse(_job(await trainings.submit(body)), status_code=202)
+
+
+@router.post("/upload", status_code=202)
+async def create_training_from_file(
+    name: str = Form(..., description="name of the intervention to create (or replace, as a new version)"),
+    file: UploadFile = File(..., description="JSONL: one example per line, {prompt, completion} or {messages}"),
+    intervention: str | None = Form(None, description="JSON object, as `intervention` in POST /v1/trainings"),
+    hyperparameters: str | None = Form(None, description="JSON object, as `hyperparameters` in POST /v1/trainings"),
+    chat_template: bool = Form(True),
+    description: str = Form(""),
+    trainings: TrainingManager = Depends(manager),
+) -> JSONResponse:
+    """Queue a training job whose examples come from an uploaded JSONL file."""
+    limit = trainings.settings.max_upload_bytes
+    payload = await file.read(limit + 1)
+    if len(payload) > limit:
+        raise APIError(413, f"upload is larger than the {limit} byte limit", code="payload_too_large", param="file")
+    fields: dict[str, Any] = {"name": name, "chat_template": chat_template, "description": description,
+                              "examples": _parse_jsonl(payload, trainings.settings.max_training_examples)}
+    for key, text in (("intervention", intervention), ("hyperparameters", hyperparameters)):
+        if text:
+            fields[key] = _json_object(text, key)
+    try:
+        body = TrainingRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return JSONResponse(_job(await trainings.submit(body)), status_code=202)
+
+
+def _json_object(text: str, param: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"{param} is not valid JSON: {exc.msg}", param=param, code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{param} must be a JSON object", param=param, code="invalid_value")
+    return value
+
+
+def _parse_jsonl(payload: bytes, max_examples: int) -> list[ExampleIn]:
+    """Examples from JSONL (blank lines skipped); errors name the line, as editors number them."""
+    try:
+        text = payload.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise APIError(400, "the examples file is not UTF-8 text", param="file", code="invalid_encoding") from None
+    examples: list[ExampleIn] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if len(examples) == max_examples:
+            raise APIError(400, f"the file has more than {max_examples} examples; the limit is {max_examples}",
+                           param="file", code="too_many_examples")
+        try:
+            examples.append(ExampleIn.model_validate_json(line))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            reason = f"{where}: {first['msg']}" if where else first["msg"]
+            raise APIError(400, f"line {number} of the examples file: {reason}", param="file",
+                           code="invalid_example") from None
+    if not examples:
+        raise APIError(400, "the examples file has no examples", param="file", code="empty_file")
+    return examples
 
 
 @router.get("")

@@ -10,6 +10,7 @@ from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
 from reft_core.generate import generate
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, train_intervention
+from tests import tiny
 
 # Every prompt should be answered with token 50 then EOS (2): a persona a tiny random model can learn.
 EXAMPLES = [TokenizedExample(tuple(range(3 + 5 * i, 10 + 6 * i)), (50, 2)) for i in range(6)]
@@ -54,7 +55,7 @@ def test_loss_only_counts_completion_tokens(model) -> None:
     config = InterventionConfig(layers=(2,), rank=4, positions="l1")
     trainer = ReftTrainer(model, config, EXAMPLES[:2], TrainingConfig(epochs=1, batch_size=2))
     with torch.no_grad():
-        ours = trainer._loss([0, 1])
+        ours = trainer.loss([0, 1])
         logits_rows, targets = [], []
         for ex in EXAMPLES[:2]:
             edits = trainer._edits([len(ex.prompt_ids)], [0])
@@ -91,9 +92,42 @@ def test_frozen_context_training_equals_full_forward_training(model, config) -> 
     """Reusing the unchanging prefix and lower layers must not change the loss or the learned weights."""
     short = TrainingConfig(epochs=4, batch_size=4, learning_rate=2e-2, seed=3)
     fast_trainer = ReftTrainer(model, config, EXAMPLES, short)
+    fast_trainer.step()
     assert fast_trainer._contexts is not None and max(c.start for c in fast_trainer._contexts) > 0 or config.position_spec.first
     fast = train_intervention(model, config, EXAMPLES, short)
     full = train_intervention(model, config, EXAMPLES, short, reuse_frozen_context=False)
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(full.losses), rtol=1e-4, atol=1e-5)
     for unit in config.units():
         torch.testing.assert_close(fast.intervention.units[unit].W, full.intervention.units[unit].W, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [InterventionConfig(layers=(1, 2), rank=2, positions="f1+l1"), InterventionConfig(layers=(3,), rank=4, positions="l1")],
+    ids=["f1+l1", "l1@3"],
+)
+def test_sliced_training_equals_whole_steps_and_leaves_the_model_bare_between_slices(model, config) -> None:
+    """Training paused after every slice (as the server runs it) learns exactly what uninterrupted steps learn,
+    and in every pause the shared model computes what the bare model computes (nothing left attached)."""
+    short = TrainingConfig(epochs=2, batch_size=4, learning_rate=2e-2, seed=5)
+    whole = train_intervention(model, config, EXAMPLES, short)
+    probe = torch.tensor([list(range(20, 32))])
+    with torch.no_grad():
+        bare = model(input_ids=probe).logits
+    trainer = ReftTrainer(model, config, EXAMPLES, short, micro_batch_tokens=1)  # one example per micro-batch
+    slices, losses = 0, []
+    while not trainer.done:
+        progress = trainer.advance(deadline=0.0)  # already past: exactly one slice per call
+        slices += 1
+        if progress is not None:
+            losses.append(progress.loss)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=probe).logits, bare)
+    layers_trained = tiny.LAYERS - min(config.layers)
+    # one slice per example's frozen context, then per example (its own micro-batch) a forward and a backward slice
+    # per trained layer plus one for the head and loss, and per step one for the optimizer update
+    per_micro_batch = 2 * layers_trained + 1
+    assert slices == len(EXAMPLES) + short.epochs * len(EXAMPLES) * per_micro_batch + trainer.total_steps
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole.losses), rtol=1e-5, atol=1e-6)
+    for unit in config.units():
+        torch.testing.assert_close(trainer.result().units[unit].W, whole.intervention.units[unit].W, rtol=1e-4, atol=1e-5)

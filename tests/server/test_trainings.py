@@ -101,10 +101,10 @@ def test_bad_jobs_are_refused_before_queueing(client, body, fragment) -> None:
 def test_a_failing_step_fails_the_job_with_a_reason(client, monkeypatch) -> None:
     from reft_core import trainer
 
-    def explode(self):  # noqa: ANN001
+    def explode(self, *args):  # noqa: ANN001, ANN002
         raise RuntimeError("boom at step 1")
 
-    monkeypatch.setattr(trainer.ReftTrainer, "step", explode)
+    monkeypatch.setattr(trainer.ReftTrainer, "_completion_loss", explode)  # fails inside a slice, mid-step
     job = client.post("/v1/trainings", json={"name": "doomed", "examples": EXAMPLES, **SMALL}).json()
     failed = wait_for(client, job["id"], ("failed", "succeeded"))
     assert failed["status"] == "failed" and "boom at step 1" in failed["error"]
@@ -122,3 +122,45 @@ def test_restart_marks_unfinished_jobs_failed_and_keeps_finished_ones(tmp_path, 
         assert "restarted" in listed["job-running"]["error"]
         assert listed["job-succeeded"]["status"] == "succeeded" and listed["job-cancelled"]["status"] == "cancelled"
         assert client.get("/v1/trainings/nope").status_code == 404
+
+
+def _jsonl(rows: list) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode()
+
+
+def test_examples_uploaded_as_jsonl_train_the_same_job_as_json(client) -> None:
+    """The JSONL upload is another way to say the same request: same examples, same spec, same learned loss."""
+    chat = [{"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yes!"}]}]
+    rows = [*EXAMPLES, *chat]
+    form = {"name": "from-file", "intervention": json.dumps(SMALL["intervention"]),
+            "hyperparameters": json.dumps(SMALL["hyperparameters"])}
+    uploaded = client.post("/v1/trainings/upload", data=form, files={"file": ("ex.jsonl", _jsonl([*rows[:2], "", *rows[2:]]))})
+    assert uploaded.status_code == 202, uploaded.json()
+    posted = client.post("/v1/trainings", json={"name": "from-json", "examples": rows, **SMALL}).json()
+    by_file = wait_for(client, uploaded.json()["id"], ("succeeded", "failed"))
+    by_json = wait_for(client, posted["id"], ("succeeded", "failed"))
+    assert by_file["status"] == by_json["status"] == "succeeded"
+    assert by_file["spec"] == by_json["spec"] and by_file["losses"] == by_json["losses"]
+    assert client.get("/v1/interventions/from-file").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "payload,form,status,fragment",
+    [
+        (_jsonl([EXAMPLES[0], "{not json"]), {}, 400, "line 2"),
+        (_jsonl([EXAMPLES[0], {"prompt": "a", "completion": ""}]), {}, 400, "line 2"),
+        (_jsonl([EXAMPLES[0], [1, 2]]), {}, 400, "line 2"),
+        (b"\xff\xfe\x00bad", {}, 400, "UTF-8"),
+        (b"\n\n  \n", {}, 400, "no examples"),
+        (_jsonl([EXAMPLES[0]] * 1001), {}, 400, "more than 1000 examples"),
+        (_jsonl(EXAMPLES), {"hyperparameters": "{epochs: 3"}, 400, "not valid JSON"),
+        (_jsonl(EXAMPLES), {"hyperparameters": "[3]"}, 400, "JSON object"),
+        (_jsonl(EXAMPLES), {"hyperparameters": json.dumps({"epochs": -1})}, 400, "hyperparameters.epochs"),
+        (_jsonl(EXAMPLES), {"intervention": json.dumps({"layers": [99]})}, 400, "out of range"),
+        (_jsonl(EXAMPLES), {"name": "../etc"}, 400, "invalid intervention name"),
+    ],
+)
+def test_bad_jsonl_uploads_are_refused_before_queueing(client, payload, form, status, fragment) -> None:
+    response = client.post("/v1/trainings/upload", data={"name": "x", **form}, files={"file": ("ex.jsonl", payload)})
+    assert response.status_code == status and fragment in response.json()["error"]["message"], response.json()
+    assert client.get("/v1/trainings").json()["data"] == []

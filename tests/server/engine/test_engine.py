@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from reft_core.bank import InterventionBank
 from reft_core.config import InterventionConfig
 from reft_core.generate import generate
-from server.engine.engine import Engine, EngineSettings
+from reft_core.examples import TokenizedExample
+from reft_core.trainer import ReftTrainer, TrainingConfig, train_intervention
+from server.engine.engine import Engine, EngineSettings, TrainingTask
 from server.engine.residency import SlotTable
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
 from tests import tiny
@@ -178,3 +180,36 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer,
     alone = tokens(run(engine, [sampled(0, PROMPTS[0])])["0"])
     mixed = run(engine, [sampled(1, PROMPTS[1]), sampled(2, PROMPTS[0]), sampled(3, PROMPTS[3])])
     assert tokens(mixed["2"]) == alone
+
+
+def test_training_interleaved_with_serving_changes_neither(model, tokenizer, personas) -> None:
+    """A training job sliced between serving steps: every request still equals generate(), and the job learns
+    exactly what it learns alone (slices interleave with decode steps; the shared model is left bare between)."""
+    config = InterventionConfig(layers=(1, 2), rank=2, positions="f1+l1")
+    examples = [TokenizedExample(tuple(range(3 + 5 * i, 10 + 6 * i)), (50, 2)) for i in range(4)]
+    training = TrainingConfig(epochs=3, batch_size=2, learning_rate=2e-2, seed=4)
+    alone = train_intervention(model, config, examples, training)
+
+    engine = Engine(model, tokenizer, EngineSettings(max_running=4, resident_interventions=2, training_share=0.01))
+    finished: list[tuple] = []
+    progress_while_serving: list[int] = []
+
+    def on_progress(p) -> None:  # noqa: ANN001
+        if engine.scheduler.running:
+            progress_while_serving.append(p.step)
+
+    engine.submit_training(TrainingTask(
+        "job", lambda: ReftTrainer(model, config, examples, training, micro_batch_tokens=8),
+        on_start=lambda total: None, on_progress=on_progress,
+        on_finish=lambda result, losses, error: finished.append((result, losses, error)),
+    ))
+    chosen = [personas[0], None, personas[1], personas[2]]
+    requests = [request(i, p, iv, max_tokens=30, ignore_eos=True) for i, (p, iv) in enumerate(zip(PROMPTS, chosen))]
+    events = run(engine, requests)
+    for i, (prompt, intervention) in enumerate(zip(PROMPTS, chosen)):
+        assert tokens(events[str(i)]) == generate(model, [prompt], [intervention], max_new_tokens=30)[0]
+    [(result, losses, error)] = finished
+    assert error is None and progress_while_serving, "training should have advanced while rows were decoding"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(alone.losses), rtol=1e-5, atol=1e-6)
+    for unit in config.units():
+        torch.testing.assert_close(result.units[unit].W, alone.intervention.units[unit].W, rtol=1e-4, atol=1e-5)
