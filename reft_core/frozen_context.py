@@ -14,7 +14,7 @@ exposes its rotary embedding and final norm (Llama, Mistral, Qwen2, ...). `suppo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,26 +45,88 @@ def supports_frozen_context(model: nn.Module) -> bool:
     return indexed and full_attention and hasattr(decoder, "norm") and hasattr(decoder, "rotary_emb")
 
 
-@torch.no_grad()
-def compute_frozen_context(model: nn.Module, input_ids: Sequence[int], start: int, first_layer: int) -> FrozenContext:
+def frozen_context_work(
+    model: nn.Module, input_ids: Sequence[int], start: int, first_layer: int
+) -> Generator[None, None, FrozenContext]:
+    """Compute one example's `FrozenContext`, pausing (yielding) after every decoder layer.
+
+    Two passes, each a plain causal forward: the whole sequence through layers below `first_layer` (their K/V and
+    the suffix's input to `first_layer`), then only the prefix positions through the layers from `first_layer` up
+    (their K/V; prefix positions never attend to later ones, so running them alone is exact).
+    """
+    decoder = model.get_decoder()
     device = next(model.parameters()).device
-    captured: list[Tensor] = []
+    with torch.no_grad():
+        ids = torch.tensor([list(input_ids)], device=device)
+        lower = _CausalPass(model, decoder.embed_tokens(ids))
+        hidden = lower.inputs
+        for index in range(first_layer):
+            hidden = lower.layer(index, hidden)
+            yield
+        keys = [lower.cache.layers[i].keys[0, :, :start].clone() for i in range(first_layer)]
+        values = [lower.cache.layers[i].values[0, :, :start].clone() for i in range(first_layer)]
+        suffix_input = hidden[0, start:].clone()
+        if start:
+            upper = _CausalPass(model, hidden[:, :start])
+            prefix = upper.inputs
+            for index in range(first_layer, len(decoder.layers)):
+                prefix = upper.layer(index, prefix)
+                keys.append(upper.cache.layers[index].keys[0].clone())
+                values.append(upper.cache.layers[index].values[0].clone())
+                yield
+        else:  # no prefix: upper layers have no cached positions
+            config = model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            nothing = hidden.new_zeros((kv_heads, 0, head_dim))
+            keys += [nothing] * (len(decoder.layers) - first_layer)
+            values += [nothing] * (len(decoder.layers) - first_layer)
+    return FrozenContext(start, tuple(keys), tuple(values), suffix_input)
 
-    def capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(args[0] if args else kwargs["hidden_states"])
 
-    handle = decoder_layers(model)[first_layer].register_forward_pre_hook(capture, with_kwargs=True)
-    cache = DynamicCache(config=model.config)
-    try:
-        model.get_decoder()(input_ids=torch.tensor([list(input_ids)], device=device), past_key_values=cache, use_cache=True)
-    finally:
-        handle.remove()
-    keys = tuple(layer.keys[0, :, :start].clone() for layer in cache.layers)
-    values = tuple(layer.values[0, :, :start].clone() for layer in cache.layers)
-    return FrozenContext(start, keys, values, captured[0][0, start:].clone())
+def compute_frozen_context(model: nn.Module, input_ids: Sequence[int], start: int, first_layer: int) -> FrozenContext:
+    work = frozen_context_work(model, input_ids, start, first_layer)
+    while True:
+        try:
+            next(work)
+        except StopIteration as finished:
+            return finished.value
 
 
-class SuffixPass:
+class _LayerRunner:
+    """Calls decoder layers one at a time with a prepared mask, rotary embedding and cache (no shared state)."""
+
+    def __init__(self, model: nn.Module, inputs: Tensor, attention_mask: Tensor, positions: Tensor,
+                 cache: DynamicCache) -> None:
+        decoder = model.get_decoder()
+        self.inputs, self.positions, self.cache = inputs, positions, cache
+        self._layers = decoder.layers
+        self._mask = create_causal_mask(
+            config=model.config, inputs_embeds=inputs, attention_mask=attention_mask, past_key_values=cache,
+            position_ids=positions,
+        )
+        self._rotary = decoder.rotary_emb(inputs, position_ids=positions)
+
+    def layer(self, index: int, hidden: Tensor) -> Tensor:
+        """Output of decoder layer `index` for `hidden` (its input); call in order, each index once."""
+        out = self._layers[index](
+            hidden, attention_mask=self._mask, position_embeddings=self._rotary, position_ids=self.positions,
+            past_key_values=self.cache, use_cache=True,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _CausalPass(_LayerRunner):
+    """One unpadded sequence from position 0 with an empty cache."""
+
+    def __init__(self, model: nn.Module, inputs: Tensor) -> None:
+        length = inputs.shape[1]
+        positions = torch.arange(length, device=inputs.device).unsqueeze(0)
+        mask = torch.ones((1, length), dtype=torch.long, device=inputs.device)
+        super().__init__(model, inputs, mask, positions, DynamicCache(config=model.config))
+
+
+class SuffixPass(_LayerRunner):
     """Runs decoder layers `first_layer..` one at a time over the examples' suffixes and cached prefixes.
 
     Layer by layer (rather than one call to the decoder) so that a caller can pause between layers: the server
@@ -85,30 +147,15 @@ class SuffixPass:
             inputs[row, :n] = ctx.suffix_input
             mask[row, prefix_len - ctx.start : prefix_len + n] = 1
             positions[row] = ctx.start + torch.arange(suffix_len, device=device)
-        self.cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
         for layer_index in range(len(contexts[0].prefix_keys)):
             k = torch.stack([_left_pad(c.prefix_keys[layer_index], prefix_len) for c in contexts])
             v = torch.stack([_left_pad(c.prefix_values[layer_index], prefix_len) for c in contexts])
-            self.cache.update(k, v, layer_index)
+            cache.update(k, v, layer_index)
+        super().__init__(model, inputs, mask, positions, cache)
         decoder = model.get_decoder()
-        self.inputs = inputs  # [B, S, d]: input to `first_layer`
-        self.positions = positions
         self.layer_indices = range(first_layer, len(decoder.layers))
-        self._layers = decoder.layers
         self._norm = decoder.norm
-        self._mask = create_causal_mask(
-            config=model.config, inputs_embeds=inputs, attention_mask=mask, past_key_values=self.cache,
-            position_ids=positions,
-        )
-        self._rotary = decoder.rotary_emb(inputs, position_ids=positions)
-
-    def layer(self, index: int, hidden: Tensor) -> Tensor:
-        """Output of decoder layer `index` for `hidden` (its input); call in order, each index once."""
-        out = self._layers[index](
-            hidden, attention_mask=self._mask, position_embeddings=self._rotary, position_ids=self.positions,
-            past_key_values=self.cache, use_cache=True,
-        )
-        return out[0] if isinstance(out, tuple) else out
 
     def norm(self, hidden: Tensor) -> Tensor:
         return self._norm(hidden)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
-from reft_core.frozen_context import FrozenContext, SuffixPass, compute_frozen_context, supports_frozen_context
+from reft_core.frozen_context import FrozenContext, SuffixPass, frozen_context_work, supports_frozen_context
 from reft_core.functional import add_at_positions, gather_positions
 from reft_core.hooks import LayerEdit, decoder_layers, editing_layers
 from reft_core.intervention import Intervention
@@ -90,9 +90,12 @@ class ReftTrainer:
         *,
         reuse_frozen_context: bool = True,
         micro_batch_tokens: int | None = None,
+        head_chunk_tokens: int | None = None,
     ) -> None:
-        """`micro_batch_tokens` caps the padded tokens of one micro-batch (None: whole length buckets). Smaller
-        micro-batches make shorter slices; the gradient is the same (losses are summed, then divided once)."""
+        """`micro_batch_tokens` caps the padded tokens of one micro-batch (None: whole length buckets) and
+        `head_chunk_tokens` the label positions per LM-head slice (None: all of a micro-batch's at once; the head is
+        the costliest part per token for small models with large vocabularies). Smaller values make shorter slices;
+        the gradient is the same (partial losses are summed, then divided once)."""
         if not examples:
             raise InvalidConfigError("at least one training example is required")
         hidden_size = int(model.config.hidden_size)
@@ -102,6 +105,7 @@ class ReftTrainer:
         self.examples = list(examples)
         self.training = training
         self.micro_batch_tokens = micro_batch_tokens
+        self.head_chunk_tokens = head_chunk_tokens
         self.device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(training.seed)
@@ -191,14 +195,14 @@ class ReftTrainer:
         return TrainingProgress(self.step_count, self.total_steps, epoch, self.losses[-1])
 
     def _prepare(self) -> Iterator[None]:
-        """Frozen contexts, one example per slice (a long example list must not stall the caller)."""
+        """Frozen contexts, one decoder layer of one example per slice."""
         if not self._reuse_frozen_context or (self._contexts is not None and len(self._contexts) == len(self.examples)):
             return
         self._contexts = self._contexts or []
         for example in self.examples[len(self._contexts) :]:
             start = self._first_changing_position(example)
-            self._contexts.append(compute_frozen_context(self.model, example.input_ids, start, self.first_layer))
-            yield
+            context = yield from frozen_context_work(self.model, example.input_ids, start, self.first_layer)
+            self._contexts.append(context)
 
     def _prepare_all(self) -> None:
         for _ in self._prepare():
@@ -245,21 +249,28 @@ class ReftTrainer:
             boundaries.append((layer_input, hidden))
             yield
         top = hidden.detach().requires_grad_(backward)
-        loss = self._completion_loss(suffix.norm(top), batch, starts) / total
+        rows, cols, targets = self._labels(batch, starts)
+        chunk = self.head_chunk_tokens or len(targets)
+        loss = torch.zeros((), device=self.device)
+        for first in range(0, len(targets), chunk):  # gradients of the chunks accumulate in top.grad
+            pick = slice(first, first + chunk)
+            part = self._head_loss(suffix.norm(top[rows[pick], cols[pick]]), targets[pick]) / total
+            if backward:
+                part.backward()
+            loss = loss + part.detach()
+            yield
         if not backward:
             return loss
-        loss.backward()
         grad = top.grad
-        yield
         for layer_input, layer_output in reversed(boundaries):
             if layer_output.requires_grad and grad is not None:
                 torch.autograd.backward(layer_output, grad)
             grad = layer_input.grad
             yield
-        return loss.detach()
+        return loss
 
-    def _completion_loss(self, hidden: Tensor, batch: Sequence[TokenizedExample], starts: Sequence[int]) -> Tensor:
-        """Summed cross-entropy of the completion tokens; `hidden` [B, S, d] holds each row from its `start`."""
+    def _labels(self, batch: Sequence[TokenizedExample], starts: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """(row, column, target) of every completion token; row r of the hidden states begins at `starts[r]`."""
         # Logit at position t predicts token t+1: predict each completion token from the position before it.
         rows, cols, targets = [], [], []
         for row, (ex, start) in enumerate(zip(batch, starts)):
@@ -268,9 +279,12 @@ class ReftTrainer:
                 rows.append(row)
                 cols.append(first + offset)
                 targets.append(token)
-        selected = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-        logits = self.model.get_output_embeddings()(selected).float()  # only where there is a label
-        return nn.functional.cross_entropy(logits, torch.tensor(targets, device=self.device), reduction="sum")
+        return tuple(torch.tensor(v, device=self.device) for v in (rows, cols, targets))  # type: ignore[return-value]
+
+    def _head_loss(self, normed: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy of the LM head's logits at the label positions only."""
+        logits = self.model.get_output_embeddings()(normed).float()
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
     def _loss_full(self, batch: Sequence[TokenizedExample]) -> Tensor:
         lengths = [len(ex.input_ids) for ex in batch]
@@ -284,7 +298,8 @@ class ReftTrainer:
             hidden = self.model.get_decoder()(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
             ).last_hidden_state
-        return self._completion_loss(hidden, batch, [0] * len(batch))
+        rows, cols, targets = self._labels(batch, [0] * len(batch))
+        return self._head_loss(hidden[rows, cols], targets)
 
     def _edits(self, prompt_lengths: list[int], starts: list[int]) -> dict[int, LayerEdit]:
         """Per-layer edit functions; positions are shifted by each row's `start` (where its sequence begins)."""

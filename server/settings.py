@@ -51,3 +51,6 @@ class Settings(BaseModel):
     training_micro_batch_tokens: int = Field(
         256, ge=1, description="padded tokens per training micro-batch: smaller means shorter pauses in serving"
     )
+    training_head_chunk_tokens: int = Field(
+        8, ge=1, description="label tokens per LM-head slice of training (the head dominates for small models)"
+    )

@@ -186,7 +186,8 @@ class TrainingManager:
               examples: list[TokenizedExample]) -> TrainingTask:
         def make_trainer() -> ReftTrainer:
             return ReftTrainer(self.engine.model, config, examples, training,
-                               micro_batch_tokens=self.settings.training_micro_batch_tokens)
+                               micro_batch_tokens=self.settings.training_micro_batch_tokens,
+                               head_chunk_tokens=self.settings.training_head_chunk_tokens)
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()

@@ -114,7 +114,8 @@ def test_sliced_training_equals_whole_steps_and_leaves_the_model_bare_between_sl
     probe = torch.tensor([list(range(20, 32))])
     with torch.no_grad():
         bare = model(input_ids=probe).logits
-    trainer = ReftTrainer(model, config, EXAMPLES, short, micro_batch_tokens=1)  # one example per micro-batch
+    # one example per micro-batch, one label per LM-head slice
+    trainer = ReftTrainer(model, config, EXAMPLES, short, micro_batch_tokens=1, head_chunk_tokens=1)
     slices, losses = 0, []
     while not trainer.done:
         progress = trainer.advance(deadline=0.0)  # already past: exactly one slice per call
@@ -124,10 +125,14 @@ def test_sliced_training_equals_whole_steps_and_leaves_the_model_bare_between_sl
         with torch.no_grad():
             assert torch.equal(model(input_ids=probe).logits, bare)
     layers_trained = tiny.LAYERS - min(config.layers)
-    # one slice per example's frozen context, then per example (its own micro-batch) a forward and a backward slice
-    # per trained layer plus one for the head and loss, and per step one for the optimizer update
-    per_micro_batch = 2 * layers_trained + 1
-    assert slices == len(EXAMPLES) + short.epochs * len(EXAMPLES) * per_micro_batch + trainer.total_steps
+    # Frozen contexts: per example, one slice per layer below the first edited one, plus one per layer above it when
+    # the example has an unchanging prefix. Then per example (its own micro-batch) a forward and a backward slice per
+    # trained layer, one per label for the head and loss, and per step one for the optimizer.
+    first = min(config.layers)
+    prefix = 0 if config.position_spec.first else tiny.LAYERS - first
+    per_micro_batch = 2 * layers_trained + len(EXAMPLES[0].completion_ids)
+    expected = len(EXAMPLES) * (first + prefix) + short.epochs * len(EXAMPLES) * per_micro_batch + trainer.total_steps
+    assert slices == expected
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole.losses), rtol=1e-5, atol=1e-6)
     for unit in config.units():
         torch.testing.assert_close(trainer.result().units[unit].W, whole.intervention.units[unit].W, rtol=1e-4, atol=1e-5)

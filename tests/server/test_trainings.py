@@ -104,7 +104,7 @@ def test_a_failing_step_fails_the_job_with_a_reason(client, monkeypatch) -> None
     def explode(self, *args):  # noqa: ANN001, ANN002
         raise RuntimeError("boom at step 1")
 
-    monkeypatch.setattr(trainer.ReftTrainer, "_completion_loss", explode)  # fails inside a slice, mid-step
+    monkeypatch.setattr(trainer.ReftTrainer, "_head_loss", explode)  # fails inside a slice, mid-step
     job = client.post("/v1/trainings", json={"name": "doomed", "examples": EXAMPLES, **SMALL}).json()
     failed = wait_for(client, job["id"], ("failed", "succeeded"))
     assert failed["status"] == "failed" and "boom at step 1" in failed["error"]
