@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,7 +22,7 @@ from urllib.parse import quote
 from adapters_store.errors import InterventionExistsError, InterventionNotFoundError, StoreError
 from adapters_store.records import InterventionRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CREATE = (
     """CREATE TABLE versions (
         tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
@@ -30,25 +31,30 @@ _CREATE = (
         tags TEXT NOT NULL, training TEXT NOT NULL,
         PRIMARY KEY (tenant, name, version))""",
     """CREATE TABLE current (
-        tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (tenant, name))""",
+        tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, public INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, name))""",
 )
-# statements that take schema version N to N+1; none yet, the table is here so version 2 has a place to go
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# statements that take schema version N to N+1
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE current ADD COLUMN public INTEGER NOT NULL DEFAULT 0",),  # admins can share an intervention
+}
 _COLUMNS = (
     "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
     "description, tags, training"
 )
-_CURRENT = f"SELECT {_COLUMNS} FROM versions JOIN current USING (tenant, name, version)"
+_CURRENT = f"SELECT {_COLUMNS}, public FROM versions JOIN current USING (tenant, name, version)"
 
 Row = tuple[Any, ...]
 
 
 def _to_record(row: Row) -> InterventionRecord:
-    (name, version, tenant, digest, file_sha, size, base_id, config, created, source, description, tags, training) = row
+    """A `versions` row, optionally followed by `current.public`."""
+    (name, version, tenant, digest, file_sha, size, base_id, config, created, source, description, tags, training) = row[:13]
     return InterventionRecord(
         name=name, version=version, tenant=tenant, digest=digest, file_sha256=file_sha, size_bytes=size,
         base_model_id=base_id, config=json.loads(config), created_at=created, source=source,
         description=description, tags=tuple(json.loads(tags)), training=json.loads(training),
+        public=bool(row[13]) if len(row) > 13 else False,
     )
 
 
@@ -93,6 +99,20 @@ class Index:
             rows = self._db.execute(f"{_CURRENT} WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
         return [_to_record(row) for row in rows]
 
+    def list_public(self) -> list[InterventionRecord]:
+        with self._lock:
+            rows = self._db.execute(f"{_CURRENT} WHERE public=1 ORDER BY tenant, name").fetchall()
+        return [_to_record(row) for row in rows]
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(current interventions, bytes of their current versions) of one tenant: what its quotas count."""
+        with self._lock:
+            count, size = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM versions JOIN current USING (tenant, name, version) "
+                "WHERE tenant=?", (tenant,),
+            ).fetchone()
+        return int(count), int(size)
+
     def referenced_files(self) -> set[str]:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT DISTINCT file_sha256 FROM versions")}
@@ -125,13 +145,22 @@ class Index:
             ).fetchone()[0]
             record = make(int(latest) + 1)
             self._insert(record)
-        return record
+            public = self._db.execute("SELECT public FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        return replace(record, public=bool(public[0]))
 
     def _insert(self, record: InterventionRecord) -> None:
         placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
         self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", _to_row(record))
         current = (record.tenant, record.name, record.version)
-        self._db.execute("INSERT OR REPLACE INTO current VALUES (?, ?, ?)", current)
+        # a new version keeps the name's public flag
+        self._db.execute("INSERT INTO current (tenant, name, version) VALUES (?, ?, ?) "
+                         "ON CONFLICT (tenant, name) DO UPDATE SET version=excluded.version", current)
+
+    def set_public(self, tenant: str, name: str, public: bool) -> bool:
+        """Mark the name public (or private); False when it has no current version."""
+        with self._transaction():
+            return bool(self._db.execute("UPDATE current SET public=? WHERE tenant=? AND name=?",
+                                         (int(public), tenant, name)).rowcount)
 
     def delete(self, tenant: str, name: str) -> bool:
         """Remove every version of the name; False when it had no current version."""

@@ -67,6 +67,7 @@ class InterventionRecord:
     description: str = ""
     tags: tuple[str, ...] = ()
     training: dict[str, Any] = field(default_factory=dict)
+    public: bool = False  # an admin shared it: every tenant may use it as `tenant/name`
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able public view: `id` is the name clients put in `model`; the file address stays internal."""

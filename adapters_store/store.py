@@ -78,6 +78,19 @@ class ArtifactStore:
         """Current versions, sorted by name."""
         return self.index.list_current(validate_tenant(tenant))
 
+    def list_public(self) -> list[InterventionRecord]:
+        return self.index.list_public()
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(interventions, bytes of their current versions) stored by `tenant`."""
+        return self.index.usage(validate_tenant(tenant))
+
+    def set_public(self, name: str, public: bool, tenant: str = "default") -> InterventionRecord:
+        self._check_writable()
+        if not self.index.set_public(validate_tenant(tenant), validate_name(name), public):
+            raise InterventionNotFoundError(name, tenant=tenant)
+        return self.get(name, tenant)
+
     def read_artifact(self, record: InterventionRecord) -> bytes:
         """The artifact's bytes, checked against the hash recorded at put time."""
         what = f"artifact of '{record.name}' v{record.version}"

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,20 @@ def test_an_index_from_a_newer_build_is_refused(store: ArtifactStore, root: Path
         db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StoreError, match="schema version 99, newer"):
         ArtifactStore(root, fingerprint)
+
+
+def test_a_version_1_index_is_migrated_keeping_its_records(root: Path, fingerprint: ModelFingerprint) -> None:
+    """An index written before `public` existed opens, keeps every record, and can then mark names public."""
+    store = ArtifactStore(root, fingerprint)
+    kept = store.put("old", make_payload(fingerprint, 1))
+    store.close()
+    with sqlite3.connect(root / "index.sqlite3") as db:  # rebuild `current` as schema version 1 had it
+        db.execute("CREATE TABLE current_v1 (tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, "
+                   "PRIMARY KEY (tenant, name))")
+        db.execute("INSERT INTO current_v1 SELECT tenant, name, version FROM current")
+        db.execute("DROP TABLE current")
+        db.execute("ALTER TABLE current_v1 RENAME TO current")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    reopened = ArtifactStore(root, fingerprint)
+    assert reopened.get("old") == kept and not kept.public
+    assert reopened.set_public("old", True).public and reopened.list_public() == [replace(kept, public=True)]

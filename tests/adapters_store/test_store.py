@@ -163,3 +163,16 @@ def test_concurrent_replaces_get_distinct_contiguous_versions(
     for thread in threads:
         thread.join()
     assert sorted(versions) == list(range(2, 10)) and store.get("p").version == 9
+
+
+def test_public_flag_survives_new_versions_and_usage_counts_one_tenant(store: ArtifactStore, fingerprint) -> None:
+    first = store.put("shared", make_payload(fingerprint, 1), tenant="acme")
+    store.put("mine", make_payload(fingerprint, 2))
+    assert store.usage("acme") == (1, first.size_bytes) and store.usage("nobody") == (0, 0)
+    assert store.list_public() == []
+    assert store.set_public("shared", True, tenant="acme").public
+    second = store.put("shared", make_payload(fingerprint, 3), tenant="acme", replace=True)
+    assert second.version == 2 and second.public and [r.name for r in store.list_public()] == ["shared"]
+    assert not store.set_public("shared", False, tenant="acme").public and store.list_public() == []
+    with pytest.raises(InterventionNotFoundError):
+        store.set_public("shared", True)  # the default tenant has no such name

@@ -1,0 +1,65 @@
+"""Tenants and API keys: keys are shown once and stored hashed; revocation and malformed keys fail closed."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters_store.errors import InvalidNameError
+from adapters_store.tenants import KeyNotFoundError, TenantExistsError, TenantNotFoundError, TenantStore
+
+
+@pytest.fixture
+def tenants(tmp_path) -> TenantStore:
+    return TenantStore(tmp_path)
+
+
+def test_keys_authenticate_their_tenant_and_are_never_stored(tenants: TenantStore, tmp_path) -> None:
+    tenants.create_tenant("acme")
+    tenants.create_tenant("globex", {"requests_per_minute": 5})
+    record, key = tenants.create_key("acme")
+    _, other = tenants.create_key("globex")
+    assert tenants.authenticate(key) == "acme" and tenants.authenticate(other) == "globex"
+    assert [k.id for k in tenants.list_keys("acme")] == [record.id]
+    assert tenants.get_tenant("globex").limits == {"requests_per_minute": 5}
+    tenants.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("tenants.sqlite3*"))
+    assert key.encode() not in raw and key.split(".")[1].encode() not in raw  # only the hash is on disk
+    with sqlite3.connect(tmp_path / "tenants.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0] == 2
+
+
+def test_revoked_tampered_and_malformed_keys_fail(tenants: TenantStore) -> None:
+    tenants.create_tenant("acme")
+    record, key = tenants.create_key("acme")
+    key_id, secret = key[3:].split(".")
+    for bad in ("", "rs-", "rs-.x", key + "x", f"rs-{key_id}.{secret[:-1]}", f"rs-nope.{secret}", secret, "Bearer " + key):
+        assert tenants.authenticate(bad) is None, bad
+    assert tenants.revoke_key(record.id).revoked_at is not None
+    assert tenants.authenticate(key) is None
+    assert tenants.revoke_key(record.id).revoked_at is not None  # idempotent
+
+
+def test_unknown_and_duplicate_tenants(tenants: TenantStore) -> None:
+    tenants.create_tenant("acme")
+    with pytest.raises(TenantExistsError):
+        tenants.create_tenant("acme")
+    with pytest.raises(TenantNotFoundError):
+        tenants.create_key("nobody")
+    with pytest.raises(KeyNotFoundError):
+        tenants.revoke_key("nope")
+    with pytest.raises(InvalidNameError):
+        tenants.create_tenant("../etc")
+    assert [t.name for t in tenants.list_tenants()] == ["acme"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=80))
+def test_no_made_up_key_authenticates(tmp_path_factory, text: str) -> None:
+    tenants = TenantStore(tmp_path_factory.mktemp("keys"))
+    tenants.create_tenant("acme")
+    _, key = tenants.create_key("acme")
+    assert tenants.authenticate(text) is None or text == key
