@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+import dataclasses
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -146,7 +146,7 @@ class Index:
             record = make(int(latest) + 1)
             self._insert(record)
             public = self._db.execute("SELECT public FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        return replace(record, public=bool(public[0]))
+        return dataclasses.replace(record, public=bool(public[0]))
 
     def _insert(self, record: InterventionRecord) -> None:
         placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
