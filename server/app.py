@@ -17,21 +17,27 @@ from fastapi import FastAPI
 
 from adapters_store import ArtifactStore
 from adapters_store.jobs import JobStore
+from adapters_store.tenants import TenantStore
 from reft_core.base_model import BaseModel, load_base_model
+from server.auth import tenant_limits
 from server.dependencies import Services
 from server.engine.engine import Engine, EngineSettings
 from server.errors import install_error_handlers
 from server.generation import GenerationService
+from server.limits import BodySizeLimit
 from server.metrics import Metrics
+from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
-from server.routes import completions, health, interventions, models, trainings
+from server.routes import admin, completions, health, interventions, models, trainings
 from server.settings import Settings
 from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.app")
 
 
-def build_services(settings: Settings, base: BaseModel, metrics: Metrics) -> Services:
+def build_services(
+    settings: Settings, base: BaseModel, metrics: Metrics, tenants: TenantStore, rate_limiter: RateLimiter
+) -> Services:
     store = ArtifactStore(settings.data_dir / "store", base.fingerprint)
     engine = Engine(
         base.model,
@@ -44,9 +50,9 @@ def build_services(settings: Settings, base: BaseModel, metrics: Metrics) -> Ser
         ),
         metrics,
     )
-    registry = InterventionRegistry(store, base.fingerprint, settings)
+    registry = InterventionRegistry(store, base.fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant))
     model_id = settings.model_id or base.model_id
-    generation = GenerationService(engine, base.tokenizer, registry, settings, model_id)
+    generation = GenerationService(engine, base.tokenizer, registry, settings, model_id, rate_limiter)
     training = TrainingManager(
         engine, registry, base.tokenizer, JobStore(settings.data_dir / "jobs"), settings,
         num_layers=base.num_layers, hidden_size=base.hidden_size,
@@ -60,6 +66,8 @@ def build_services(settings: Settings, base: BaseModel, metrics: Metrics) -> Ser
 
 def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
     metrics = Metrics()
+    tenants = TenantStore(settings.data_dir)
+    rate_limiter = RateLimiter()
 
     def load() -> None:
         started = time.perf_counter()
@@ -67,7 +75,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
             base = base_model or load_base_model(
                 settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir
             )
-            app.state.services = build_services(settings, base, metrics)
+            app.state.services = build_services(settings, base, metrics, tenants, rate_limiter)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -94,9 +102,29 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.tenants = tenants
+    app.state.rate_limiter = rate_limiter
     app.state.services = None
     app.state.load_error = None
+    app.state.draining = False
+    app.state.drain = lambda: _drain(app)
     install_error_handlers(app)
-    for module in (completions, models, interventions, trainings, health):
+    app.add_middleware(BodySizeLimit, settings=settings)
+    for module in (completions, models, interventions, trainings, admin, health):
         app.include_router(module.router)
+    if not settings.auth_enabled and settings.auth == "auto":
+        log.info("auth is off: bound to a loopback address (every caller is the admin of tenant 'default')")
+    elif settings.auth_enabled and settings.admin_key is None:
+        log.warning("auth is on but no admin key is set: manage tenants and keys with `reft-serve admin`")
     return app
+
+
+def _drain(app: FastAPI) -> None:
+    """Stop admitting (SIGTERM): /ready turns false, new generations get 503, queued ones fail, running ones finish."""
+    app.state.draining = True
+    services: Services | None = app.state.services
+    if services is not None:
+        services.generation.draining = True
+        services.engine.drain()
+    log.info("draining: no new requests are admitted")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import errors as store_errors
+from adapters_store import tenants as tenant_errors
 from adapters_store.jobs import JobNotFoundError
 from reft_core import errors as core_errors
 
@@ -23,16 +24,27 @@ log = logging.getLogger("reft_serve.errors")
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
+        self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+        param: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers
+
+
+def rate_limited(message: str, retry_after_s: float, code: str) -> APIError:
+    """429 with `Retry-After` (whole seconds, rounded up, at least 1)."""
+    seconds = max(1, int(-(-retry_after_s // 1)))
+    return APIError(429, message, type="rate_limit_error", code=code, headers={"Retry-After": str(seconds)})
 
 
 # (exception class, status, type, code). First match wins: list subclasses before their bases.
 ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (store_errors.InterventionNotFoundError, 404, "not_found_error", "intervention_not_found"),
     (JobNotFoundError, 404, "not_found_error", "training_job_not_found"),
+    (tenant_errors.TenantNotFoundError, 404, "not_found_error", "tenant_not_found"),
+    (tenant_errors.KeyNotFoundError, 404, "not_found_error", "api_key_not_found"),
+    (tenant_errors.TenantExistsError, 409, "conflict_error", "tenant_exists"),
     (store_errors.InterventionExistsError, 409, "conflict_error", "intervention_exists"),
     (store_errors.InvalidNameError, 400, "invalid_request_error", "invalid_name"),
     (store_errors.InvalidMetadataError, 400, "invalid_request_error", "invalid_metadata"),
@@ -66,7 +78,8 @@ def _respond(request: Request, error: APIError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.errors.labels(type=error.type).inc()
-    return JSONResponse(error_body(error.message, error.type, error.code, error.param), status_code=error.status)
+    return JSONResponse(error_body(error.message, error.type, error.code, error.param), status_code=error.status,
+                        headers=error.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -85,7 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _respond(request, APIError(exc.status_code, str(exc.detail), type=kind))
+        return _respond(request, APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers))
 
     async def _on_domain(request: Request, exc: Exception) -> JSONResponse:
         error = classify(exc)

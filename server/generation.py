@@ -3,12 +3,17 @@
 Handlers never call torch: tokenization and intervention lookup run in a threadpool, and the engine delivers
 events onto the handler's event loop through a thread-safe sink. Leaving the event stream early (client gone,
 generator closed) cancels the request so its batch row is freed at once.
+
+Admission control happens here, cheapest check first: the bounded engine queue (429 at once, before
+tokenizing), then the tenant's tokens-per-minute quota (prompt + max_tokens reserved; the unused part is refunded
+when the request ends). A request that runs longer than `request_timeout_s` is cancelled and fails with 504.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -19,11 +24,13 @@ from starlette.concurrency import run_in_threadpool
 
 from server.engine.engine import Engine
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
-from server.errors import APIError
+from server.errors import APIError, rate_limited
+from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
-from adapters_store import InterventionNotFoundError
+from adapters_store import InterventionNotFoundError, InvalidNameError
+from server.engine.engine import SHUTDOWN_ERROR
 
 
 class LoopDispatcher:
@@ -59,25 +66,54 @@ class LoopDispatcher:
 class PreparedRequest:
     request: GenerationRequest
     model: str
+    tenant: str = "default"
+    reserved_tokens: int = 0  # charged to the tenant's tokens-per-minute bucket at admission
+    tokens_per_minute: int = 0
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a generation is for: the tenant, its token quota, and whether quotas apply (not for the admin)."""
+
+    tenant: str = "default"
+    tokens_per_minute: int | None = None  # None: not limited
 
 
 class GenerationService:
     def __init__(
-        self, engine: Engine, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str
+        self, engine: Engine, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.registry = registry
         self.settings = settings
         self.model_id = model_id
+        self.rate_limiter = rate_limiter or RateLimiter()
         self._dispatchers: dict[asyncio.AbstractEventLoop, LoopDispatcher] = {}
+        self._in_flight = 0  # submitted and not finished; only touched on event loops, under the lock
+        self._in_flight_lock = threading.Lock()
+        self.draining = False
 
-    async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+    def admit(self) -> None:
+        """Refuse at once when the engine's queue is full or the server is draining (before any tokenizing)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        limit = self.settings.max_running + self.settings.max_waiting_requests
+        with self._in_flight_lock:
+            busy = self._in_flight >= limit
+        if busy:
+            raise rate_limited(f"the server is at capacity ({limit} requests running or queued); retry shortly", 1.0,
+                               "server_busy")
+
+    async def prepare_chat(self, body: ChatCompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
+        self.admit()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt_ids = await run_in_threadpool(self._chat_ids, messages)
-        return await self._prepare(body, prompt_ids, body.requested_max_tokens)
+        return await self._prepare(body, prompt_ids, body.requested_max_tokens, caller)
 
-    async def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
+    async def prepare_completion(self, body: CompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
+        self.admit()
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             vocab = len(self.tokenizer)
@@ -87,7 +123,7 @@ class GenerationService:
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt
             prompt_ids = await run_in_threadpool(self._text_ids, text)
-        return await self._prepare(body, prompt_ids, body.requested_max_tokens)
+        return await self._prepare(body, prompt_ids, body.requested_max_tokens, caller)
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -96,8 +132,10 @@ class GenerationService:
     def _text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def _prepare(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None) -> PreparedRequest:
-        ref = await self.resolve(body.model)
+    async def _prepare(
+        self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, caller: Caller
+    ) -> PreparedRequest:
+        ref = await self.resolve(body.model, caller.tenant)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         if len(prompt_ids) > self.settings.max_prompt_tokens:
@@ -135,18 +173,28 @@ class GenerationService:
             seed=body.seed,
         )
         request = GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params, ref)
-        return PreparedRequest(request=request, model=body.model)
+        reserved = 0
+        if caller.tokens_per_minute is not None:
+            reserved = len(prompt_ids) + effective_max
+            wait = self.rate_limiter.take(caller.tenant, "tokens", reserved, caller.tokens_per_minute)
+            if wait:
+                raise rate_limited(f"rate limit of {caller.tokens_per_minute} tokens per minute reached (this request "
+                                   f"needs {reserved}: prompt + max_tokens)", wait, "tokens_per_minute")
+        return PreparedRequest(request, body.model, caller.tenant, reserved, caller.tokens_per_minute or 0)
 
-    async def resolve(self, model: str) -> InterventionRef | None:
-        """The base model's id means no intervention; any other name must be a stored intervention (else 404)."""
+    async def resolve(self, model: str, tenant: str = "default") -> InterventionRef | None:
+        """The base model's id means no intervention; `name` is the tenant's own intervention and `owner/name`
+        another tenant's public one. Anything else is a 404 that does not say whether the name exists."""
         if model == self.model_id:
             return None
-        cached = self.registry.cached(model)
-        if cached is not None:
-            return cached
+        owner, slash, name = model.rpartition("/")
+        owner = owner if slash else tenant
         try:
-            return await run_in_threadpool(self.registry.resolve, model)
-        except InterventionNotFoundError:
+            if owner == tenant:
+                cached = self.registry.cached(tenant, name)
+                return cached or await run_in_threadpool(self.registry.resolve, tenant, name)
+            return await run_in_threadpool(self.registry.resolve_public, owner, name)
+        except (InterventionNotFoundError, InvalidNameError):
             raise APIError(
                 404, f"The model '{model}' does not exist", type="not_found_error", param="model", code="model_not_found"
             ) from None
@@ -161,10 +209,24 @@ class GenerationService:
         def sink(event: GenerationEvent) -> None:
             dispatcher.post(queue, event)
 
+        with self._in_flight_lock:
+            self._in_flight += 1
         self.engine.submit(prepared.request, sink)
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        generated = 0
         try:
             while True:
-                event = _coalesce(await queue.get(), queue)
+                try:
+                    event = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    event = GenerationEvent(
+                        text="", token_ids=(), finish_reason=FinishReason.ERROR, prompt_tokens=len(prepared.request.prompt_ids),
+                        completion_tokens=generated, error=TIMEOUT_ERROR.format(self.settings.request_timeout_s),
+                    )
+                    yield event
+                    return
+                event = _coalesce(event, queue)
+                generated += len(event.token_ids)
                 finished = event.finish_reason is not None
                 yield event
                 if finished:
@@ -172,6 +234,12 @@ class GenerationService:
         finally:
             if not finished:
                 self.engine.cancel(prepared.request.request_id)
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            if prepared.reserved_tokens:  # give back the max_tokens this request did not use
+                used = len(prepared.request.prompt_ids) + generated
+                self.rate_limiter.refund(prepared.tenant, "tokens", max(0, prepared.reserved_tokens - used),
+                                         prepared.tokens_per_minute)
 
 
 def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> GenerationEvent:
@@ -184,6 +252,15 @@ def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> 
     return event
 
 
+TIMEOUT_ERROR = "the request timed out after {:g} s"
+
+
 def raise_for_error(event: GenerationEvent) -> None:
-    if event.finish_reason is FinishReason.ERROR:
-        raise APIError(500, event.error or "generation failed", type="server_error", code="generation_failed")
+    if event.finish_reason is not FinishReason.ERROR:
+        return
+    message = event.error or "generation failed"
+    if message.startswith(TIMEOUT_ERROR.split("{")[0]):
+        raise APIError(504, message, type="timeout_error", code="request_timeout")
+    if message == SHUTDOWN_ERROR:
+        raise APIError(503, message, type="server_error", code="shutting_down")
+    raise APIError(500, message, type="server_error", code="generation_failed")

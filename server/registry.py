@@ -6,59 +6,110 @@ cached by digest (content-addressed, so entries never go stale), and the current
 too: every write goes through this registry (the server is the store's only writer), which updates that cache in
 the same call, so a request on a known name costs a dict lookup, not a database query. Uploads of either format end up as a validated
 native artifact in the store. All methods block (disk, decoding): handlers call them through a threadpool.
+
+Names belong to tenants: every method takes the tenant, caches are keyed by (tenant, name), and another tenant's
+intervention is reachable only when an admin marked it public (`resolve_public`). Storage quotas (interventions and
+bytes per tenant) are checked here, on the one path every write takes.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
-from adapters_store import ArtifactStore, InterventionRecord
+from adapters_store import ArtifactStore, InterventionNotFoundError, InterventionRecord
 from reft_core.artifact import Artifact, encode_artifact
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.intervention import Intervention
 from reft_core.pyreft_import import import_pyreft
 from server.archives import unpack_archive
 from server.engine.types import InterventionRef
+from server.errors import APIError
 from server.settings import Settings
+
+Limits = Callable[[str], dict[str, object]]  # tenant -> its quota overrides
 
 
 class InterventionRegistry:
-    def __init__(self, store: ArtifactStore, fingerprint: ModelFingerprint, settings: Settings) -> None:
+    def __init__(
+        self, store: ArtifactStore, fingerprint: ModelFingerprint, settings: Settings, limits: Limits = lambda _: {}
+    ) -> None:
         self.store = store
         self.fingerprint = fingerprint
         self.settings = settings
+        self._limits = limits
         self._decoded: OrderedDict[str, Intervention] = OrderedDict()
-        self._current: dict[str, InterventionRef] = {}
+        self._current: dict[tuple[str, str], InterventionRef] = {}
         self._writes = 0  # bumped by every write; a resolve that raced a write does not cache what it read
         self._lock = threading.Lock()
 
-    def cached(self, name: str) -> InterventionRef | None:
-        """The current version of `name` if it was resolved before (no I/O; safe on the event loop)."""
+    def cached(self, tenant: str, name: str) -> InterventionRef | None:
+        """The current version of the tenant's `name` if it was resolved before (no I/O; safe on the event loop)."""
         with self._lock:
-            return self._current.get(name)
+            return self._current.get((tenant, name))
 
-    def resolve(self, name: str) -> InterventionRef:
-        """The current version of `name`, decoded (raises InterventionNotFoundError if unknown)."""
+    def resolve(self, tenant: str, name: str) -> InterventionRef:
+        """The current version of the tenant's `name`, decoded (raises InterventionNotFoundError if unknown)."""
         with self._lock:
             writes_before = self._writes
-        record = self.store.get(name)
-        ref = InterventionRef(name=record.name, key=record.digest, intervention=self._decode(record))
+        record = self.store.get(name, tenant)
+        ref = self._ref(record)
         with self._lock:
             if self._writes == writes_before and len(self._current) < self.settings.decoded_intervention_cache:
-                self._current[name] = ref
+                self._current[(tenant, name)] = ref
         return ref
 
-    def delete(self, name: str) -> None:
-        try:
-            self.store.delete(name)
-        finally:
-            self._forget(name)
+    def resolve_public(self, owner: str, name: str) -> InterventionRef:
+        """Another tenant's intervention, only if it is public; otherwise exactly as if it did not exist."""
+        record = self.store.get(name, owner)
+        if not record.public:
+            raise InterventionNotFoundError(name, tenant=owner)
+        return self._ref(record)
 
-    def _forget(self, name: str) -> None:
+    def get_visible(self, tenant: str, name: str, owner: str | None = None) -> InterventionRecord:
+        """A record the tenant may see: its own, or `owner`'s if public (else InterventionNotFoundError)."""
+        if owner is None or owner == tenant:
+            return self.store.get(name, tenant)
+        record = self.store.get(name, owner)
+        if not record.public:
+            raise InterventionNotFoundError(name, tenant=owner)
+        return record
+
+    def set_public(self, tenant: str, name: str, public: bool) -> InterventionRecord:
+        return self.store.set_public(name, public, tenant)
+
+    def _ref(self, record: InterventionRecord) -> InterventionRef:
+        label = record.name if record.tenant == "default" else f"{record.tenant}/{record.name}"
+        return InterventionRef(name=label, key=record.digest, intervention=self._decode(record))
+
+    def delete(self, tenant: str, name: str) -> None:
+        try:
+            self.store.delete(name, tenant)
+        finally:
+            self._forget(tenant, name)
+
+    def _forget(self, tenant: str, name: str) -> None:
         with self._lock:
             self._writes += 1
-            self._current.pop(name, None)
+            self._current.pop((tenant, name), None)
+
+    def _check_quota(self, tenant: str, name: str, size: int, replace: bool) -> None:
+        limits = self._limits(tenant)
+        max_count = self.settings.limit("max_interventions_per_tenant", limits)
+        max_bytes = self.settings.limit("max_bytes_per_tenant", limits)
+        count, used = self.store.usage(tenant)
+        if replace:  # the new version takes the place of the current one
+            try:
+                used -= self.store.get(name, tenant).size_bytes
+            except InterventionNotFoundError:
+                pass
+        elif count >= max_count:
+            raise APIError(403, f"the tenant stores {count} interventions; its limit is {max_count}",
+                           type="permission_error", code="storage_quota_exceeded")
+        if used + size > max_bytes:
+            raise APIError(403, f"storing {size} more bytes would exceed the tenant's {max_bytes} byte limit",
+                           type="permission_error", code="storage_quota_exceeded")
 
     def _decode(self, record: InterventionRecord) -> Intervention:
         with self._lock:
@@ -74,23 +125,26 @@ class InterventionRegistry:
         return artifact.intervention
 
     def put_artifact(
-        self, name: str, payload: bytes, *, description: str = "", replace: bool = False, source: str = "upload"
+        self, tenant: str, name: str, payload: bytes, *, description: str = "", replace: bool = False,
+        source: str = "upload",
     ) -> InterventionRecord:
+        self._check_quota(tenant, name, len(payload), replace)
         try:
-            return self.store.put(name, payload, description=description, replace=replace, source=source)
+            return self.store.put(name, payload, description=description, replace=replace, source=source, tenant=tenant)
         finally:
-            self._forget(name)  # the next request resolves the new version
+            self._forget(tenant, name)  # the next request resolves the new version
 
     def put_pyreft_archive(
-        self, name: str, archive: bytes, *, positions: str, description: str = "", replace: bool = False
+        self, tenant: str, name: str, archive: bytes, *, positions: str, description: str = "", replace: bool = False
     ) -> InterventionRecord:
         with unpack_archive(archive, self.settings) as directory:
             intervention = import_pyreft(directory, positions=positions)
         payload, _ = encode_artifact(intervention, self.fingerprint, {"imported_from": "pyreft"})
-        return self.put_artifact(name, payload, description=description, replace=replace, source="pyreft-import")
+        return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="pyreft-import")
 
     def put_intervention(
-        self, name: str, intervention: Intervention, training: dict, *, description: str = "", replace: bool = False
+        self, tenant: str, name: str, intervention: Intervention, training: dict, *, description: str = "",
+        replace: bool = False,
     ) -> InterventionRecord:
         payload, _ = encode_artifact(intervention, self.fingerprint, training)
-        return self.put_artifact(name, payload, description=description, replace=replace, source="training")
+        return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="training")

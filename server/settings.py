@@ -5,10 +5,12 @@ Every limit the server enforces lives here with its default, so operators find t
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 
 def default_data_dir() -> Path:
@@ -25,12 +27,33 @@ class Settings(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir)
     model_cache_dir: Path | None = None
 
+    # tenants and API keys
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="require `Authorization: Bearer <key>`; auto: on unless bound to a loopback address"
+    )
+    admin_key: SecretStr | None = Field(None, description="the admin key (manages tenants, keys, public flags)")
+
+    # per-tenant quotas (a tenant's own `limits`, set by an admin, override these)
+    requests_per_minute: int = Field(600, ge=1, description="API requests per tenant per minute")
+    tokens_per_minute: int = Field(
+        2_000_000, ge=1, description="prompt + max_tokens per tenant per minute (unused max_tokens are refunded)"
+    )
+    max_interventions_per_tenant: int = Field(1000, ge=0, description="stored interventions per tenant")
+    max_bytes_per_tenant: int = Field(1 << 30, ge=0, description="bytes of stored interventions per tenant")
+    max_trainings_per_tenant: int = Field(2, ge=0, description="training jobs queued or running per tenant")
+
     # engine
     max_running: int = Field(64, ge=1, description="rows in the running batch")
     max_prefill_tokens: int = Field(8192, ge=16, description="prompt tokens per prefill forward")
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")
 
     # request limits
+    max_waiting_requests: int = Field(
+        256, ge=0, description="requests waiting for a batch row; beyond this (plus max_running) new ones get 429"
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="a generation request is cancelled after this long")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may finish")
+    max_request_bytes: int = Field(16 << 20, ge=1024, description="largest JSON request body")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt accepted, in tokens")
@@ -54,3 +77,17 @@ class Settings(BaseModel):
     training_head_chunk_tokens: int = Field(
         8, ge=1, description="label tokens per LM-head slice of training (the head dominates for small models)"
     )
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.auth != "auto":
+            return self.auth == "on"
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: only "localhost" is known to be loopback
+            return self.host != "localhost"
+
+    def limit(self, name: str, overrides: dict[str, object]) -> int:
+        """A per-tenant quota: the tenant's override if it has one, else this server's default."""
+        value = overrides.get(name, getattr(self, name))
+        return int(value)  # type: ignore[call-overload]

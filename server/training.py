@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionNotFoundError, validate_name
-from adapters_store.jobs import JobRecord, JobStore, now
+from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
 from reft_core.config import InterventionConfig
 from reft_core.examples import TokenizedExample, encode_prompt
 from reft_core.intervention import Intervention
@@ -99,8 +99,9 @@ class TrainingManager:
         for job in jobs.recover_interrupted():
             log.warning("marked interrupted training job failed", extra={"job": job.id, "intervention": job.name})
 
-    # -- requests --------------------------------------------------------------------------------------------------
-    async def submit(self, body: TrainingRequest) -> JobRecord:
+    # -- requests (each acts on one tenant's jobs; another tenant's job is a 404) ------------------------------------
+    async def submit(self, body: TrainingRequest, tenant: str = "default", max_for_tenant: int | None = None) -> JobRecord:
+        """Validate and queue; `max_for_tenant` caps the tenant's queued + running jobs (None: no cap)."""
         validate_name(body.name)
         s = self.settings
         if len(body.examples) > s.max_training_examples:
@@ -116,16 +117,22 @@ class TrainingManager:
         training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
         examples = await run_in_threadpool(self._tokenize, body)
         with self._lock:
-            active = sum(1 for j in self._live.values() if j.status in ACTIVE)
-            if active >= s.max_queued_trainings:
-                raise APIError(429, f"{active} training jobs are already queued or running; the limit is "
-                               f"{s.max_queued_trainings}", type="rate_limit_error", code="too_many_trainings")
-            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued",
+            active = [j for j in self._live.values() if j.status in ACTIVE]
+            if len(active) >= s.max_queued_trainings:
+                raise APIError(429, f"{len(active)} training jobs are already queued or running; the limit is "
+                               f"{s.max_queued_trainings}", type="rate_limit_error", code="too_many_trainings",
+                               headers={"Retry-After": "30"})
+            own = sum(1 for j in active if j.tenant == tenant)
+            if max_for_tenant is not None and own >= max_for_tenant:
+                raise APIError(429, f"this tenant has {own} training jobs queued or running; its limit is "
+                               f"{max_for_tenant}", type="rate_limit_error", code="too_many_trainings",
+                               headers={"Retry-After": "30"})
+            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
                                   "examples": len(examples), "description": body.description})
             self._live[job.id] = job
         await run_in_threadpool(self.jobs.save, job)
-        self.engine.submit_training(self._task(job.id, body, config, training, examples))
+        self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples))
         return job
 
     def _tokenize(self, body: TrainingRequest) -> list[TokenizedExample]:
@@ -147,31 +154,34 @@ class TrainingManager:
             tokenized.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids)))
         return tokenized
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, tenant: str = "default") -> JobRecord:
         with self._lock:
             live = self._live.get(job_id)
-        return live or self.jobs.get(job_id)
+        job = live or self.jobs.get(job_id)
+        if job.tenant != tenant:
+            raise JobNotFoundError(job_id)
+        return job
 
-    def list(self) -> list[JobRecord]:
-        stored = {j.id: j for j in self.jobs.list()}
+    def list(self, tenant: str = "default") -> list[JobRecord]:
+        stored = {j.id: j for j in self.jobs.list(tenant)}
         with self._lock:
-            stored.update(self._live)
+            stored.update({k: j for k, j in self._live.items() if j.tenant == tenant})
         return sorted(stored.values(), key=lambda j: j.created_at)
 
-    def cancel(self, job_id: str) -> JobRecord:
-        job = self.get(job_id)
+    def cancel(self, job_id: str, tenant: str = "default") -> JobRecord:
+        job = self.get(job_id, tenant)
         if job.status in ACTIVE:
             self.engine.cancel_training(job_id)
         return job
 
-    async def events(self, job_id: str) -> AsyncGenerator[JobRecord, None]:
+    async def events(self, job_id: str, tenant: str = "default") -> AsyncGenerator[JobRecord, None]:
         """The job now, then every update until it ends."""
         queue: asyncio.Queue[JobRecord] = asyncio.Queue()
         entry = (asyncio.get_running_loop(), queue)
         with self._lock:
             self._watchers.setdefault(job_id, []).append(entry)
         try:
-            job = self.get(job_id)
+            job = self.get(job_id, tenant)
             while True:
                 yield job
                 if job.status not in ACTIVE:
@@ -182,8 +192,8 @@ class TrainingManager:
                 self._watchers.get(job_id, []).remove(entry)
 
     # -- engine callbacks (engine thread) --------------------------------------------------------------------------
-    def _task(self, job_id: str, body: TrainingRequest, config: InterventionConfig, training: TrainingConfig,
-              examples: list[TokenizedExample]) -> TrainingTask:
+    def _task(self, job_id: str, tenant: str, body: TrainingRequest, config: InterventionConfig,
+              training: TrainingConfig, examples: list[TokenizedExample]) -> TrainingTask:
         def make_trainer() -> ReftTrainer:
             return ReftTrainer(self.engine.model, config, examples, training,
                                micro_batch_tokens=self.settings.training_micro_batch_tokens,
@@ -212,7 +222,7 @@ class TrainingManager:
             try:
                 metadata = {**self._get_live(job_id).spec["hyperparameters"], "final_loss": losses[-1],
                             "steps": len(losses), "job": job_id}
-                record = self._register(body, result, metadata)
+                record = self._register(tenant, body, result, metadata)
             except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
                 self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
                 return
@@ -220,13 +230,14 @@ class TrainingManager:
 
         return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
 
-    def _register(self, body: TrainingRequest, result: Intervention, metadata: dict[str, Any]):  # noqa: ANN202
+    def _register(self, tenant: str, body: TrainingRequest, result: Intervention, metadata: dict[str, Any]):  # noqa: ANN202
         try:
-            self.registry.store.get(body.name)
+            self.registry.store.get(body.name, tenant)
             exists = True
         except InterventionNotFoundError:
             exists = False
-        return self.registry.put_intervention(body.name, result, metadata, description=body.description, replace=exists)
+        return self.registry.put_intervention(tenant, body.name, result, metadata, description=body.description,
+                                              replace=exists)
 
     def _get_live(self, job_id: str) -> JobRecord:
         with self._lock:

@@ -35,6 +35,7 @@ from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
 from server.metrics import Metrics
 
 log = logging.getLogger("reft_serve.engine")
+SHUTDOWN_ERROR = "the server is shutting down"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Engine:
         self._next_seq_id = 0
         self._trainings: deque[TrainingTask] = deque()
         self._training: tuple[TrainingTask, ReftTrainer] | None = None
+        self._draining = False
         self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes the training slices
 
     # -- API for other threads -------------------------------------------------------------------------------------
@@ -133,6 +135,12 @@ class Engine:
         self._commands.put(("train", task))
         self._wake.set()
 
+    def drain(self) -> None:
+        """Stop admitting: requests still waiting for a row (and any submitted later) fail with SHUTDOWN_ERROR;
+        running rows finish normally."""
+        self._commands.put(("drain", None))
+        self._wake.set()
+
     def cancel_training(self, job_id: str) -> None:
         self._commands.put(("cancel_training", job_id))
         self._wake.set()
@@ -152,7 +160,7 @@ class Engine:
                 continue
             self.step()
         for seq in list(self._by_request.values()):
-            self._finish(seq, FinishReason.ERROR, error="server is shutting down")
+            self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR)
         pending = [self._training[0]] if self._training is not None else []
         for task in pending + list(self._trainings):
             task.on_finish(None, [], "the server shut down before the job finished")
@@ -181,6 +189,12 @@ class Engine:
                 self._next_seq_id += 1
                 self._by_request[request.request_id] = seq
                 self.scheduler.add(seq)
+                if self._draining:
+                    self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR)
+            elif kind == "drain":
+                self._draining = True
+                for seq in list(self.scheduler.waiting):
+                    self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR)
             elif kind == "cancel" and payload in self._by_request:
                 self._finish(self._by_request[payload], FinishReason.CANCELLED)
             elif kind == "train":

@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.auth import caller
 from server.dependencies import generation_service
 from server.engine.types import FinishReason, GenerationEvent
 from server.errors import error_body
-from server.generation import GenerationService, PreparedRequest, raise_for_error
+from server.generation import TIMEOUT_ERROR, Caller, GenerationService, PreparedRequest, raise_for_error
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter(prefix="/v1", tags=["generation"])
@@ -86,7 +87,9 @@ async def _stream(
         first = True
         async for event in events:
             if event.finish_reason is FinishReason.ERROR:
-                yield _sse(error_body(event.error or "generation failed", "server_error", "generation_failed"))
+                timed_out = (event.error or "").startswith(TIMEOUT_ERROR.split("{")[0])
+                kind, code = ("timeout_error", "request_timeout") if timed_out else ("server_error", "generation_failed")
+                yield _sse(error_body(event.error or "generation failed", kind, code))
                 break
             if event.text or first or event.finish_reason is not None:
                 yield _sse(envelope.wrap([choice(event, first)]))
@@ -100,10 +103,11 @@ async def _stream(
 
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, service: GenerationService = Depends(generation_service)
+    body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller),
+    service: GenerationService = Depends(generation_service),
 ) -> JSONResponse | StreamingResponse:
-    """Chat completion; `model` is the base model id or an intervention name."""
-    prepared = await service.prepare_chat(body)
+    """Chat completion; `model` is the base model id, an intervention name, or `tenant/name` of a public one."""
+    prepared = await service.prepare_chat(body, who)
     if body.stream:
         def chunk(event: GenerationEvent, first: bool) -> dict[str, Any]:
             delta: dict[str, Any] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
@@ -122,10 +126,11 @@ async def create_chat_completion(
 
 @router.post("/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, service: GenerationService = Depends(generation_service)
+    body: CompletionRequest, request: Request, who: Caller = Depends(caller),
+    service: GenerationService = Depends(generation_service),
 ) -> JSONResponse | StreamingResponse:
-    """Text completion; `model` is the base model id or an intervention name."""
-    prepared = await service.prepare_completion(body)
+    """Text completion; `model` is the base model id, an intervention name, or `tenant/name` of a public one."""
+    prepared = await service.prepare_completion(body, who)
     envelope = _Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", body.model)
     prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
     if body.stream:

@@ -17,8 +17,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """The model is loaded and the engine is running (503 otherwise)."""
+    """The model is loaded, the engine is running and the server is not draining (503 otherwise)."""
     svc = getattr(request.app.state, "services", None)
+    if request.app.state.draining:
+        return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
     if svc is None or not svc.engine.running:
         reason = getattr(request.app.state, "load_error", None) or "loading"
         return JSONResponse({"status": "not_ready", "reason": str(reason)}, status_code=503)

@@ -1,27 +1,33 @@
 """`/v1/interventions`: upload (native artifact or pyreft archive), list, get, download, replace, delete.
 
 Uploads are validated fully in memory before the store writes anything; a replaced name is an atomic hot swap
-(requests already running keep their version).
+(requests already running keep their version). Every route acts on the caller's tenant; reads also reach another
+tenant's public intervention with `?owner=<tenant>`. Anything else of another tenant is a 404, as if absent.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionRecord
 from server.archives import kind_of
+from server.auth import Principal, principal
 from server.dependencies import Services, services
 from server.errors import APIError
+from server.routes.models import model_name
 
 router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
 
 
-def _record(record: InterventionRecord) -> dict[str, Any]:
-    return {"object": "intervention", **record.to_dict()}
+def _record(record: InterventionRecord, tenant: str) -> dict[str, Any]:
+    return {"object": "intervention", **record.to_dict(), "id": model_name(record, tenant), "owner": record.tenant}
+
+
+OWNER = Query(None, description="another tenant whose public intervention to read (default: your own)")
 
 
 async def _read_upload(file: UploadFile, limit: int) -> bytes:
@@ -34,19 +40,21 @@ async def _read_upload(file: UploadFile, limit: int) -> bytes:
 
 
 async def _store_upload(
-    svc: Services, name: str, file: UploadFile, description: str, positions: str | None, replace: bool
+    svc: Services, tenant: str, name: str, file: UploadFile, description: str, positions: str | None, replace: bool
 ) -> InterventionRecord:
     if len(description) > 2000:
         raise APIError(400, "description is longer than 2000 characters", param="description")
     payload = await _read_upload(file, svc.settings.max_upload_bytes)
     if kind_of(payload) in ("zip", "tar.gz"):
         return await run_in_threadpool(
-            svc.registry.put_pyreft_archive, name, payload,
+            svc.registry.put_pyreft_archive, tenant, name, payload,
             positions=positions or "l1", description=description, replace=replace,
         )
     if positions:
         raise APIError(400, "positions applies to pyreft archives only; artifacts carry their own", param="positions")
-    return await run_in_threadpool(svc.registry.put_artifact, name, payload, description=description, replace=replace)
+    return await run_in_threadpool(
+        svc.registry.put_artifact, tenant, name, payload, description=description, replace=replace
+    )
 
 
 @router.post("", status_code=201)
@@ -55,30 +63,36 @@ async def create_intervention(
     file: UploadFile = File(..., description="a .safetensors artifact, or a .zip/.tar.gz of a pyreft save"),
     description: str = Form(""),
     positions: str | None = Form(None, description="pyreft archives only: e.g. l1, f1+l1 (default l1)"),
+    who: Principal = Depends(principal),
     svc: Services = Depends(services),
 ) -> JSONResponse:
     """Upload an intervention; it is servable as soon as this returns."""
-    record = await _store_upload(svc, name, file, description, positions, replace=False)
-    return JSONResponse(_record(record), status_code=201)
+    record = await _store_upload(svc, who.tenant, name, file, description, positions, replace=False)
+    return JSONResponse(_record(record, who.tenant), status_code=201)
 
 
 @router.get("")
-async def list_interventions(svc: Services = Depends(services)) -> dict[str, Any]:
-    """List interventions (current versions)."""
-    records = await run_in_threadpool(svc.store.list)
-    return {"object": "list", "data": [_record(r) for r in records]}
+async def list_interventions(who: Principal = Depends(principal), svc: Services = Depends(services)) -> dict[str, Any]:
+    """List your interventions (current versions), then other tenants' public ones (as `tenant/name`)."""
+    own = await run_in_threadpool(svc.store.list, who.tenant)
+    shared = [r for r in await run_in_threadpool(svc.store.list_public) if r.tenant != who.tenant]
+    return {"object": "list", "data": [_record(r, who.tenant) for r in own + shared]}
 
 
 @router.get("/{name}")
-async def get_intervention(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
+async def get_intervention(
+    name: str, owner: str | None = OWNER, who: Principal = Depends(principal), svc: Services = Depends(services)
+) -> dict[str, Any]:
     """One intervention's record (current version)."""
-    return _record(await run_in_threadpool(svc.store.get, name))
+    return _record(await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner), who.tenant)
 
 
 @router.get("/{name}/artifact")
-async def download_artifact(name: str, svc: Services = Depends(services)) -> Response:
+async def download_artifact(
+    name: str, owner: str | None = OWNER, who: Principal = Depends(principal), svc: Services = Depends(services)
+) -> Response:
     """Download the current version's artifact file."""
-    record = await run_in_threadpool(svc.store.get, name)
+    record = await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner)
     payload = await run_in_threadpool(svc.store.read_artifact, record)
     filename = f"{record.name}-v{record.version}.safetensors"
     return Response(payload, media_type="application/octet-stream",
@@ -91,14 +105,17 @@ async def replace_intervention(
     file: UploadFile = File(...),
     description: str = Form(""),
     positions: str | None = Form(None),
+    who: Principal = Depends(principal),
     svc: Services = Depends(services),
 ) -> dict[str, Any]:
     """Replace an intervention with a new version (atomic hot swap)."""
-    return _record(await _store_upload(svc, name, file, description, positions, replace=True))
+    return _record(await _store_upload(svc, who.tenant, name, file, description, positions, replace=True), who.tenant)
 
 
 @router.delete("/{name}")
-async def delete_intervention(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
+async def delete_intervention(
+    name: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+) -> dict[str, Any]:
     """Delete an intervention; requests already running on it finish normally."""
-    await run_in_threadpool(svc.registry.delete, name)
+    await run_in_threadpool(svc.registry.delete, who.tenant, name)
     return {"id": name, "object": "intervention", "deleted": True}

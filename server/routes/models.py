@@ -1,4 +1,4 @@
-"""`GET /v1/models`: the base model and every intervention (each with `parent` = the base model id)."""
+"""`GET /v1/models`: the base model, the caller's interventions, and public ones as `tenant/name`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from datetime import datetime
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store import InterventionRecord
+
+from server.auth import Principal, principal
 from server.dependencies import Services, services
 from server.schemas import ModelCard, ModelList
 
@@ -21,12 +24,19 @@ def _created(iso: str, fallback: int) -> int:
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(svc: Services = Depends(services)) -> ModelList:
-    """List the base model and all servable interventions."""
-    records = await run_in_threadpool(svc.store.list)
+async def list_models(who: Principal = Depends(principal), svc: Services = Depends(services)) -> ModelList:
+    """List the base model and every intervention the caller may use."""
+    own = await run_in_threadpool(svc.store.list, who.tenant)
+    shared = [r for r in await run_in_threadpool(svc.store.list_public) if r.tenant != who.tenant]
     cards = [ModelCard(id=svc.model_id, created=svc.created, root=svc.model_id)]
     cards += [
-        ModelCard(id=r.name, created=_created(r.created_at, svc.created), parent=svc.model_id, root=svc.model_id)
-        for r in records
+        ModelCard(id=model_name(r, who.tenant), created=_created(r.created_at, svc.created), parent=svc.model_id,
+                  root=svc.model_id)
+        for r in own + shared
     ]
     return ModelList(data=cards)
+
+
+def model_name(record: InterventionRecord, tenant: str) -> str:
+    """What the caller puts in `model`: the bare name for its own, `owner/name` for another tenant's public one."""
+    return record.name if record.tenant == tenant else f"{record.tenant}/{record.name}"

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from server.auth import Principal, principal, tenant_limits
 from server.dependencies import services
 from server.errors import APIError
 from server.training import ExampleIn, TrainingManager, TrainingRequest
@@ -28,20 +29,33 @@ def _job(job: Any) -> dict[str, Any]:
     return {"object": "training.job", **body, "intervention": body["name"]}
 
 
+async def _submit(request: Request, who: Principal, trainings: TrainingManager, body: TrainingRequest) -> JSONResponse:
+    cap = None
+    if not who.admin:
+        limits = await run_in_threadpool(tenant_limits, request.app.state.tenants, who.tenant)
+        cap = trainings.settings.limit("max_trainings_per_tenant", limits)
+    return JSONResponse(_job(await trainings.submit(body, who.tenant, cap)), status_code=202)
+
+
 @router.post("", status_code=202)
-async def create_training(body: TrainingRequest, trainings: TrainingManager = Depends(manager)) -> JSONResponse:
+async def create_training(
+    body: TrainingRequest, request: Request, who: Principal = Depends(principal),
+    trainings: TrainingManager = Depends(manager),
+) -> JSONResponse:
     """Queue a training job; the intervention is stored and servable when it succeeds."""
-    return JSONResponse(_job(await trainings.submit(body)), status_code=202)
+    return await _submit(request, who, trainings, body)
 
 
 @router.post("/upload", status_code=202)
 async def create_training_from_file(
+    request: Request,
     name: str = Form(..., description="name of the intervention to create (or replace, as a new version)"),
     file: UploadFile = File(..., description="JSONL: one example per line, {prompt, completion} or {messages}"),
     intervention: str | None = Form(None, description="JSON object, as `intervention` in POST /v1/trainings"),
     hyperparameters: str | None = Form(None, description="JSON object, as `hyperparameters` in POST /v1/trainings"),
     chat_template: bool = Form(True),
     description: str = Form(""),
+    who: Principal = Depends(principal),
     trainings: TrainingManager = Depends(manager),
 ) -> JSONResponse:
     """Queue a training job whose examples come from an uploaded JSONL file."""
@@ -58,7 +72,7 @@ async def create_training_from_file(
         body = TrainingRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    return JSONResponse(_job(await trainings.submit(body)), status_code=202)
+    return await _submit(request, who, trainings, body)
 
 
 def _json_object(text: str, param: str) -> dict[str, Any]:
@@ -98,30 +112,38 @@ def _parse_jsonl(payload: bytes, max_examples: int) -> list[ExampleIn]:
 
 
 @router.get("")
-async def list_trainings(trainings: TrainingManager = Depends(manager)) -> dict[str, Any]:
-    """List training jobs, oldest first."""
-    return {"object": "list", "data": [_job(j) for j in await run_in_threadpool(trainings.list)]}
+async def list_trainings(
+    who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager)
+) -> dict[str, Any]:
+    """List your training jobs, oldest first."""
+    return {"object": "list", "data": [_job(j) for j in await run_in_threadpool(trainings.list, who.tenant)]}
 
 
 @router.get("/{job_id}")
-async def get_training(job_id: str, trainings: TrainingManager = Depends(manager)) -> dict[str, Any]:
+async def get_training(
+    job_id: str, who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager)
+) -> dict[str, Any]:
     """One job: status, progress, loss history, timing, resulting intervention."""
-    return _job(await run_in_threadpool(trainings.get, job_id))
+    return _job(await run_in_threadpool(trainings.get, job_id, who.tenant))
 
 
 @router.delete("/{job_id}")
-async def cancel_training(job_id: str, trainings: TrainingManager = Depends(manager)) -> dict[str, Any]:
+async def cancel_training(
+    job_id: str, who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager)
+) -> dict[str, Any]:
     """Cancel a queued or running job (a finished job is returned unchanged)."""
-    return _job(await run_in_threadpool(trainings.cancel, job_id))
+    return _job(await run_in_threadpool(trainings.cancel, job_id, who.tenant))
 
 
 @router.get("/{job_id}/events")
-async def training_events(job_id: str, trainings: TrainingManager = Depends(manager)) -> StreamingResponse:
+async def training_events(
+    job_id: str, who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager)
+) -> StreamingResponse:
     """Server-sent events: the job record on every update until it ends."""
-    await run_in_threadpool(trainings.get, job_id)  # 404 before the stream starts
+    await run_in_threadpool(trainings.get, job_id, who.tenant)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        async for job in trainings.events(job_id):
+        async for job in trainings.events(job_id, who.tenant):
             yield f"data: {json.dumps(_job(job))}\n\n"
         yield "data: [DONE]\n\n"
 
