@@ -1,11 +1,16 @@
-"""The `reft-serve` command: run the server, train or import interventions locally, or generate once."""
+"""The `reft-serve` command: run the server, train or import interventions locally, generate once, or manage
+tenants and API keys (`admin`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 from server.logging_setup import configure_logging
 from server.settings import Settings, default_data_dir
@@ -27,10 +32,63 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype, host=args.host,
         port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
         max_running=args.max_running, resident_interventions=args.resident_interventions,
-        training_share=args.training_share,
+        training_share=args.training_share, auth=args.auth, admin_key=_admin_key(args),
+        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
     )
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=args.access_log)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=args.access_log,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
+    _run_draining(config, app.state.drain)
+    return 0
+
+
+def _run_draining(config: object, drain: Callable[[], None]) -> None:
+    """Run uvicorn, but let SIGTERM/SIGINT first drain (readiness false, queued requests failed) before uvicorn's
+    own graceful shutdown waits up to `timeout_graceful_shutdown` for running requests."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                drain()
+            super().handle_exit(sig, frame)
+
+    DrainingServer(config).run()  # type: ignore[arg-type]
+
+
+def _admin_key(args: argparse.Namespace) -> str | None:
+    """From --admin-key-file, else $REFT_SERVE_ADMIN_KEY (never a plain flag: it would show in `ps`)."""
+    if args.admin_key_file is not None:
+        return args.admin_key_file.read_text().strip() or None
+    return os.environ.get("REFT_SERVE_ADMIN_KEY") or None
+
+
+def _admin(args: argparse.Namespace) -> int:
+    """Tenants, keys and public flags, directly on the data directory (works with or without a running server)."""
+    from adapters_store.index import Index
+    from adapters_store.tenants import TenantStore
+
+    tenants = TenantStore(args.data_dir)
+    if args.action == "create-tenant":
+        limits = {k: v for k, v in (("requests_per_minute", args.requests_per_minute),
+                                    ("tokens_per_minute", args.tokens_per_minute)) if v is not None}
+        print(json.dumps(tenants.create_tenant(args.name, limits).to_dict()))
+    elif args.action == "create-key":
+        record, key = tenants.create_key(args.name)
+        print(json.dumps({**record.to_dict(), "key": key}))
+        print("store this key now: it is not shown again", file=sys.stderr)
+    elif args.action == "revoke-key":
+        print(json.dumps(tenants.revoke_key(args.name).to_dict()))
+    elif args.action == "list":
+        for tenant in tenants.list_tenants():
+            keys = [k.to_dict() for k in tenants.list_keys(tenant.name)]
+            print(json.dumps({**tenant.to_dict(), "keys": keys}))
+    elif args.action == "set-public":
+        index = Index(args.data_dir / "store" / "index.sqlite3", writable=True)
+        tenant, _, name = args.name.partition("/")
+        if not name or not index.set_public(tenant, name, not args.private):
+            raise SystemExit(f"no intervention {args.name!r} (give it as tenant/name)")
+        print(json.dumps({"intervention": args.name, "public": not args.private}))
     return 0
 
 
@@ -85,7 +143,9 @@ def _train_remote(args: argparse.Namespace) -> int:
                             "seed": args.seed},
     }
     base = args.server.rstrip("/")
-    with httpx.Client(timeout=httpx.Timeout(30, read=None)) as client:
+    key = args.api_key or os.environ.get("REFT_SERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(timeout=httpx.Timeout(30, read=None), headers=headers) as client:
         response = client.post(f"{base}/v1/trainings", json=body)
         if response.status_code != 202:
             raise SystemExit(f"the server refused the job ({response.status_code}): {response.text}")
@@ -167,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--resident-interventions", type=int, default=256, help="interventions kept in the bank")
     serve.add_argument("--training-share", type=float, default=0.5,
                        help="training time per engine iteration while serving, as a fraction of a decode step")
+    serve.add_argument("--auth", choices=["auto", "on", "off"], default="auto",
+                       help="require API keys (auto: on unless --host is a loopback address)")
+    serve.add_argument("--admin-key-file", type=Path, help="file holding the admin key (else $REFT_SERVE_ADMIN_KEY)")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is cancelled")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds running requests get to finish")
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(run=_serve)
 
@@ -195,7 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
     train.add_argument("--server", help="URL of a running reft-serve: train there (the result is servable at once)")
     train.add_argument("--no-wait", action="store_true", help="with --server: print the queued job and exit")
+    train.add_argument("--api-key", help="with --server: API key (default: $REFT_SERVE_API_KEY)")
     train.set_defaults(run=_train)
+
+    adm = commands.add_parser("admin", help="manage tenants, API keys and public interventions on a data directory")
+    adm.add_argument("action", choices=["create-tenant", "create-key", "revoke-key", "list", "set-public"])
+    adm.add_argument("name", nargs="?", default="",
+                     help="tenant (create-tenant, create-key), key id (revoke-key), tenant/name (set-public)")
+    adm.add_argument("--data-dir", type=Path, default=default_data_dir())
+    adm.add_argument("--requests-per-minute", type=int, help="create-tenant: override the server default")
+    adm.add_argument("--tokens-per-minute", type=int, help="create-tenant: override the server default")
+    adm.add_argument("--private", action="store_true", help="set-public: make it private again")
+    adm.set_defaults(run=_admin)
 
     imp = commands.add_parser("import-pyreft", help="convert a pyreft save directory into an artifact")
     _add_model_args(imp)
