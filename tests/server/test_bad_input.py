@@ -1,0 +1,274 @@
+"""The bad-input matrix: every malformed or hostile request gets a clear 4xx with an OpenAI-style error body, and
+the server keeps answering (health and a real generation) after each one.
+
+Unknown fields: the OpenAI-compatible generation endpoints ignore them (clients such as the OpenAI SDK send fields
+we do not implement); reft-serve's own endpoints (trainings, admin) reject them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from reft_core.artifact import MANIFEST_KEY
+from reft_core.config import InterventionConfig
+from server.app import create_app
+from tests.reft_core.test_pyreft_import import loreft_states, write_pyreft_dir
+
+from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
+
+CHAT = [{"role": "user", "content": "hi"}]
+PWNED = Path("/tmp/reft-serve-pwned-marker")
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_base) -> Iterator[TestClient]:
+    settings = make_settings(tmp_path_factory.mktemp("bad"), max_request_bytes=MAX_REQUEST_BYTES,
+                             max_upload_bytes=256 * 1024, max_archive_unpacked_bytes=512 * 1024)
+    with TestClient(create_app(settings, base_model=tiny_base)) as test_client:
+        test_client.base = tiny_base  # type: ignore[attr-defined]
+        yield test_client
+
+
+# -- payload builders ----------------------------------------------------------------------------------------------
+def good_artifact(base) -> bytes:
+    return artifact_bytes(base, persona(1))
+
+
+def tampered_artifact(base, change: Callable[[dict[str, torch.Tensor]], None]) -> bytes:
+    """A real artifact with one tensor changed and the manifest kept (so only the checks can catch it)."""
+    payload = good_artifact(base)
+    tensors = load_safetensors(payload)
+    change(tensors)
+    from safetensors import safe_open  # noqa: PLC0415 - only the metadata is needed here
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"reft-bad-{os.getpid()}.safetensors"
+    path.write_bytes(payload)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    path.unlink()
+    return save_safetensors(tensors, metadata={MANIFEST_KEY: metadata[MANIFEST_KEY]})
+
+
+def first_key(tensors: dict) -> str:
+    return sorted(tensors)[0]
+
+
+def with_nan(tensors: dict) -> None:
+    key = first_key(tensors)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+
+
+def wrong_shape(tensors: dict) -> None:
+    key = first_key(tensors)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
+
+
+def wrong_dtype(tensors: dict) -> None:
+    key = first_key(tensors)
+    tensors[key] = tensors[key].to(torch.int32)
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+class _Exploit:
+    def __reduce__(self):  # noqa: ANN204 - what a malicious pickle does on load
+        return (os.system, (f"touch {PWNED}",))
+
+
+def pickle_archive(tmp: Path) -> bytes:
+    config = InterventionConfig(layers=(1,), rank=2, positions="l1")
+    states, _ = loreft_states(config)
+    directory = write_pyreft_dir(tmp / "pyreft", [1], 2, states)
+    members = {p.name: p.read_bytes() for p in directory.iterdir()}
+    evil = next(name for name in members if name.startswith("intkey_"))
+    members[evil] = pickle.dumps(_Exploit())
+    return zip_of(members)
+
+
+def zip_bomb() -> bytes:
+    return zip_of({"config.json": b"{}", "intkey_a.bin": b"\0" * (8 << 20)})  # 8 MiB of zeros, ~8 KiB zipped
+
+
+def traversal_zip() -> bytes:
+    return zip_of({"config.json": b"{}", "../../etc/evil.bin": b"x"})
+
+
+def absolute_zip() -> bytes:
+    return zip_of({"config.json": b"{}", "/etc/intkey_x.bin": b"x"})
+
+
+def tar_with_symlink() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo("intkey_link.bin")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(info)
+    return buffer.getvalue()
+
+
+def nested_json(depth: int) -> bytes:
+    return b'{"model": "' + MODEL_ID.encode() + b'", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+# -- the matrix ----------------------------------------------------------------------------------------------------
+# (id, method, path, request kwargs or a builder (client, tmp_path) -> kwargs, status, error type)
+def chat(**fields) -> dict:
+    return {"json": {"model": MODEL_ID, "messages": CHAT, **fields}}
+
+
+def upload(name: str, payload: bytes | Callable, **form) -> Callable:
+    def build(client: TestClient, tmp: Path) -> dict:
+        data = payload(client.base) if callable(payload) else payload  # type: ignore[attr-defined]
+        return {"data": {"name": name, **form}, "files": {"file": ("x.bin", data)}}
+
+    return build
+
+
+def archive_upload(make: Callable[[Path], bytes] | Callable[[], bytes], takes_tmp: bool = False) -> Callable:
+    def build(client: TestClient, tmp: Path) -> dict:
+        data = make(tmp) if takes_tmp else make()  # type: ignore[call-arg]
+        return {"data": {"name": "archive", "positions": "l1"}, "files": {"file": ("a.zip", data)}}
+
+    return build
+
+
+INVALID = "invalid_request_error"
+CASES = [
+    # generation: types, missing fields, ranges
+    ("model-int", "POST", "/v1/chat/completions", {"json": {"model": 5, "messages": CHAT}}, 400, INVALID),
+    ("messages-string", "POST", "/v1/chat/completions", {"json": {"model": MODEL_ID, "messages": "hi"}}, 400, INVALID),
+    ("missing-model", "POST", "/v1/chat/completions", {"json": {"messages": CHAT}}, 400, INVALID),
+    ("missing-messages", "POST", "/v1/chat/completions", {"json": {"model": MODEL_ID}}, 400, INVALID),
+    ("empty-messages", "POST", "/v1/chat/completions", chat(messages=[]), 400, INVALID),
+    ("max-tokens-negative", "POST", "/v1/chat/completions", chat(max_tokens=-5), 400, INVALID),
+    ("max-tokens-zero", "POST", "/v1/chat/completions", chat(max_tokens=0), 400, INVALID),
+    ("max-tokens-huge", "POST", "/v1/chat/completions", chat(max_tokens=10**12), 400, INVALID),
+    ("max-tokens-string", "POST", "/v1/chat/completions", chat(max_tokens="ten"), 400, INVALID),
+    ("temperature-high", "POST", "/v1/chat/completions", chat(temperature=5), 400, INVALID),
+    ("temperature-negative", "POST", "/v1/chat/completions", chat(temperature=-0.1), 400, INVALID),
+    ("temperature-nan-string", "POST", "/v1/chat/completions", chat(temperature="NaN"), 400, INVALID),
+    ("top-p-zero", "POST", "/v1/chat/completions", chat(top_p=0), 400, INVALID),
+    ("n-two", "POST", "/v1/chat/completions", chat(n=2), 400, INVALID),
+    ("stream-not-bool", "POST", "/v1/chat/completions", chat(stream="maybe"), 400, INVALID),
+    ("unknown-role", "POST", "/v1/chat/completions", chat(messages=[{"role": "wizard", "content": "x"}]), 400, INVALID),
+    ("content-null", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": None}]), 400, INVALID),
+    ("too-many-stops", "POST", "/v1/chat/completions", chat(stop=[str(i) for i in range(10)]), 400, INVALID),
+    ("prompt-beyond-context", "POST", "/v1/chat/completions",
+     chat(messages=[{"role": "user", "content": "x" * 400}]), 400, INVALID),
+    ("empty-text-prompt", "POST", "/v1/completions", {"json": {"model": MODEL_ID, "prompt": ""}}, 400, INVALID),
+    ("token-ids-out-of-range", "POST", "/v1/completions", {"json": {"model": MODEL_ID, "prompt": [1, 99999]}}, 400,
+     INVALID),
+    ("unknown-model", "POST", "/v1/chat/completions", {"json": {"model": "nope", "messages": CHAT}}, 404,
+     "not_found_error"),
+    ("model-traversal", "POST", "/v1/chat/completions", {"json": {"model": "../../etc/passwd", "messages": CHAT}},
+     404, "not_found_error"),
+    ("model-deep-path", "POST", "/v1/chat/completions", {"json": {"model": "a/b/c", "messages": CHAT}}, 404,
+     "not_found_error"),
+    # bodies that are not the JSON we want
+    ("invalid-utf8", "POST", "/v1/chat/completions",
+     {"content": b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+      "headers": {"content-type": "application/json"}}, 400, INVALID),
+    ("not-json", "POST", "/v1/chat/completions", {"content": b"model=x", "headers": {"content-type": "application/json"}},
+     400, INVALID),
+    ("json-array", "POST", "/v1/chat/completions", {"json": [1, 2, 3]}, 400, INVALID),
+    ("deeply-nested", "POST", "/v1/chat/completions",
+     {"content": nested_json(20000), "headers": {"content-type": "application/json"}}, 400, INVALID),
+    ("huge-json", "POST", "/v1/chat/completions",
+     {"content": json.dumps({"model": MODEL_ID, "messages": CHAT, "pad": "x" * (2 * MAX_REQUEST_BYTES)}).encode(),
+      "headers": {"content-type": "application/json"}}, 413, INVALID),
+    ("lying-content-length", "POST", "/v1/chat/completions",
+     {"content": b"{}", "headers": {"content-type": "application/json", "content-length": "abc"}}, 400, INVALID),
+    # intervention names
+    ("name-dotdot", "POST", "/v1/interventions", upload("../evil", good_artifact), 400, INVALID),
+    ("name-absolute", "POST", "/v1/interventions", upload("/etc/passwd", good_artifact), 400, INVALID),
+    ("name-control-char", "POST", "/v1/interventions", upload("bad\x01name", good_artifact), 400, INVALID),
+    ("name-newline", "POST", "/v1/interventions", upload("name\n", good_artifact), 400, INVALID),
+    ("name-rtl-override", "POST", "/v1/interventions", upload("abc\u202etxt", good_artifact), 400, INVALID),
+    ("name-zero-width", "POST", "/v1/interventions", upload("a\u200bb", good_artifact), 400, INVALID),
+    ("name-fullwidth", "POST", "/v1/interventions", upload("\uff41\uff42", good_artifact), 400, INVALID),
+    ("name-too-long", "POST", "/v1/interventions", upload("a" * 65, good_artifact), 400, INVALID),
+    ("name-uppercase", "POST", "/v1/interventions", upload("Emoji", good_artifact), 400, INVALID),
+    # uploads that are not what they claim
+    ("not-safetensors", "POST", "/v1/interventions", upload("x", b"#!/bin/sh\nrm -rf /\n"), 422, INVALID),
+    ("empty-file", "POST", "/v1/interventions", upload("x", b""), 400, INVALID),
+    ("safetensors-nan", "POST", "/v1/interventions", upload("x", lambda b: tampered_artifact(b, with_nan)), 422,
+     INVALID),
+    ("safetensors-wrong-shape", "POST", "/v1/interventions",
+     upload("x", lambda b: tampered_artifact(b, wrong_shape)), 422, INVALID),
+    ("safetensors-wrong-dtype", "POST", "/v1/interventions",
+     upload("x", lambda b: tampered_artifact(b, wrong_dtype)), 422, INVALID),
+    ("safetensors-truncated", "POST", "/v1/interventions", upload("x", lambda b: good_artifact(b)[:-7]), 422, INVALID),
+    ("upload-too-large", "POST", "/v1/interventions", upload("x", b"\0" * (2 << 20)), 413, INVALID),
+    ("pyreft-pickle-exploit", "POST", "/v1/interventions", archive_upload(pickle_archive, takes_tmp=True), 422,
+     INVALID),
+    ("zip-bomb", "POST", "/v1/interventions", archive_upload(zip_bomb), 422, INVALID),
+    ("zip-traversal", "POST", "/v1/interventions", archive_upload(traversal_zip), 422, INVALID),
+    ("zip-absolute-member", "POST", "/v1/interventions", archive_upload(absolute_zip), 422, INVALID),
+    ("tar-symlink", "POST", "/v1/interventions", archive_upload(tar_with_symlink), 422, INVALID),
+    ("gzip-not-tar", "POST", "/v1/interventions", upload("x", gzip.compress(b"hello")), 422, INVALID),
+    ("replace-unknown", "PUT", "/v1/interventions/ghost", upload("ghost", good_artifact), 404, "not_found_error"),
+    # training jobs
+    ("training-no-examples", "POST", "/v1/trainings", {"json": {"name": "t", "examples": []}}, 400, INVALID),
+    ("training-empty-completion", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": ""}]}}, 400, INVALID),
+    ("training-enormous-example", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a" * 5000, "completion": "b"}]}}, 400, INVALID),
+    ("training-unknown-field", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "gpus": 8}}, 400, INVALID),
+    ("training-epochs-negative", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "hyperparameters": {"epochs": -1}}},
+     400, INVALID),
+    ("training-bad-name", "POST", "/v1/trainings",
+     {"json": {"name": "../t", "examples": [{"prompt": "a", "completion": "b"}]}}, 400, INVALID),
+    ("training-jsonl-garbage", "POST", "/v1/trainings/upload",
+     {"data": {"name": "t"}, "files": {"file": ("e.jsonl", b"\x00\x01garbage")}}, 400, INVALID),
+    ("training-unknown-job", "GET", "/v1/trainings/ftjob-nope", {}, 404, "not_found_error"),
+    ("unknown-route", "GET", "/v1/nothing-here", {}, 404, "not_found_error"),
+    ("wrong-method", "DELETE", "/v1/chat/completions", {}, 405, INVALID),
+]
+
+
+def test_the_matrix_is_big_enough() -> None:
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case_id,method,path,kwargs,status,error_type", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(
+    client, tmp_path, case_id, method, path, kwargs, status, error_type
+) -> None:
+    PWNED.unlink(missing_ok=True)
+    request = kwargs(client, tmp_path) if callable(kwargs) else kwargs
+    response = client.request(method, path, **request)
+    assert response.status_code == status, (case_id, response.status_code, response.text[:300])
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == error_type and body["error"]["message"]
+    assert not PWNED.exists(), "an uploaded pickle executed code"
+    # nothing was stored or queued by a refused request, and the server still works
+    assert client.get("/v1/interventions").json()["data"] == []
+    assert client.get("/v1/trainings").json()["data"] == []
+    assert client.get("/health").json() == {"status": "ok"}
+    reply = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "max_tokens": 2})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
