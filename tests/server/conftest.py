@@ -31,6 +31,12 @@ def tiny_base() -> BaseModel:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model saved as a local HF directory, for server processes started from the command line."""
+    return tiny.save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     return Settings(**({"data_dir": tmp_path / "data", "max_tokens_limit": 64, "default_max_tokens": 16} | overrides))
 

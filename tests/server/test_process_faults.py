@@ -7,14 +7,8 @@ from __future__ import annotations
 import json
 import random
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,41 +18,9 @@ from reft_core.fingerprint import fingerprint_model
 from tests import tiny
 
 from .conftest import persona
+from .process import server_process
 
-ROOT = Path(__file__).resolve().parents[2]
 FINGERPRINT = fingerprint_model(tiny.tiny_llama())  # the served model is tiny_llama() saved and loaded again
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny.save_tiny_model_dir(tmp_path_factory.mktemp("model"))
-
-
-@contextmanager
-def server_process(model_dir: Path, data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--model", str(model_dir),
-               "--data-dir", str(data_dir), "--port", str(port), *extra]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-            assert time.time() < deadline, "server did not become ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
 
 
 def artifact(seed: int) -> tuple[bytes, str]:
@@ -101,13 +63,13 @@ class Writer:
                     self.refused.append(response.text)
 
 
-def test_sigkill_mid_write_and_mid_training_loses_nothing_acknowledged(model_dir, tmp_path) -> None:
+def test_sigkill_mid_write_and_mid_training_loses_nothing_acknowledged(tiny_model_dir, tmp_path) -> None:
     data_dir = tmp_path / "data"
     acknowledged: dict[str, str] = {}
     in_flight: dict[str, set[str]] = {}
     jobs: list[str] = []
     for round_number in range(3):
-        with server_process(model_dir, data_dir) as (process, url):
+        with server_process(tiny_model_dir, data_dir) as (process, url):
             check_consistent(url, acknowledged, in_flight, jobs)
             job = httpx.post(f"{url}/v1/trainings", json={
                 "name": f"trained{round_number}", "examples": [{"prompt": "a", "completion": "b"}] * 2,
@@ -125,7 +87,7 @@ def test_sigkill_mid_write_and_mid_training_loses_nothing_acknowledged(model_dir
             writer.thread.join(15)
             assert writer.writes > 0 and writer.refused == []
             acknowledged, in_flight = writer.acknowledged, writer.attempted
-    with server_process(model_dir, data_dir) as (_, url):
+    with server_process(tiny_model_dir, data_dir) as (_, url):
         check_consistent(url, acknowledged, in_flight, jobs)
 
 
@@ -146,8 +108,8 @@ def check_consistent(url: str, acknowledged: dict[str, str], in_flight: dict[str
         assert job["status"] == "failed" and "restarted" in job["error"], job
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits(model_dir, tmp_path) -> None:
-    with server_process(model_dir, tmp_path / "data", "--drain-timeout", "20") as (process, url):
+def test_sigterm_lets_a_running_stream_finish_then_exits(tiny_model_dir, tmp_path) -> None:
+    with server_process(tiny_model_dir, tmp_path / "data", "--drain-timeout", "20") as (process, url):
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "min_tokens": 200, "ignore_eos": True,
                 "stream": True}
         body["model"] = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]

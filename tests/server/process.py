@@ -1,0 +1,44 @@
+"""A real `reft-serve` process on loopback serving a tiny model directory, for tests that kill or signal it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def server_process(model_dir: Path, data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--model", str(model_dir),
+               "--data-dir", str(data_dir), "--port", str(port), *extra]
+    log_path = data_dir.parent / f"server-{port}.log"  # a file, not a pipe nobody drains (it could fill and block)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert process.poll() is None, log_path.read_text(errors="replace")[-2000:]
+            assert time.time() < deadline, "server did not become ready"
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
