@@ -78,3 +78,31 @@ def httpx_get(url: str) -> dict:
     import httpx
 
     return httpx.get(url).json()
+
+
+def test_admin_commands_manage_tenants_keys_and_public_flags_on_the_data_dir(tmp_path, tiny_base, capsys) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    from .conftest import artifact_bytes, make_settings, persona
+
+    data = str(tmp_path / "data")
+    assert main(["admin", "create-tenant", "acme", "--requests-per-minute", "50", "--data-dir", data]) == 0
+    assert json.loads(capsys.readouterr().out)["limits"] == {"requests_per_minute": 50}
+    assert main(["admin", "create-key", "acme", "--data-dir", data]) == 0
+    created = json.loads(capsys.readouterr().out)
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    settings = make_settings(tmp_path, auth="on")
+    with TestClient(create_app(settings, base_model=tiny_base)) as client:
+        files = {"file": ("a.safetensors", artifact_bytes(tiny_base, persona(1)))}
+        assert client.post("/v1/interventions", data={"name": "bot"}, files=files, headers=headers).status_code == 201
+        assert main(["admin", "set-public", "acme/bot", "--data-dir", data]) == 0
+        assert client.get("/v1/interventions/bot", headers=headers).json()["public"] is True
+        assert main(["admin", "revoke-key", created["id"], "--data-dir", data]) == 0
+        assert client.get("/v1/models", headers=headers).status_code == 401
+    capsys.readouterr()
+    assert main(["admin", "list", "--data-dir", data]) == 0
+    [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["name"] == "acme" and listed["keys"][0]["revoked_at"] is not None
+    assert "key" not in listed["keys"][0]

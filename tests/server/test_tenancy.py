@@ -78,6 +78,9 @@ MATRIX = [
     ("globex", "GET", "/v1/interventions/shared/artifact?owner=acme", None, 200),
     ("globex", "POST", "/v1/chat/completions", chat_body("acme/shared"), 200),
     ("globex", "DELETE", "/v1/interventions/shared", None, 404),
+    ("globex", "PUT", "/v1/interventions/shared", "artifact", 404),
+    ("globex", "PUT", "/v1/interventions/secret", "artifact", 404),
+    ("acme", "PUT", "/v1/interventions/secret", "artifact", 200),
     # tenant keys on admin endpoints
     ("globex", "GET", "/v1/admin/tenants", None, 403),
     ("globex", "POST", "/v1/admin/tenants/globex/keys", None, 403),
@@ -89,7 +92,10 @@ ENDPOINTS = [
     ("POST", "/v1/chat/completions", chat_body("secret")), ("POST", "/v1/completions", {"model": MODEL_ID, "prompt": "x"}),
     ("POST", "/v1/trainings", {"name": "x", "examples": EXAMPLES}), ("GET", "/v1/trainings", None),
     ("GET", "/v1/trainings/{job}", None), ("DELETE", "/v1/trainings/{job}", None),
-    ("GET", "/v1/admin/tenants", None),
+    ("GET", "/v1/admin/tenants", None), ("PUT", "/v1/interventions/secret", "artifact"),
+    ("POST", "/v1/interventions", "artifact"), ("POST", "/v1/trainings/upload", "jsonl"),
+    ("GET", "/v1/trainings/{job}/events", None),
+    ("PUT", "/v1/admin/tenants/acme/interventions/secret/public", {"public": True}),
 ]
 MATRIX += [(caller, m, p, b, 401) for caller in ("nobody", "badkey") for m, p, b in ENDPOINTS]
 
@@ -99,7 +105,12 @@ def test_isolation_matrix(world, caller, method, path, body, status) -> None:
     client = world["client"]
     headers = {"acme": auth(world["acme"]), "globex": auth(world["globex"]), "nobody": {},
                "badkey": auth(world["acme"][:-2] + "xx")}[caller]
-    response = client.request(method, path.format(job=world["job"]), json=body, headers=headers)
+    kwargs: dict = {"json": body}
+    if body == "artifact":  # a multipart upload of a valid artifact
+        kwargs = {"data": {"name": "secret"}, "files": {"file": ("a.safetensors", artifact_bytes(world["base"], persona(9)))}}
+    elif body == "jsonl":
+        kwargs = {"data": {"name": "x"}, "files": {"file": ("e.jsonl", b'{"prompt": "a", "completion": "b"}')}}
+    response = client.request(method, path.format(job=world["job"]), headers=headers, **kwargs)
     assert response.status_code == status, (response.status_code, response.text[:300])
     if status >= 400:
         error = response.json()["error"]
