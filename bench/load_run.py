@@ -20,9 +20,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import reft_serve, write_section  # noqa: E402
 from bench.serve_bench import PROMPTS, random_persona  # noqa: E402
 from reft_core.artifact import encode_artifact  # noqa: E402
 from reft_core.base_model import load_base_model  # noqa: E402
@@ -57,12 +55,6 @@ class Tally:
     def add(self, who: str, status: int | str) -> None:
         with self.lock:
             self.counts[(who, str(status))] += 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -172,22 +164,9 @@ def main() -> None:
     base = load_base_model()  # converts/caches the embedded model once; the server then loads from the cache
     fingerprint, hidden = base.fingerprint, base.hidden_size
     del base
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data_dir:
         env = {**os.environ, "REFT_SERVE_ADMIN_KEY": ADMIN_KEY}
-        server = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--auth", "on",
-                                   "--port", str(port), "--data-dir", data_dir], cwd=ROOT, env=env)
-        try:
-            deadline = time.time() + 300
-            while True:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert server.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(0.5)
+        with reft_serve(Path(data_dir), "--auth", "on", env=env) as (server, url):
             world = setup(url, fingerprint, hidden)
             keys, personas = world["keys"], world["personas"]
             tally = Tally()
@@ -214,12 +193,6 @@ def main() -> None:
             for thread in [*threads, sampler]:
                 thread.join(60)
             healthy = httpx.get(f"{url}/health", timeout=10).status_code == 200
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
     report(args, tally, memory, healthy)
 
 
@@ -259,15 +232,7 @@ def report(args: argparse.Namespace, tally: Tally, memory: list[tuple[float, flo
     if tally.stream_errors:
         print("stream errors:", *tally.stream_errors[:5], sep="\n")
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        if SECTION in text:
-            head, _, rest = text.partition(SECTION)
-            tail = rest[rest.index("\n## "):] if "\n## " in rest else ""
-            text = head + section + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
+        write_section(ROOT / "BENCHMARKS.md", SECTION, section)
     if not ok:
         raise SystemExit(1)
 

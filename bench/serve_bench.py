@@ -21,9 +21,7 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import reft_serve  # noqa: E402
 from reft_core.artifact import encode_artifact  # noqa: E402
 from reft_core.base_model import BaseModel, load_base_model  # noqa: E402
 from reft_core.config import InterventionConfig  # noqa: E402
@@ -63,12 +62,6 @@ def random_persona(hidden: int, seed: int) -> Intervention:
         units[unit] = UnitWeights(q.T.contiguous(), 0.05 * torch.randn(config.rank, hidden, generator=generator),
                                   0.5 * torch.randn(config.rank, generator=generator))
     return Intervention(config, hidden, units)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -222,21 +215,8 @@ def main() -> None:
     personas = [random_persona(base.hidden_size, seed) for seed in range(max(sizes))]
 
     data_dir = Path(tempfile.mkdtemp(prefix="reft-bench-"))
-    port = free_port()
-    log = (data_dir / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir), "--max-running", str(max(sizes) + 8)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     rows: list[dict] = []
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, "server exited"
-            time.sleep(0.5)
+    with reft_serve(data_dir, "--max-running", str(max(sizes) + 8)) as (_, url):
         with httpx.Client(base_url=url, timeout=120) as client:
             for i, persona in enumerate(personas):
                 payload, _ = encode_artifact(persona, base.fingerprint)
@@ -258,9 +238,6 @@ def main() -> None:
         ttft_plain, ttft_steered = long_prompt_ttft(url, (base.model_id, "p0"), 3 if args.quick else 11)
         swap = hot_swap_during_load(url, base, [f"p{i}" for i in range(max(sizes))], args.tokens)
         print(swap, flush=True)
-    finally:
-        server.terminate()
-        server.wait(30)
     for size in sizes:
         rows.append(median_run([hf_static(base, size, args.tokens) for _ in range(args.repeats)]))
         print(rows[-1], flush=True)

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_section  # noqa: E402
 from reft_core.base_model import load_base_model  # noqa: E402
 from reft_core.config import InterventionConfig  # noqa: E402
 from reft_core.examples import Example, encode_prompt, tokenize_examples  # noqa: E402
@@ -208,15 +209,7 @@ def report(args: argparse.Namespace, results: list[tuple[str, dict, int]], alone
     ])
     print(section)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        if SECTION in text:
-            head, _, rest = text.partition(SECTION)
-            tail = rest[rest.index("\n## "):] if "\n## " in rest else ""
-            text = head + section + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
+        write_section(ROOT / "BENCHMARKS.md", SECTION, section)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -19,6 +15,7 @@ import pytest
 
 from reft_core.artifact import encode_artifact
 from tests.reft_core.test_pyreft_import import write_pyreft_dir
+from tests.server.process import server_process
 
 from .emoji import UNSEEN_PROMPTS, is_emoji_only
 
@@ -26,38 +23,10 @@ pytestmark = pytest.mark.e2e
 BASE_MODEL = "SmolLM2-135M-Instruct"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2) -> Iterator[str]:
-    port = free_port()
-    data_dir = tmp_path_factory.mktemp("server-data")
-    log = (data_dir / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2], env=os.environ.copy(),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert process.poll() is None, (data_dir / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("server did not become ready")
+    with server_process(None, tmp_path_factory.mktemp("server-data"), ready_timeout=180) as (_, url):
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def pyreft_archive(intervention) -> bytes:

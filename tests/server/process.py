@@ -16,18 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def server_process(model_dir: Path, data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
+def server_process(
+    model_dir: Path | None, data_dir: Path, *extra: str, ready_timeout: float = 60
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`reft-serve serve` for `model_dir` (None: the embedded model) until the block ends (then SIGKILL if alive)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--model", str(model_dir),
+    model = ["--model", str(model_dir)] if model_dir is not None else []
+    command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", *model,
                "--data-dir", str(data_dir), "--port", str(port), *extra]
-    log_path = data_dir.parent / f"server-{port}.log"  # a file, not a pipe nobody drains (it could fill and block)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / f"server-{port}.log"  # a file, not a pipe nobody drains (it could fill and block)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + ready_timeout
         while True:
             assert process.poll() is None, log_path.read_text(errors="replace")[-2000:]
             assert time.time() < deadline, "server did not become ready"

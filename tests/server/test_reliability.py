@@ -7,7 +7,6 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
