@@ -95,7 +95,8 @@ class ReftTrainer:
         """`micro_batch_tokens` caps the padded tokens of one micro-batch (None: whole length buckets) and
         `head_chunk_tokens` the label positions per LM-head slice (None: all of a micro-batch's at once; the head is
         the costliest part per token for small models with large vocabularies). Smaller values make shorter slices;
-        the gradient is the same (partial losses are summed, then divided once)."""
+        the gradient is the same (partial losses are summed, then divided once). Setting `fine_slices` to False
+        (a caller with nothing else to do) uses whole buckets and heads from the next step or micro-batch on."""
         if not examples:
             raise InvalidConfigError("at least one training example is required")
         hidden_size = int(model.config.hidden_size)
@@ -106,6 +107,7 @@ class ReftTrainer:
         self.training = training
         self.micro_batch_tokens = micro_batch_tokens
         self.head_chunk_tokens = head_chunk_tokens
+        self.fine_slices = True
         self.device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(training.seed)
@@ -217,7 +219,7 @@ class ReftTrainer:
         buckets: list[list[int]] = []
         for i in sorted(indices, key=length):
             fits = bool(buckets) and length(i) <= 2 * length(buckets[-1][0])
-            if fits and self.micro_batch_tokens is not None:  # sorted: length(i) is the padded length
+            if fits and self.micro_batch_tokens is not None and self.fine_slices:  # sorted: length(i) is the padding
                 fits = length(i) * (len(buckets[-1]) + 1) <= self.micro_batch_tokens
             if fits:
                 buckets[-1].append(i)
@@ -250,7 +252,7 @@ class ReftTrainer:
             yield
         top = hidden.detach().requires_grad_(backward)
         rows, cols, targets = self._labels(batch, starts)
-        chunk = self.head_chunk_tokens or len(targets)
+        chunk = (self.head_chunk_tokens if self.fine_slices else None) or len(targets)
         loss = torch.zeros((), device=self.device)
         for first in range(0, len(targets), chunk):  # gradients of the chunks accumulate in top.grad
             pick = slice(first, first + chunk)

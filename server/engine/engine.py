@@ -229,6 +229,7 @@ class Engine:
         task, trainer = self._training
         serving = bool(self.scheduler.running or self.scheduler.waiting)
         budget = self.settings.training_share * self._decode_step_s if serving else self.settings.idle_training_slice_s
+        trainer.fine_slices = serving  # alone, whole buckets are faster; a request arriving waits one slice at most
         try:
             progress = trainer.advance(deadline=time.perf_counter() + budget)
             if progress is not None and not math.isfinite(progress.loss):
