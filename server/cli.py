@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -28,13 +28,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
 
-    settings = Settings(
+    flags = dict(
         model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype, host=args.host,
         port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
         max_running=args.max_running, resident_interventions=args.resident_interventions,
         training_share=args.training_share, auth=args.auth, admin_key=_admin_key(args),
         request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
     )
+    given = {name: value for name, value in flags.items() if value is not None}  # flags left out: settings default
+    settings = Settings(**(setting_overrides(args.set, os.environ) | given))
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=args.access_log,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
@@ -54,6 +56,20 @@ def _run_draining(config: object, drain: Callable[[], None]) -> None:
             super().handle_exit(sig, frame)
 
     DrainingServer(config).run()  # type: ignore[arg-type]
+
+
+def setting_overrides(pairs: list[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """Any `Settings` field from `REFT_SERVE_<FIELD>` in the environment, then from `--set field=value` (which
+    wins; a dedicated flag such as --port wins over both). Values are validated by `Settings` itself; unknown
+    names are an error, not silently ignored."""
+    fields = set(Settings.model_fields) - {"admin_key"}  # the admin key has its own, safer routes in
+    overrides = {name: environ[f"REFT_SERVE_{name.upper()}"] for name in fields if f"REFT_SERVE_{name.upper()}" in environ}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of: {', '.join(sorted(fields))}")
+        overrides[name] = value
+    return overrides
 
 
 def _admin_key(args: argparse.Namespace) -> str | None:
@@ -220,19 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server")
     _add_model_args(serve)
     serve.add_argument("--model-id", help="name clients use for the bare model (default: the model's own id)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data-dir", type=Path, default=default_data_dir(), help="artifact store location")
-    serve.add_argument("--max-running", type=int, default=64, help="rows in the running batch")
-    serve.add_argument("--resident-interventions", type=int, default=256, help="interventions kept in the bank")
-    serve.add_argument("--training-share", type=float, default=0.5,
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--data-dir", type=Path, help=f"artifact store location (default {default_data_dir()})")
+    serve.add_argument("--max-running", type=int, help="rows in the running batch (default 64)")
+    serve.add_argument("--resident-interventions", type=int, help="interventions kept in the bank (default 256)")
+    serve.add_argument("--training-share", type=float,
                        help="training time per engine iteration while serving, as a fraction of a decode step")
-    serve.add_argument("--auth", choices=["auto", "on", "off"], default="auto",
+    serve.add_argument("--auth", choices=["auto", "on", "off"],
                        help="require API keys (auto: on unless --host is a loopback address)")
     serve.add_argument("--admin-key-file", type=Path, help="file holding the admin key (else $REFT_SERVE_ADMIN_KEY)")
-    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is cancelled")
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
+    serve.add_argument("--request-timeout", type=float, help="seconds before a generation is cancelled (default 600)")
+    serve.add_argument("--drain-timeout", type=float,
                        help="on SIGTERM, seconds running requests get to finish")
+    serve.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="any server setting, e.g. --set requests_per_minute=120 (see README; also "
+                            "REFT_SERVE_<FIELD> in the environment)")
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(run=_serve)
 

@@ -106,3 +106,18 @@ def test_admin_commands_manage_tenants_keys_and_public_flags_on_the_data_dir(tmp
     [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert listed["name"] == "acme" and listed["keys"][0]["revoked_at"] is not None
     assert "key" not in listed["keys"][0]
+
+
+def test_any_setting_from_the_environment_or_set_with_flags_winning() -> None:
+    from server.cli import setting_overrides
+    from server.settings import Settings
+
+    environ = {"REFT_SERVE_REQUESTS_PER_MINUTE": "120", "REFT_SERVE_PORT": "9000", "REFT_SERVE_ADMIN_KEY": "k"}
+    overrides = setting_overrides(["port=9100", "max_waiting_requests=5"], environ)
+    assert overrides == {"requests_per_minute": "120", "port": "9100", "max_waiting_requests": "5"}  # no admin key
+    settings = Settings(**(overrides | {"port": 8001}))  # an explicit --port
+    assert (settings.requests_per_minute, settings.port, settings.max_waiting_requests) == (120, 8001, 5)
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        setting_overrides(["no_such_limit=3"], {})
+    with pytest.raises(SystemExit):
+        setting_overrides(["port"], {})
