@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -212,18 +211,18 @@ class GenerationService:
         with self._in_flight_lock:
             self._in_flight += 1
         self.engine.submit(prepared.request, sink)
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        # One timer per request (not a timeout per awaited event): it drops a marker into the queue at the deadline.
+        timer = loop.call_later(self.settings.request_timeout_s, queue.put_nowait, _TIMED_OUT)
         generated = 0
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    event = GenerationEvent(
-                        text="", token_ids=(), finish_reason=FinishReason.ERROR, prompt_tokens=len(prepared.request.prompt_ids),
-                        completion_tokens=generated, error=TIMEOUT_ERROR.format(self.settings.request_timeout_s),
+                event = await queue.get()
+                if event is _TIMED_OUT:
+                    yield GenerationEvent(
+                        text="", token_ids=(), finish_reason=FinishReason.ERROR,
+                        prompt_tokens=len(prepared.request.prompt_ids), completion_tokens=generated,
+                        error=TIMEOUT_ERROR.format(self.settings.request_timeout_s),
                     )
-                    yield event
                     return
                 event = _coalesce(event, queue)
                 generated += len(event.token_ids)
@@ -232,6 +231,7 @@ class GenerationService:
                 if finished:
                     return
         finally:
+            timer.cancel()
             if not finished:
                 self.engine.cancel(prepared.request.request_id)
             with self._in_flight_lock:
@@ -242,10 +242,16 @@ class GenerationService:
                                          prepared.tokens_per_minute)
 
 
+_TIMED_OUT = GenerationEvent(text="", token_ids=())  # identity marker: the request's deadline passed
+
+
 def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> GenerationEvent:
     """Merge events already waiting into one, so a slow consumer gets fewer, larger chunks (less per-token work)."""
     while event.finish_reason is None and not queue.empty():
         following = queue.get_nowait()
+        if following is _TIMED_OUT:  # leave the marker for the caller's next get
+            queue.put_nowait(following)
+            break
         event = replace(
             following, text=event.text + following.text, token_ids=event.token_ids + following.token_ids
         )
