@@ -15,7 +15,8 @@ import asyncio
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -90,29 +91,46 @@ class GenerationService:
         self.model_id = model_id
         self.rate_limiter = rate_limiter or RateLimiter()
         self._dispatchers: dict[asyncio.AbstractEventLoop, LoopDispatcher] = {}
-        self._in_flight = 0  # submitted and not finished; only touched on event loops, under the lock
+        self._in_flight = 0  # submitted and not finished
+        self._preparing = 0  # admitted and still tokenizing / validating
         self._in_flight_lock = threading.Lock()
         self.draining = False
 
-    def admit(self) -> None:
-        """Refuse at once when the engine's queue is full or the server is draining (before any tokenizing)."""
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """Refuse at once when the engine's queue is full or the server is draining (before any tokenizing).
+
+        Requests being prepared count against the queue too, so a burst cannot slip past the limit while it
+        tokenizes; from `events()` on, the request counts as in flight instead.
+        """
         if self.draining:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         limit = self.settings.max_running + self.settings.max_waiting_requests
         with self._in_flight_lock:
-            busy = self._in_flight >= limit
+            busy = self._in_flight + self._preparing >= limit
+            if not busy:
+                self._preparing += 1
         if busy:
             raise rate_limited(f"the server is at capacity ({limit} requests running or queued); retry shortly", 1.0,
                                "server_busy")
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._preparing -= 1
 
     async def prepare_chat(self, body: ChatCompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
-        self.admit()
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = await run_in_threadpool(self._chat_ids, messages)
-        return await self._prepare(body, prompt_ids, body.requested_max_tokens, caller)
+        with self.admission():
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+            prompt_ids = await run_in_threadpool(self._chat_ids, messages)
+            return await self._prepare(body, prompt_ids, body.requested_max_tokens, caller)
 
     async def prepare_completion(self, body: CompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
-        self.admit()
+        with self.admission():
+            return await self._prepare_completion(body, caller)
+
+    async def _prepare_completion(self, body: CompletionRequest, caller: Caller) -> PreparedRequest:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             vocab = len(self.tokenizer)

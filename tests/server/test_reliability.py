@@ -149,3 +149,26 @@ def test_draining_fails_new_and_queued_requests_and_lets_running_ones_finish(tmp
         status, body = results["queued"]
         assert status == 503 and "shutting down" in body["error"]["message"]  # type: ignore[index]
         assert client.get("/health").json() == {"status": "ok"}  # alive while draining
+
+
+def test_a_burst_cannot_slip_past_the_queue_bound_while_tokenizing(tmp_path, tiny_base, monkeypatch) -> None:
+    """Requests still tokenizing count against the bound: 5 at once with room for 2 -> 2 served, 3 refused."""
+    from server.generation import GenerationService
+
+    tokenize = GenerationService._chat_ids
+
+    def slow_tokenize(self, messages):  # noqa: ANN001, ANN202
+        time.sleep(0.4)
+        return tokenize(self, messages)
+
+    monkeypatch.setattr(GenerationService, "_chat_ids", slow_tokenize)
+    settings = make_settings(tmp_path, max_running=1, max_waiting_requests=1)
+    with TestClient(create_app(settings, base_model=tiny_base)) as client:
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda: statuses.append(chat(client).status_code)) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(statuses) == [200, 200, 429, 429, 429]
+        assert chat(client).status_code == 200  # the bound is released again
