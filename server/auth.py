@@ -9,7 +9,7 @@ checked in constant time (`hmac.compare_digest`); see `adapters_store.tenants` f
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +28,7 @@ ACT_AS_HEADER = "x-reft-tenant"
 class Principal:
     tenant: str
     admin: bool = False
+    limits: dict[str, object] = field(default_factory=dict, compare=False)  # the tenant's quota overrides
 
 
 def _unauthorized(message: str, code: str) -> APIError:
@@ -58,13 +59,12 @@ async def principal(request: Request) -> Principal:
         if admin_key and hmac.compare_digest(key.encode(), admin_key.encode()):
             who = Principal(_acting_tenant(request), admin=True)
         else:
-            tenant = await run_in_threadpool(tenants.authenticate, key)
-            if tenant is None:
+            found = await run_in_threadpool(_tenant_and_limits, tenants, key)  # one hop for both reads
+            if found is None:
                 raise _unauthorized("invalid API key", "invalid_api_key")
-            who = Principal(tenant)
+            who = Principal(found[0], limits=found[1])
     if not who.admin:
-        limits = await run_in_threadpool(tenant_limits, tenants, who.tenant)
-        limit = settings.limit("requests_per_minute", limits)
+        limit = settings.limit("requests_per_minute", who.limits)
         wait = request.app.state.rate_limiter.take(who.tenant, "requests", 1, limit)
         if wait:
             raise rate_limited(f"rate limit of {limit} requests per minute reached", wait, "requests_per_minute")
@@ -77,6 +77,11 @@ def _acting_tenant(request: Request) -> str:
         return validate_tenant(name)
     except InvalidNameError as exc:
         raise APIError(400, str(exc), param=ACT_AS_HEADER, code="invalid_tenant") from None
+
+
+def _tenant_and_limits(tenants: TenantStore, key: str) -> tuple[str, dict[str, object]] | None:
+    tenant = tenants.authenticate(key)
+    return None if tenant is None else (tenant, tenant_limits(tenants, tenant))
 
 
 def tenant_limits(tenants: TenantStore, tenant: str) -> dict[str, object]:
@@ -99,5 +104,4 @@ async def caller(request: Request, who: Principal = Depends(principal)) -> Calle
     if who.admin:
         return Caller(who.tenant, None)
     settings: Settings = request.app.state.settings
-    limits = await run_in_threadpool(tenant_limits, request.app.state.tenants, who.tenant)
-    return Caller(who.tenant, settings.limit("tokens_per_minute", limits))
+    return Caller(who.tenant, settings.limit("tokens_per_minute", who.limits))

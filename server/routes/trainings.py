@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import Principal, principal, tenant_limits
+from server.auth import Principal, principal
 from server.dependencies import services
 from server.errors import APIError
 from server.training import ExampleIn, TrainingManager, TrainingRequest
@@ -29,26 +29,22 @@ def _job(job: Any) -> dict[str, Any]:
     return {"object": "training.job", **body, "intervention": body["name"]}
 
 
-async def _submit(request: Request, who: Principal, trainings: TrainingManager, body: TrainingRequest) -> JSONResponse:
-    cap = None
-    if not who.admin:
-        limits = await run_in_threadpool(tenant_limits, request.app.state.tenants, who.tenant)
-        cap = trainings.settings.limit("max_trainings_per_tenant", limits)
+async def _submit(who: Principal, trainings: TrainingManager, body: TrainingRequest) -> JSONResponse:
+    cap = None if who.admin else trainings.settings.limit("max_trainings_per_tenant", who.limits)
     return JSONResponse(_job(await trainings.submit(body, who.tenant, cap)), status_code=202)
 
 
 @router.post("", status_code=202)
 async def create_training(
-    body: TrainingRequest, request: Request, who: Principal = Depends(principal),
+    body: TrainingRequest, who: Principal = Depends(principal),
     trainings: TrainingManager = Depends(manager),
 ) -> JSONResponse:
     """Queue a training job; the intervention is stored and servable when it succeeds."""
-    return await _submit(request, who, trainings, body)
+    return await _submit(who, trainings, body)
 
 
 @router.post("/upload", status_code=202)
 async def create_training_from_file(
-    request: Request,
     name: str = Form(..., description="name of the intervention to create (or replace, as a new version)"),
     file: UploadFile = File(..., description="JSONL: one example per line, {prompt, completion} or {messages}"),
     intervention: str | None = Form(None, description="JSON object, as `intervention` in POST /v1/trainings"),
@@ -72,7 +68,7 @@ async def create_training_from_file(
         body = TrainingRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    return await _submit(request, who, trainings, body)
+    return await _submit(who, trainings, body)
 
 
 def _json_object(text: str, param: str) -> dict[str, Any]:
