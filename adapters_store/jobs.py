@@ -7,14 +7,14 @@ previous process died as failed, with that reason.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adapters_store.errors import StoreError
+from adapters_store.errors import StoreError, StoreWriteError
+from adapters_store.sqlite_db import open_database
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 _SCHEMA = """
@@ -56,14 +56,13 @@ class JobRecord:
 
 class JobStore:
     def __init__(self, root: Path) -> None:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(Path(root) / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db, self.read_only = open_database(Path(root) / "jobs.sqlite3", _SCHEMA)
         self._lock = threading.Lock()
 
     def save(self, job: JobRecord) -> None:
         assert job.status in STATUSES
+        if self.read_only:
+            raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
         row = (job.id, job.tenant, job.name, job.status, json.dumps(job.spec), json.dumps(job.progress),
                json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version)
         with self._lock:
@@ -82,7 +81,9 @@ class JobStore:
         return [_record(row) for row in rows]
 
     def recover_interrupted(self) -> list[JobRecord]:
-        """Mark jobs left queued/running by a previous process as failed; return them."""
+        """Mark jobs left queued/running by a previous process as failed; return them (none when read-only)."""
+        if self.read_only:
+            return []
         recovered = []
         for job in [j for j in self._all() if j.status in ("queued", "running")]:
             failed = replace(job, status="failed", finished_at=now(),

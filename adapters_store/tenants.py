@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_store.errors import InvalidNameError, StoreError
+from adapters_store.errors import InvalidNameError, StoreError, StoreWriteError
 from adapters_store.records import validate_tenant
+from adapters_store.sqlite_db import open_database
 
 KEY_PREFIX = "rs-"
 _SCHEMA = """
@@ -82,16 +83,17 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 class TenantStore:
     def __init__(self, root: Path) -> None:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(Path(root) / "tenants.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")  # the CLI may write while a server reads
-        self._db.executescript(_SCHEMA)
+        self._db, self.read_only = open_database(Path(root) / "tenants.sqlite3", _SCHEMA)
         self._lock = threading.Lock()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreWriteError("the data directory is read-only: tenants and keys cannot change")
 
     # -- tenants ---------------------------------------------------------------------------------------------------
     def create_tenant(self, name: str, limits: dict[str, Any] | None = None) -> Tenant:
         tenant = Tenant(validate_tenant(name), time.time(), dict(limits or {}))
+        self._check_writable()
         with self._lock:
             try:
                 self._db.execute("INSERT INTO tenants VALUES (?, ?, ?)", (name, tenant.created_at, json.dumps(tenant.limits)))
@@ -112,6 +114,7 @@ class TenantStore:
         return [Tenant(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def set_limits(self, name: str, limits: dict[str, Any]) -> Tenant:
+        self._check_writable()
         with self._lock:
             updated = self._db.execute("UPDATE tenants SET limits=? WHERE name=?", (json.dumps(limits), name)).rowcount
         if not updated:
@@ -122,6 +125,7 @@ class TenantStore:
     def create_key(self, tenant: str) -> tuple[ApiKey, str]:
         """A new key for `tenant`: the record and the key itself (shown to the caller once, never stored)."""
         self.get_tenant(tenant)
+        self._check_writable()
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         record = ApiKey(key_id, tenant, time.time())
         with self._lock:
@@ -139,6 +143,7 @@ class TenantStore:
         return [ApiKey(*row) for row in rows]
 
     def revoke_key(self, key_id: str) -> ApiKey:
+        self._check_writable()
         with self._lock:
             updated = self._db.execute("UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
                                        (time.time(), key_id)).rowcount

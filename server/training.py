@@ -131,7 +131,12 @@ class TrainingManager:
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
                                   "examples": len(examples), "description": body.description})
             self._live[job.id] = job
-        await run_in_threadpool(self.jobs.save, job)
+        try:
+            await run_in_threadpool(self.jobs.save, job)
+        except Exception:  # e.g. a read-only data directory: the job was never accepted
+            with self._lock:
+                self._live.pop(job.id, None)
+            raise
         self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples))
         return job
 

@@ -63,3 +63,23 @@ def test_no_made_up_key_authenticates(tmp_path_factory, text: str) -> None:
     tenants.create_tenant("acme")
     _, key = tenants.create_key("acme")
     assert tenants.authenticate(text) is None or text == key
+
+
+def test_a_read_only_directory_still_authenticates_and_refuses_changes(tmp_path, monkeypatch) -> None:
+    import os
+
+    from adapters_store.errors import StoreWriteError
+
+    writable = TenantStore(tmp_path)
+    writable.create_tenant("acme")
+    _, key = writable.create_key("acme")
+    writable.close()
+    monkeypatch.setattr(os, "access", lambda *_args, **_kwargs: False)
+    read_only = TenantStore(tmp_path)
+    assert read_only.read_only and read_only.authenticate(key) == "acme"
+    with pytest.raises(StoreWriteError, match="read-only"):
+        read_only.create_tenant("globex")
+    with pytest.raises(StoreWriteError, match="read-only"):
+        read_only.create_key("acme")
+    empty = TenantStore(tmp_path / "never-written")  # nothing on disk and cannot write: empty, read-only
+    assert empty.read_only and empty.list_tenants() == [] and empty.authenticate(key) is None

@@ -70,6 +70,7 @@ def test_disk_full_on_upload_is_a_507_and_changes_nothing(client, tiny_base, mon
 
 
 def test_a_read_only_store_serves_and_refuses_writes_cleanly(tmp_path, tiny_base, monkeypatch) -> None:
+    """Artifacts, training jobs and tenants: the server starts and serves on a read-only data directory."""
     settings = make_settings(tmp_path)
     with TestClient(create_app(settings, base_model=tiny_base)) as client:
         upload(client, "kept", artifact_bytes(tiny_base, persona(1)))
@@ -80,6 +81,9 @@ def test_a_read_only_store_serves_and_refuses_writes_cleanly(tmp_path, tiny_base
         refused = client.post("/v1/interventions", data={"name": "new"}, files=files)
         assert refused.status_code == 507 and "read-only" in refused.json()["error"]["message"]
         assert client.delete("/v1/interventions/kept").status_code == 507
+        training = client.post("/v1/trainings", json={"name": "t", "examples": [{"prompt": "a", "completion": "b"}]})
+        assert training.status_code == 507 and client.get("/v1/trainings").json()["data"] == []
+        assert client.post("/v1/admin/tenants", json={"name": "acme"}).status_code == 507
         assert chat(client, "kept").status_code == 200
 
 
