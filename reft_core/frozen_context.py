@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from reft_core.hf_compat import cache_kwargs
 from reft_core.hooks import decoder_layers
 
 
@@ -102,8 +103,8 @@ class _LayerRunner:
         self.inputs, self.positions, self.cache = inputs, positions, cache
         self._layers = decoder.layers
         self._mask = create_causal_mask(
-            config=model.config, inputs_embeds=inputs, attention_mask=attention_mask, past_key_values=cache,
-            position_ids=positions,
+            config=model.config, inputs_embeds=inputs, attention_mask=attention_mask, position_ids=positions,
+            **cache_kwargs(create_causal_mask, cache),
         )
         self._rotary = decoder.rotary_emb(inputs, position_ids=positions)
 
@@ -111,7 +112,7 @@ class _LayerRunner:
         """Output of decoder layer `index` for `hidden` (its input); call in order, each index once."""
         out = self._layers[index](
             hidden, attention_mask=self._mask, position_embeddings=self._rotary, position_ids=self.positions,
-            past_key_values=self.cache, use_cache=True,
+            use_cache=True, **cache_kwargs(self._layers[index], self.cache),
         )
         return out[0] if isinstance(out, tuple) else out
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from reft_core.bank import InterventionBank, RowPlacement
+from reft_core.hf_compat import cache_kwargs
 from reft_core.hooks import decoder_layers, editing_layers
 from reft_core.intervention import Intervention
 
@@ -80,9 +81,9 @@ def generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwargs(model, cache),
         )
     stop_ids = torch.tensor(
         [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
@@ -104,8 +105,8 @@ def generate(
             input_ids=next_tokens[:, None],
             attention_mask=attention_mask,
             position_ids=next_position,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
         )
         next_position = next_position + 1
     return generated

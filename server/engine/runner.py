@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from reft_core.bank import InterventionBank, RowPlacement
+from reft_core.hf_compat import cache_kwargs
 from reft_core.generate import left_pad
 from reft_core.hooks import decoder_layers, editing_layers
 from server.engine.kv_cache import BatchKVCache
@@ -55,9 +56,9 @@ class ModelRunner:
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_kwargs(self.model, cache),
             )
         self._append(cache, batch.attention_mask, torch.tensor(batch.lengths, device=self.device))
         self.row_ids.extend(r.seq_id for r in rows)
@@ -73,11 +74,18 @@ class ModelRunner:
             input_ids=input_ids,
             attention_mask=self._mask,
             position_ids=self._next_position[:, None],
-            past_key_values=self._cache,
             use_cache=True,
+            **cache_kwargs(self.model, self._cache),
         )
         self._next_position = self._next_position + 1
         return out.logits[:, -1].float()
+
+    def reset(self) -> None:
+        """Forget every row (after a failed step left the cache in an unknown state)."""
+        self.row_ids = []
+        self._cache = None
+        self._mask = self._mask[:0, :0]
+        self._next_position = self._next_position[:0]
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Drop finished or cancelled rows from the batch immediately."""
@@ -87,9 +95,7 @@ class ModelRunner:
             return
         self.row_ids = [self.row_ids[i] for i in keep]
         if not keep:
-            self._cache = None
-            self._mask = self._mask[:0, :0]
-            self._next_position = self._next_position[:0]
+            self.reset()
             return
         assert self._cache is not None
         self._cache.select(keep)
