@@ -89,6 +89,7 @@ class InterventionBank:
         assert max(config.layers) < self.num_layers, "layer range checked at artifact load"
         self.clear(slot)
         self._grow_rank(config.rank)
+        self._configs[slot] = config  # recorded first, so `clear` can undo a load that fails half way
         for unit, weights in intervention.units.items():
             A, C, b = fold(config.type, *(t.to(self.device, self.dtype) for t in weights.as_tuple()))
             entry = slot * GROUPS_PER_SLOT + (1 if unit.group == "suffix" else 0)
@@ -96,7 +97,6 @@ class InterventionBank:
             self._A[unit.layer][entry, : config.rank] = A
             self._C[unit.layer][entry, : config.rank] = C
             self._b[unit.layer][entry, : config.rank] = b
-        self._configs[slot] = config
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to the identity."""
@@ -104,7 +104,7 @@ class InterventionBank:
         if config is None:
             return
         entries = slice(slot * GROUPS_PER_SLOT, (slot + 1) * GROUPS_PER_SLOT)
-        for layer in config.layers:
+        for layer in (layer for layer in config.layers if layer in self._A):
             self._A[layer][entries] = 0
             self._C[layer][entries] = 0
             self._b[layer][entries] = 0

@@ -23,14 +23,15 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from server.engine.engine import Engine
-from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
+from server.engine.types import (
+    ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
+)
 from server.errors import APIError, rate_limited
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
 from adapters_store import InterventionNotFoundError, InvalidNameError
-from server.engine.engine import SHUTDOWN_ERROR
 
 
 class LoopDispatcher:
@@ -105,6 +106,9 @@ class GenerationService:
         """
         if self.draining:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if self.engine.failure is not None:
+            raise APIError(503, f"the generation engine stopped ({self.engine.failure}); the server must restart",
+                           type="server_error", code="engine_unavailable")
         limit = self.settings.max_running + self.settings.max_waiting_requests
         with self._in_flight_lock:
             busy = self._in_flight + self._preparing >= limit
@@ -239,7 +243,7 @@ class GenerationService:
                     yield GenerationEvent(
                         text="", token_ids=(), finish_reason=FinishReason.ERROR,
                         prompt_tokens=len(prepared.request.prompt_ids), completion_tokens=generated,
-                        error=TIMEOUT_ERROR.format(self.settings.request_timeout_s),
+                        error=TIMEOUT_ERROR.format(self.settings.request_timeout_s), error_kind=ErrorKind.TIMEOUT,
                     )
                     return
                 event = _coalesce(event, queue)
@@ -278,13 +282,21 @@ def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> 
 
 TIMEOUT_ERROR = "the request timed out after {:g} s"
 
+# One table from why a request failed to what the caller gets (streams carry the same body as an error event).
+_ERROR_RESPONSES: dict[ErrorKind, tuple[int, str, str]] = {
+    ErrorKind.INTERNAL: (500, "server_error", "generation_failed"),
+    ErrorKind.SHUTDOWN: (503, "server_error", "shutting_down"),
+    ErrorKind.ENGINE_DEAD: (503, "server_error", "engine_unavailable"),
+    ErrorKind.TIMEOUT: (504, "timeout_error", "request_timeout"),
+}
+
+
+def error_for(event: GenerationEvent) -> APIError:
+    """The API error for a failed request's final event."""
+    status, kind, code = _ERROR_RESPONSES[event.error_kind or ErrorKind.INTERNAL]
+    return APIError(status, event.error or "generation failed", type=kind, code=code)
+
 
 def raise_for_error(event: GenerationEvent) -> None:
-    if event.finish_reason is not FinishReason.ERROR:
-        return
-    message = event.error or "generation failed"
-    if message.startswith(TIMEOUT_ERROR.split("{")[0]):
-        raise APIError(504, message, type="timeout_error", code="request_timeout")
-    if message == SHUTDOWN_ERROR:
-        raise APIError(503, message, type="server_error", code="shutting_down")
-    raise APIError(500, message, type="server_error", code="generation_failed")
+    if event.finish_reason is FinishReason.ERROR:
+        raise error_for(event)

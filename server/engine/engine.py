@@ -4,8 +4,13 @@
           running rows -> sample -> postprocess (detokenize, stop checks, emit, release finished rows)
 
 Handlers call `submit`/`cancel` from any thread; those only enqueue commands. Everything that touches the model,
-the bank, the cache or the scheduler happens on the engine thread. A failure inside one request (unusable logits)
-fails that request; a failing forward fails the rows of that forward and the engine keeps serving.
+the bank, the cache or the scheduler happens on the engine thread.
+
+Nothing a request can cause stops the loop: whatever fails for one row (loading its intervention, sampling,
+detokenizing, delivering an event) fails that row only; a failing forward fails the rows of that forward; any
+other exception in a step fails the running rows, resets the cache and the loop goes on. Only repeated failures of
+whole steps (a broken device) end the thread; then `failure` says why, `/health` turns 503 so an orchestrator
+restarts the process, and every request, waiting or new, fails at once instead of hanging.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from reft_core.bank import InterventionBank
 from reft_core.hooks import decoder_layers
@@ -31,11 +36,14 @@ from server.engine.runner import ModelRunner, PrefillRow
 from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import EventSink, Sequence
-from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
+from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
 from server.metrics import Metrics
 
 log = logging.getLogger("reft_serve.engine")
 SHUTDOWN_ERROR = "the server is shutting down"
+# Whole steps failing this many times in a row means the engine itself is broken (not one request): stop, so the
+# process is restarted instead of failing every request forever.
+MAX_CONSECUTIVE_STEP_FAILURES = 20
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,10 @@ class Engine:
         self._trainings: deque[TrainingTask] = deque()
         self._training: tuple[TrainingTask, ReftTrainer] | None = None
         self._draining = False
+        self._closed = False  # set when the thread exits; later submits fail at once (guarded by _submit_lock)
+        self._submit_lock = threading.Lock()
+        self._failure: str | None = None
+        self._device = device
         self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes the training slices
 
     # -- API for other threads -------------------------------------------------------------------------------------
@@ -122,10 +134,23 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread died (None while it runs, and after a requested stop)."""
+        return self._failure
+
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
-        """Queue a request; `sink` receives its events on the engine thread (it must be quick and thread-safe)."""
-        self._commands.put(("submit", (request, sink)))
-        self._wake.set()
+        """Queue a request; `sink` receives its events on the engine thread (it must be quick and thread-safe).
+
+        If the engine has stopped, the request fails at once (on the caller's thread)."""
+        with self._submit_lock:
+            if not self._closed:
+                self._commands.put(("submit", (request, sink)))
+                self._wake.set()
+                return
+        kind, error = self._closed_reason()
+        sink(GenerationEvent(text="", token_ids=(), finish_reason=FinishReason.ERROR, error=error, error_kind=kind,
+                             prompt_tokens=len(request.prompt_ids)))
 
     def cancel(self, request_id: str) -> None:
         self._commands.put(("cancel", request_id))
@@ -152,27 +177,84 @@ class Engine:
     # -- engine thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("engine started", extra={"max_running": self.settings.max_running})
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the loop is reported, never silent
+            self._failure = f"{type(exc).__name__}: {exc}"
+            log.critical("engine thread died", exc_info=True, extra={"reason": self._failure})
+        finally:
+            self._close()
+
+    def _serve(self) -> None:
+        failures = 0
         while not self._stop.is_set():
-            self._apply_commands()
-            if self.idle:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            self.step()
+            try:
+                self._apply_commands()
+                if self.idle:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self.step()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, not the engine
+                failures += 1
+                if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    raise
+                self._recover(exc)
+
+    def _recover(self, exc: Exception) -> None:
+        """A step failed outside any one row's handling: the running rows' cache may be inconsistent, so fail them
+        (waiting rows stay queued) and start from an empty batch."""
+        log.exception("engine step failed; failing the running rows", extra={"rows": len(self.scheduler.running)})
+        for seq in list(self.scheduler.running.values()):
+            self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
+        self.runner.reset()
+
+    def _closed_reason(self) -> tuple[ErrorKind, str]:
+        if self._failure is not None:
+            return ErrorKind.ENGINE_DEAD, f"the generation engine stopped ({self._failure}); the server must restart"
+        return ErrorKind.SHUTDOWN, SHUTDOWN_ERROR
+
+    def _close(self) -> None:
+        """The thread is exiting: refuse new work, fail everything still queued or running, end training jobs."""
+        with self._submit_lock:
+            self._closed = True
+        kind, error = self._closed_reason()
+        while True:  # submits that raced the close
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command == "submit":
+                request, sink = payload
+                _deliver(sink, GenerationEvent(text="", token_ids=(), finish_reason=FinishReason.ERROR, error=error,
+                                               error_kind=kind, prompt_tokens=len(request.prompt_ids)))
+            elif command == "train":
+                self._trainings.append(payload)
         for seq in list(self._by_request.values()):
-            self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR)
+            self._finish(seq, FinishReason.ERROR, error=error, kind=kind)
         pending = [self._training[0]] if self._training is not None else []
+        self._training = None
         for task in pending + list(self._trainings):
-            task.on_finish(None, [], "the server shut down before the job finished")
+            _call_quietly(task.on_finish, None, [], "the server shut down before the job finished")
+        self._trainings.clear()
+        self._update_gauges()
 
     def step(self) -> None:
         """One iteration: admit and prefill new rows, then one decode step for every running row."""
-        admitted = self.scheduler.admit()
+        admitted, refused = self.scheduler.admit()
+        for seq, exc in refused:
+            log.warning("could not load the intervention", extra={"request": seq.request.request_id, "error": repr(exc)})
+            self._finish(seq, FinishReason.ERROR, error=f"the intervention could not be loaded: {type(exc).__name__}")
+        self._update_gauges()
         if admitted:
             self._forward(admitted, prefill=True)
         if self.scheduler.running:
             self._forward([self.scheduler.running[i] for i in self.runner.row_ids], prefill=False)
         self._train_slice()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.scheduler.waiting))
         self.metrics.running_rows.set(len(self.scheduler.running))
         self.metrics.resident_interventions.set(self.slots.resident)
@@ -185,16 +267,16 @@ class Engine:
                 return
             if kind == "submit":
                 request, sink = payload
-                seq = Sequence.create(self._next_seq_id, request, sink, self.tokenizer)
+                seq = Sequence.create(self._next_seq_id, request, sink, self.tokenizer, self._device)
                 self._next_seq_id += 1
                 self._by_request[request.request_id] = seq
                 self.scheduler.add(seq)
                 if self._draining:
-                    self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR)
+                    self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR, kind=ErrorKind.SHUTDOWN)
             elif kind == "drain":
                 self._draining = True
                 for seq in list(self.scheduler.waiting):
-                    self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR)
+                    self._finish(seq, FinishReason.ERROR, error=SHUTDOWN_ERROR, kind=ErrorKind.SHUTDOWN)
             elif kind == "cancel" and payload in self._by_request:
                 self._finish(self._by_request[payload], FinishReason.CANCELLED)
             elif kind == "train":
@@ -206,11 +288,11 @@ class Engine:
         if self._training is not None and self._training[0].job_id == job_id:
             task, trainer = self._training
             self._training = None
-            task.on_finish(None, trainer.losses, "cancelled")
+            _call_quietly(task.on_finish, None, trainer.losses, "cancelled")
             return
         for task in [t for t in self._trainings if t.job_id == job_id]:
             self._trainings.remove(task)
-            task.on_finish(None, [], "cancelled")
+            _call_quietly(task.on_finish, None, [], "cancelled")
 
     def _train_slice(self) -> None:
         """Run the current training job for a bounded time (starting the next queued one if needed)."""
@@ -222,10 +304,10 @@ class Engine:
                 trainer = task.make_trainer()
             except Exception as exc:  # noqa: BLE001 - a bad job fails alone
                 log.exception("training set-up failed", extra={"job": task.job_id})
-                task.on_finish(None, [], f"training could not start: {exc}")
+                _call_quietly(task.on_finish, None, [], f"training could not start: {exc}")
                 return
             self._training = (task, trainer)
-            task.on_start(trainer.total_steps)
+            _call_quietly(task.on_start, trainer.total_steps)
         task, trainer = self._training
         serving = bool(self.scheduler.running or self.scheduler.waiting)
         budget = self.settings.training_share * self._decode_step_s if serving else self.settings.idle_training_slice_s
@@ -237,14 +319,20 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             log.exception("training step failed", extra={"job": task.job_id})
             self._training = None
-            task.on_finish(None, trainer.losses, f"training failed: {exc}")
+            _call_quietly(task.on_finish, None, trainer.losses, f"training failed: {exc}")
             return
         if progress is None:
             return
-        task.on_progress(progress)
+        _call_quietly(task.on_progress, progress)
         if trainer.done:
             self._training = None
-            task.on_finish(trainer.result(), trainer.losses, None)
+            try:
+                result = trainer.result()
+            except Exception as exc:  # noqa: BLE001
+                log.exception("training result failed", extra={"job": task.job_id})
+                _call_quietly(task.on_finish, None, trainer.losses, f"training failed: {exc}")
+                return
+            _call_quietly(task.on_finish, result, trainer.losses, None)
 
     def _forward(self, seqs: list[Sequence], *, prefill: bool) -> None:
         started = time.perf_counter()
@@ -266,9 +354,26 @@ class Engine:
             self._decode_step_s = elapsed if not self._decode_step_s else 0.8 * self._decode_step_s + 0.2 * elapsed
         if prefill:
             self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
-        tokens = sample(logits, [s.sampling for s in seqs], self.eos_ids)
-        for seq, token in zip(seqs, tokens):
-            self._postprocess(seq, token)
+        for seq, token in zip(seqs, self._sample(logits, seqs)):
+            try:
+                self._postprocess(seq, token)
+            except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer failure fails this row only
+                log.exception("postprocessing failed", extra={"request": seq.request.request_id})
+                self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """Sample the batch at once; should that fail, row by row, so only the rows that cannot be sampled fail."""
+        try:
+            return sample(logits, [s.sampling for s in seqs], self.eos_ids)
+        except Exception:  # noqa: BLE001
+            log.exception("batched sampling failed; sampling row by row", extra={"rows": len(seqs)})
+        tokens: list[int | None] = []
+        for i, seq in enumerate(seqs):
+            try:
+                tokens.extend(sample(logits[i : i + 1], [seq.sampling], self.eos_ids))
+            except Exception:  # noqa: BLE001
+                tokens.append(None)
+        return tokens
 
     def _postprocess(self, seq: Sequence, token: int | None) -> None:
         if token is None:
@@ -294,10 +399,11 @@ class Engine:
         elif len(seq.generated) >= params.max_tokens or seq.prompt_len + len(seq.generated) >= self.max_context:
             self._finish(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush(), token=token)
         else:
-            seq.sink(GenerationEvent(text=text, token_ids=(token,)))
+            _deliver(seq.sink, GenerationEvent(text=text, token_ids=(token,)))
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason, *, text: str = "", token: int | None = None, error: str | None = None
+        self, seq: Sequence, reason: FinishReason, *, text: str = "", token: int | None = None, error: str | None = None,
+        kind: ErrorKind | None = None,
     ) -> None:
         if seq.request.request_id not in self._by_request:
             return
@@ -305,10 +411,14 @@ class Engine:
         if not self.scheduler.remove_waiting(seq):
             self.runner.release([seq.seq_id])
             self.scheduler.finish(seq)
+        self.metrics.running_rows.set(len(self.scheduler.running))
         if reason is FinishReason.CANCELLED and seq.generated:
-            text = seq.detokenizer.flush()
+            text = _call_quietly(seq.detokenizer.flush) or ""
+        if reason is FinishReason.ERROR and kind is None:
+            kind = ErrorKind.INTERNAL
         self.metrics.requests.labels(finish_reason=reason.value).inc()
-        seq.sink(
+        _deliver(
+            seq.sink,
             GenerationEvent(
                 text=text,
                 token_ids=(token,) if token is not None else (),
@@ -316,8 +426,9 @@ class Engine:
                 prompt_tokens=seq.prompt_len,
                 completion_tokens=len(seq.generated),
                 error=error,
+                error_kind=kind,
                 timings=self._timings(seq),
-            )
+            ),
         )
 
     @staticmethod
@@ -338,3 +449,20 @@ class Engine:
         while not self.idle:
             self.step()
             self._apply_commands()
+
+
+def _deliver(sink: EventSink, event: GenerationEvent) -> None:
+    """Hand an event to a request's sink; a broken sink (its event loop gone) must not reach the engine loop."""
+    try:
+        sink(event)
+    except Exception:  # noqa: BLE001
+        log.warning("could not deliver a generation event", exc_info=True)
+
+
+def _call_quietly(callback: Callable[..., Any], *args: Any) -> Any:
+    """Run a job or detokenizer callback; its failure is logged, never raised into the engine loop."""
+    try:
+        return callback(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("engine callback failed")
+        return None

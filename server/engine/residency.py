@@ -35,7 +35,12 @@ class SlotTable:
             slot = self._take_slot()
             if slot is None:
                 return None
-            self.bank.load(slot, intervention)
+            try:
+                self.bank.load(slot, intervention)
+            except Exception:
+                self.bank.clear(slot)  # a half-written slot must not serve anyone
+                self._free.append(slot)
+                raise
             self._slot_of[key] = slot
             self.loads += 1
         self._idle.pop(slot, None)

@@ -1,9 +1,14 @@
 """Turns a batch of next-token logits into one token per row, honouring each row's own sampling parameters.
 
-Greedy rows take the argmax (batch-invariant by construction). Sampled rows apply temperature, top-k and top-p,
-then draw with the row's own seeded generator when the request gave a seed, so a seeded request's output does not
-depend on its batch-mates. EOS is masked while a row is below `min_tokens`. A row whose logits are not finite gets
-`None`: the engine fails that request, not the batch.
+Everything is batched: one argmax for greedy rows, and for sampled rows one temperature scale, one sort for top-k
+and top-p, and one draw by the exponential race (`argmax(p / q)`, `q ~ Exp(1)`, which picks token i with
+probability p_i). The race lets every seeded row draw its noise from its own generator (so a seeded request's
+output does not depend on its batch-mates) while unseeded rows share one draw, with a single host sync per step.
+
+Sampling cannot raise on any parameters the API accepts: temperatures below `MIN_TEMPERATURE` are greedy (their
+reciprocal would overflow), logits are shifted by their row maximum before scaling (so the scaled values are <= 0
+and finite or -inf), and the most likely token always survives top-k/top-p. EOS is masked while a row is below
+`min_tokens`. A row whose logits are not finite gets `None`: the engine fails that request, not the batch.
 """
 
 from __future__ import annotations
@@ -16,43 +21,71 @@ from torch import Tensor
 
 from server.engine.types import SamplingParams
 
+# Below this a temperature is indistinguishable from greedy in fp32 (vLLM uses the same cut-off).
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class RowSampling:
     params: SamplingParams
     generated: int  # tokens generated so far
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # on the logits' device; None: the shared global stream
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy or self.params.temperature < MIN_TEMPERATURE
 
 
-def _filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    # logits: [V] (already temperature-scaled)
-    if top_k > 0 and top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (always keep the first)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    # logits: [B, V] (temperature-scaled, max of each row = 0); top_k: [B] (0 = off); top_p: [B] (1 = off)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    drop = ranks[None, :] >= k[:, None]  # beyond the k largest
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # drop a token when the mass before it already reaches top_p; the first token is never dropped
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def _exponential_noise(rows: Sequence[RowSampling], shape: tuple[int, int], device: torch.device) -> Tensor:
+    noise = torch.empty(shape, device=device).exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            noise[i].exponential_(generator=row.generator)
+    return noise
+
+
+def _sample_rows(logits: Tensor, rows: Sequence[RowSampling]) -> Tensor:
+    # logits: [S, V] finite rows only -> token ids [S]
+    device = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=device)
+    top_k = torch.tensor([r.params.top_k for r in rows], dtype=torch.long, device=device)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32, device=device)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # <= 0, the best token at exactly 0
+    scaled = _filter_top_k_top_p(shifted / temperature[:, None], top_k, top_p)
+    probs = torch.softmax(scaled, dim=-1)  # finite: every row keeps its best token at logit 0
+    noise = _exponential_noise(rows, tuple(probs.shape), device)
+    return (probs / noise).argmax(dim=-1)
 
 
 def sample(logits: Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[int]) -> list[int | None]:
     """logits: [B, V] float32 -> one token id per row (None where the logits are unusable)."""
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=logits.device)
+    logits = logits.float()
     below_min = [i for i, r in enumerate(rows) if r.generated < r.params.min_tokens]
-    if below_min and eos.numel():
+    if below_min and eos_token_ids:
         logits = logits.clone()
-        logits[torch.tensor(below_min, device=logits.device)[:, None], eos[None, :]] = float("-inf")
-    finite = torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)
-    greedy = logits.argmax(dim=-1)
-    tokens: list[int | None] = greedy.tolist()
-    for i, (row, ok) in enumerate(zip(rows, finite.tolist())):
-        if not ok:
-            tokens[i] = None
-        elif not row.params.greedy:
-            scaled = _filter_top_k_top_p(logits[i] / row.params.temperature, row.params.top_k, row.params.top_p)
-            probs = torch.softmax(scaled, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
-    return tokens
+        index = torch.tensor(below_min, device=logits.device)[:, None]
+        logits[index, torch.tensor(list(eos_token_ids), device=logits.device)[None, :]] = float("-inf")
+    finite = torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1) & ~(logits == float("inf")).any(-1)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        usable = finite[index]
+        # unusable rows are sampled from zeros (harmless) and discarded below
+        rows_logits = torch.where(usable[:, None], logits[index], torch.zeros_like(logits[index]))
+        tokens[index] = _sample_rows(rows_logits, [rows[i] for i in sampled])
+    return [token if ok else None for token, ok in zip(tokens.tolist(), finite.tolist())]

@@ -28,16 +28,26 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move as many waiting sequences to running as fit this iteration, in arrival order."""
+    def admit(self) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
+        """Move as many waiting sequences to running as fit this iteration, in arrival order.
+
+        Returns the admitted sequences and those whose intervention could not be loaded (removed from the queue,
+        with the reason; the caller fails them)."""
         admitted: list[Sequence] = []
+        refused: list[tuple[Sequence, Exception]] = []
         tokens = 0
         while self.waiting and len(self.running) + len(admitted) < self.max_running:
             seq = self.waiting[0]
             if admitted and tokens + seq.prompt_len > self.max_prefill_tokens:
                 break
             ref = seq.request.intervention
-            slot = self.slots.acquire(ref.key, ref.intervention) if ref is not None else 0
+            try:
+                slot = self.slots.acquire(ref.key, ref.intervention) if ref is not None else 0
+            except Exception as exc:  # noqa: BLE001 - one bad intervention must not stop admission for the rest
+                self.waiting.popleft()
+                seq.status = SequenceStatus.FINISHED
+                refused.append((seq, exc))
+                continue
             if slot is None:
                 break  # every slot is pinned by running rows: wait for one to finish
             self.waiting.popleft()
@@ -46,7 +56,7 @@ class Scheduler:
             tokens += seq.prompt_len
         for seq in admitted:
             self.running[seq.seq_id] = seq
-        return admitted
+        return admitted, refused
 
     def remove_waiting(self, seq: Sequence) -> bool:
         try:

@@ -38,9 +38,13 @@ class Sequence:
     last_token_at: float | None = None
 
     @classmethod
-    def create(cls, seq_id: int, request: GenerationRequest, sink: EventSink, tokenizer: object) -> Sequence:
+    def create(
+        cls, seq_id: int, request: GenerationRequest, sink: EventSink, tokenizer: object,
+        device: torch.device | str = "cpu",
+    ) -> Sequence:
         params = request.params
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # the generator lives where the logits are, so drawing a seeded row's noise needs no host round trip
+        generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
         return cls(
             seq_id=seq_id,
             request=request,

@@ -15,7 +15,16 @@ class FinishReason(str, Enum):
     STOP = "stop"  # EOS or a stop string / stop token
     LENGTH = "length"  # max_tokens reached or context full
     CANCELLED = "cancelled"  # client went away or asked to stop
-    ERROR = "error"  # this request failed (the engine keeps running)
+    ERROR = "error"  # this request failed (the engine keeps running); `error_kind` says why
+
+
+class ErrorKind(str, Enum):
+    """Why a request failed: one value per outcome, mapped to an HTTP status in one table (server.generation)."""
+
+    INTERNAL = "internal"  # something inside the engine failed for this request (unusable logits, a forward)
+    SHUTDOWN = "shutdown"  # the server is draining or stopping
+    ENGINE_DEAD = "engine_dead"  # the engine thread stopped; the process must be restarted
+    TIMEOUT = "timeout"  # the request ran past request_timeout_s
 
 
 @dataclass(frozen=True)
@@ -66,4 +75,5 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = None  # set when finish_reason is ERROR
     timings: dict[str, float] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from server.auth import caller
 from server.dependencies import generation_service
 from server.engine.types import FinishReason, GenerationEvent
 from server.errors import error_body
-from server.generation import TIMEOUT_ERROR, Caller, GenerationService, PreparedRequest, raise_for_error
+from server.generation import Caller, GenerationService, PreparedRequest, error_for, raise_for_error
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter(prefix="/v1", tags=["generation"])
@@ -87,9 +87,8 @@ async def _stream(
         first = True
         async for event in events:
             if event.finish_reason is FinishReason.ERROR:
-                timed_out = (event.error or "").startswith(TIMEOUT_ERROR.split("{")[0])
-                kind, code = ("timeout_error", "request_timeout") if timed_out else ("server_error", "generation_failed")
-                yield _sse(error_body(event.error or "generation failed", kind, code))
+                error = error_for(event)
+                yield _sse(error_body(error.message, error.type, error.code))
                 break
             if event.text or first or event.finish_reason is not None:
                 yield _sse(envelope.wrap([choice(event, first)]))

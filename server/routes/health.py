@@ -10,9 +10,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """The process is alive and its engine is running (503 once the engine has died: restart the process)."""
+    svc = getattr(request.app.state, "services", None)
+    failure = svc.engine.failure if svc is not None else None
+    if failure is not None:
+        return JSONResponse({"status": "unhealthy", "reason": f"the generation engine stopped: {failure}"},
+                            status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
@@ -22,7 +27,8 @@ async def ready(request: Request) -> JSONResponse:
     if request.app.state.draining:
         return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
     if svc is None or not svc.engine.running:
-        reason = getattr(request.app.state, "load_error", None) or "loading"
+        failure = svc.engine.failure if svc is not None else None
+        reason = failure or getattr(request.app.state, "load_error", None) or "loading"
         return JSONResponse({"status": "not_ready", "reason": str(reason)}, status_code=503)
     return JSONResponse({"status": "ready", "model": svc.model_id})
 

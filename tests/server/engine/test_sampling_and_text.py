@@ -14,10 +14,15 @@ from tests import tiny
 TOKENIZER = tiny.tiny_tokenizer()
 
 
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """One row through the batched filter."""
+    return _filter_top_k_top_p(logits[None], torch.tensor([top_k]), torch.tensor([top_p]))[0]
+
+
 @given(st.lists(st.floats(-5, 5), min_size=2, max_size=40), st.integers(1, 40))
 def test_top_k_keeps_exactly_the_k_largest(values, k) -> None:
     logits = torch.tensor(values) + torch.arange(len(values)) * 1e-3  # break ties
-    kept = torch.isfinite(_filter_top_k_top_p(logits, k, 1.0))
+    kept = torch.isfinite(_filter(logits, k, 1.0))
     assert int(kept.sum()) == min(k, len(values))
     assert logits[kept].min() >= logits[~kept].max() if (~kept).any() else True
 
@@ -25,7 +30,7 @@ def test_top_k_keeps_exactly_the_k_largest(values, k) -> None:
 @given(st.lists(st.floats(-5, 5), min_size=2, max_size=40), st.floats(0.01, 1.0))
 def test_top_p_keeps_the_smallest_prefix_reaching_p(values, p) -> None:
     logits = torch.tensor(values) + torch.arange(len(values)) * 1e-3
-    kept = torch.isfinite(_filter_top_k_top_p(logits, 0, p))
+    kept = torch.isfinite(_filter(logits, 0, p))
     probs = torch.softmax(logits, -1)
     assert probs[kept].sum() >= p - 1e-5 or kept.all()
     assert probs[kept].min() >= probs[~kept].max() if (~kept).any() else True
