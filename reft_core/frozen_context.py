@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from reft_core.config import InterventionConfig
+from reft_core.examples import TokenizedExample
 from reft_core.hooks import decoder_layers
 
 
@@ -80,6 +82,13 @@ class ModelDims:
         """What `FrozenContext.nbytes` will be for a `length`-token example whose states change from `start` on."""
         prefix = start * self.kv_bytes_per_token(self.num_layers - first_layer)
         return prefix + (length - start) * self.hidden_size * self.element_size
+
+
+def first_changing_position(config: InterventionConfig, example: TokenizedExample) -> int:
+    """q0: the earliest position an edit can affect; also no later than the first position that predicts a label."""
+    prompt_len = len(example.prompt_ids)
+    edited = [p for group in config.groups for p in config.positions_for(group, prompt_len)]
+    return min(edited + [prompt_len - 1])
 
 
 def supports_frozen_context(model: nn.Module) -> bool:
