@@ -11,13 +11,18 @@ micro-batch (the layers are run one by one, and backpropagation goes layer by la
 boundaries, which gives the same gradients as one backward call). `step()` runs a whole optimizer step and
 `train_intervention` runs to completion. Only the intervention's parameters require grad, so autograd does no work
 below the lowest intervened layer.
+
+Frozen contexts (see frozen_context.py) are kept for the whole job only within `context_budget_bytes`: examples
+in order, each kept if it still fits; the others are recomputed each time their micro-batch runs (same values, so
+the same gradients; tested). `estimate_training_memory` predicts, from token counts alone, what a job keeps and the
+working memory of its largest micro-batch, so a server can admit a job before it starts.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,11 +32,19 @@ from torch import Tensor, nn
 from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
-from reft_core.frozen_context import FrozenContext, SuffixPass, frozen_context_work, supports_frozen_context
+from reft_core.frozen_context import (
+    FrozenContext,
+    ModelDims,
+    SuffixPass,
+    first_changing_position,
+    frozen_context_work,
+    supports_frozen_context,
+)
 from reft_core.functional import add_at_positions, gather_positions
 from reft_core.hooks import LayerEdit, decoder_layers, editing_layers
 from reft_core.intervention import Intervention
 from reft_core.modules import TrainableIntervention, TrainableUnit
+from reft_core.training_memory import kept_contexts
 
 
 @dataclass(frozen=True)
@@ -91,8 +104,13 @@ class ReftTrainer:
         reuse_frozen_context: bool = True,
         micro_batch_tokens: int | None = None,
         head_chunk_tokens: int | None = None,
+        context_budget_bytes: int | None = None,
+        max_micro_batch_tokens: int | None = None,
     ) -> None:
-        """`micro_batch_tokens` caps the padded tokens of one micro-batch (None: whole length buckets) and
+        """`context_budget_bytes` caps the frozen contexts kept for the whole job (None: keep all; 0: keep none,
+        recompute each when its micro-batch runs). `max_micro_batch_tokens` caps, in every mode, a micro-batch's
+        padded prefix + suffix tokens and an LM-head slice's labels: what one micro-batch's working memory grows
+        with (None: no cap; a longer example still runs, alone). `micro_batch_tokens` caps the padded tokens of one micro-batch (None: whole length buckets) and
         `head_chunk_tokens` the label positions per LM-head slice (None: all of a micro-batch's at once; the head is
         the costliest part per token for small models with large vocabularies). Smaller values make shorter slices;
         the gradient is the same (partial losses are summed, then divided once). Setting `fine_slices` to False
@@ -107,6 +125,7 @@ class ReftTrainer:
         self.training = training
         self.micro_batch_tokens = micro_batch_tokens
         self.head_chunk_tokens = head_chunk_tokens
+        self.max_micro_batch_tokens = max_micro_batch_tokens
         self.fine_slices = True
         self.device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
@@ -126,14 +145,17 @@ class ReftTrainer:
         self._epoch_batches: list[list[int]] = []
         self.first_layer = min(config.layers)
         self._reuse_frozen_context = reuse_frozen_context and supports_frozen_context(model)
-        self._contexts: list[FrozenContext] | None = None  # filled by the first slices (one example each)
+        self._starts = [first_changing_position(config, ex) if self._reuse_frozen_context else 0 for ex in self.examples]
+        self._keep = kept_contexts(self._context_sizes(), context_budget_bytes)
+        self._contexts: dict[int, FrozenContext] = {}  # example index -> context kept for the whole job
         self._work: Generator[None, None, TrainingProgress] | None = None
 
-    def _first_changing_position(self, example: TokenizedExample) -> int:
-        """Earliest position an edit can affect; also no later than the first position that predicts a label."""
-        prompt_len = len(example.prompt_ids)
-        edited = [p for group in self.config.groups for p in self.config.positions_for(group, prompt_len)]
-        return min(edited + [prompt_len - 1])
+    def _context_sizes(self) -> list[int]:
+        if not self._reuse_frozen_context:
+            return []
+        dims = ModelDims.from_model(self.model)
+        return [dims.context_nbytes(len(ex.input_ids), start, self.first_layer)
+                for ex, start in zip(self.examples, self._starts)]
 
     @property
     def done(self) -> bool:
@@ -168,13 +190,11 @@ class ReftTrainer:
     @torch.no_grad()
     def loss(self, indices: Sequence[int]) -> Tensor:
         """The training loss on the examples at `indices` with the current weights (no gradient work)."""
-        self._prepare_all()
         total = sum(len(self.examples[i].completion_ids) for i in indices)
         return sum(_drain(self._micro_batch(chunk, total, backward=False)) for chunk in self._micro_batches(indices))
 
     # -- slices ----------------------------------------------------------------------------------------------------
     def _step_work(self) -> Generator[None, None, TrainingProgress]:
-        yield from self._prepare()
         if not self._epoch_batches:
             order = torch.randperm(len(self.examples), generator=self._shuffle).tolist()
             size = self.training.batch_size
@@ -196,36 +216,49 @@ class ReftTrainer:
         epoch = (self.step_count - 1) // self.steps_per_epoch + 1
         return TrainingProgress(self.step_count, self.total_steps, epoch, self.losses[-1])
 
-    def _prepare(self) -> Iterator[None]:
-        """Frozen contexts, one decoder layer of one example per slice."""
-        if not self._reuse_frozen_context or (self._contexts is not None and len(self._contexts) == len(self.examples)):
-            return
-        self._contexts = self._contexts or []
-        for example in self.examples[len(self._contexts) :]:
-            start = self._first_changing_position(example)
-            context = yield from frozen_context_work(self.model, example.input_ids, start, self.first_layer)
-            self._contexts.append(context)
+    def _frozen_contexts(self, indices: Sequence[int]) -> Generator[None, None, list[FrozenContext]]:
+        """The examples' contexts: kept ones as they are, the others computed now (one decoder layer per slice) and
+        kept only if the budget reserved room for them (then this is their first and only computation)."""
+        contexts = []
+        for i in indices:
+            context = self._contexts.get(i)
+            if context is None:
+                context = yield from frozen_context_work(
+                    self.model, self.examples[i].input_ids, self._starts[i], self.first_layer
+                )
+                if self._keep[i]:
+                    self._contexts[i] = context
+            contexts.append(context)
+        return contexts
 
-    def _prepare_all(self) -> None:
-        for _ in self._prepare():
-            pass
+    @property
+    def kept_context_bytes(self) -> int:
+        """Tensor bytes of the frozen contexts held for the whole job (what `context_budget_bytes` caps)."""
+        return sum(c.nbytes for c in self._contexts.values())
 
     def _micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
-        """Length buckets (examples within 2x of each other: padding at most half), split to `micro_batch_tokens`."""
-        def length(i: int) -> int:
-            start = self._contexts[i].start if self._reuse_frozen_context else 0
-            return len(self.examples[i].input_ids) - start
-
+        """Length buckets (examples within 2x of each other: padding at most half), split to `micro_batch_tokens`
+        (suffix tokens, while slices must be fine) and `max_micro_batch_tokens` (prefix + suffix, always)."""
         buckets: list[list[int]] = []
-        for i in sorted(indices, key=length):
-            fits = bool(buckets) and length(i) <= 2 * length(buckets[-1][0])
-            if fits and self.micro_batch_tokens is not None and self.fine_slices:  # sorted: length(i) is the padding
-                fits = length(i) * (len(buckets[-1]) + 1) <= self.micro_batch_tokens
-            if fits:
+        for i in sorted(indices, key=self._suffix_length):
+            if buckets and self._fits(buckets[-1], i):
                 buckets[-1].append(i)
             else:
                 buckets.append([i])
         return buckets
+
+    def _suffix_length(self, i: int) -> int:
+        return len(self.examples[i].input_ids) - self._starts[i]
+
+    def _fits(self, bucket: list[int], i: int) -> bool:
+        """Whether example `i` (the longest suffix so far: sorted) may join `bucket`."""
+        suffix, rows = self._suffix_length(i), len(bucket) + 1
+        if suffix > 2 * self._suffix_length(bucket[0]):
+            return False
+        if self.micro_batch_tokens is not None and self.fine_slices and suffix * rows > self.micro_batch_tokens:
+            return False
+        prefix = max(self._starts[j] for j in (*bucket, i))  # prefixes are left-padded to the longest
+        return self.max_micro_batch_tokens is None or (prefix + suffix) * rows <= self.max_micro_batch_tokens
 
     def _micro_batch(self, indices: Sequence[int], total: int, *, backward: bool) -> Generator[None, None, Tensor]:
         """Loss contribution (token-loss sum / `total`) of one micro-batch; with `backward`, also its gradient."""
@@ -236,7 +269,7 @@ class ReftTrainer:
                 loss.backward()
             yield
             return loss.detach()
-        contexts = [self._contexts[i] for i in indices]
+        contexts = yield from self._frozen_contexts(indices)
         starts = [c.start for c in contexts]
         edits = self._edits([len(ex.prompt_ids) for ex in batch], starts)
         suffix = SuffixPass(self.model, contexts, self.first_layer)
@@ -252,7 +285,7 @@ class ReftTrainer:
             yield
         top = hidden.detach().requires_grad_(backward)
         rows, cols, targets = self._labels(batch, starts)
-        chunk = (self.head_chunk_tokens if self.fine_slices else None) or len(targets)
+        chunk = self._head_chunk(len(targets))
         loss = torch.zeros((), device=self.device)
         for first in range(0, len(targets), chunk):  # gradients of the chunks accumulate in top.grad
             pick = slice(first, first + chunk)
@@ -270,6 +303,12 @@ class ReftTrainer:
             grad = layer_input.grad
             yield
         return loss
+
+    def _head_chunk(self, labels: int) -> int:
+        """Labels per LM-head slice: its logits ([chunk, vocab] floats, three copies with the gradient) can dwarf the
+        rest of a micro-batch, so `max_micro_batch_tokens` bounds them too, even when slices may be long."""
+        caps = [self.head_chunk_tokens if self.fine_slices else None, self.max_micro_batch_tokens]
+        return min([labels] + [c for c in caps if c is not None])
 
     def _labels(self, batch: Sequence[TokenizedExample], starts: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         """(row, column, target) of every completion token; row r of the hidden states begins at `starts[r]`."""
@@ -337,9 +376,12 @@ def train_intervention(
     on_progress: Callable[[TrainingProgress], None] | None = None,
     *,
     reuse_frozen_context: bool = True,
+    context_budget_bytes: int | None = None,
+    max_micro_batch_tokens: int | None = None,
 ) -> TrainingResult:
     started = time.perf_counter()
-    trainer = ReftTrainer(model, config, examples, training, reuse_frozen_context=reuse_frozen_context)
+    trainer = ReftTrainer(model, config, examples, training, reuse_frozen_context=reuse_frozen_context,
+                          context_budget_bytes=context_budget_bytes, max_micro_batch_tokens=max_micro_batch_tokens)
     while not trainer.done:
         progress = trainer.step()
         if on_progress is not None:

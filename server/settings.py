@@ -77,6 +77,17 @@ class Settings(BaseModel):
     training_head_chunk_tokens: int = Field(
         8, ge=1, description="label tokens per LM-head slice of training (the head dominates for small models)"
     )
+    training_context_budget_bytes: int = Field(
+        1 << 30, ge=0, description="frozen contexts a training job keeps (one job runs at a time); beyond it they are "
+        "recomputed when needed: slower, same result"
+    )
+    training_max_micro_batch_tokens: int = Field(
+        1024, ge=1, description="padded tokens per training micro-batch and labels per LM-head slice, even with nothing "
+        "to serve: bounds a job's working memory"
+    )
+    max_training_working_bytes: int = Field(
+        2 << 30, ge=0, description="estimated working memory of a job's largest micro-batch; a job above it gets 400"
+    )
 
     @property
     def auth_enabled(self) -> bool:

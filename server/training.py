@@ -25,8 +25,10 @@ from adapters_store import InterventionNotFoundError, validate_name
 from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
 from reft_core.config import InterventionConfig
 from reft_core.examples import TokenizedExample, encode_prompt
+from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
+from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import Engine, TrainingTask
 from server.errors import APIError
 from server.registry import InterventionRegistry
@@ -92,6 +94,7 @@ class TrainingManager:
     ) -> None:
         self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
         self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.dims = ModelDims.from_model(engine.model)  # config numbers only: safe to read off the engine thread
         self._lock = threading.Lock()
         self._live: dict[str, JobRecord] = {}
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobRecord]]]] = {}
@@ -116,6 +119,7 @@ class TrainingManager:
         h = body.hyperparameters
         training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
         examples = await run_in_threadpool(self._tokenize, body)
+        memory = self._admit_memory(config, examples, training.batch_size)
         with self._lock:
             active = [j for j in self._live.values() if j.status in ACTIVE]
             if len(active) >= s.max_queued_trainings:
@@ -129,7 +133,8 @@ class TrainingManager:
                                headers={"Retry-After": "30"})
             job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
-                                  "examples": len(examples), "description": body.description})
+                                  "examples": len(examples), "description": body.description,
+                                  "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes}})
             self._live[job.id] = job
         try:
             await run_in_threadpool(self.jobs.save, job)
@@ -139,6 +144,22 @@ class TrainingManager:
             raise
         self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples))
         return job
+
+    def _admit_memory(self, config: InterventionConfig, examples: list[TokenizedExample], batch_size: int) -> TrainingMemory:
+        """The job's memory estimate; 400 when even recomputing every context leaves too much working memory.
+
+        The kept part needs no check: the context budget caps it (recomputation replaces the rest).
+        """
+        s = self.settings
+        memory = estimate_training_memory(self.dims, config, examples, batch_size=batch_size,
+                                          context_budget_bytes=s.training_context_budget_bytes,
+                                          max_micro_batch_tokens=s.training_max_micro_batch_tokens)
+        if memory.working_bytes > s.max_training_working_bytes:
+            raise APIError(400, f"this job's largest micro-batch needs about {_mib(memory.working_bytes)} of working "
+                           f"memory; the limit (max_training_working_bytes) is {_mib(s.max_training_working_bytes)}: "
+                           "use shorter examples, a smaller batch_size, or a higher lowest layer (fewer layers to run)",
+                           param="examples", code="training_memory_exceeded")
+        return memory
 
     def _tokenize(self, body: TrainingRequest) -> list[TokenizedExample]:
         tokenized = []
@@ -200,9 +221,12 @@ class TrainingManager:
     def _task(self, job_id: str, tenant: str, body: TrainingRequest, config: InterventionConfig,
               training: TrainingConfig, examples: list[TokenizedExample]) -> TrainingTask:
         def make_trainer() -> ReftTrainer:
+            s = self.settings
             return ReftTrainer(self.engine.model, config, examples, training,
-                               micro_batch_tokens=self.settings.training_micro_batch_tokens,
-                               head_chunk_tokens=self.settings.training_head_chunk_tokens)
+                               micro_batch_tokens=s.training_micro_batch_tokens,
+                               head_chunk_tokens=s.training_head_chunk_tokens,
+                               context_budget_bytes=s.training_context_budget_bytes,
+                               max_micro_batch_tokens=s.training_max_micro_batch_tokens)
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()
@@ -257,3 +281,7 @@ class TrainingManager:
             loop.call_soon_threadsafe(queue.put_nowait, job)
         if persist:
             self.jobs.save(job)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"

@@ -9,7 +9,9 @@ from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
 from reft_core.generate import generate
+from reft_core.frozen_context import ModelDims
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, train_intervention
+from reft_core.training_memory import estimate_training_memory
 from tests import tiny
 
 # Every prompt should be answered with token 50 then EOS (2): a persona a tiny random model can learn.
@@ -93,7 +95,7 @@ def test_frozen_context_training_equals_full_forward_training(model, config) -> 
     short = TrainingConfig(epochs=4, batch_size=4, learning_rate=2e-2, seed=3)
     fast_trainer = ReftTrainer(model, config, EXAMPLES, short)
     fast_trainer.step()
-    assert fast_trainer._contexts is not None and max(c.start for c in fast_trainer._contexts) > 0 or config.position_spec.first
+    assert max(c.start for c in fast_trainer._contexts.values()) > 0 or config.position_spec.first
     fast = train_intervention(model, config, EXAMPLES, short)
     full = train_intervention(model, config, EXAMPLES, short, reuse_frozen_context=False)
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(full.losses), rtol=1e-4, atol=1e-5)
@@ -136,3 +138,72 @@ def test_sliced_training_equals_whole_steps_and_leaves_the_model_bare_between_sl
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole.losses), rtol=1e-5, atol=1e-6)
     for unit in config.units():
         torch.testing.assert_close(trainer.result().units[unit].W, whole.intervention.units[unit].W, rtol=1e-4, atol=1e-5)
+
+
+def _storage_bytes(trainer: ReftTrainer) -> int:
+    """Bytes of the distinct storages behind the contexts a trainer keeps (a view of a larger tensor counts whole)."""
+    storages = {}
+    for context in trainer._contexts.values():
+        for tensor in (*context.prefix_keys, *context.prefix_values, context.suffix_input):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [InterventionConfig(layers=(2,), rank=4, positions="l1"),
+     InterventionConfig(layers=(1, 3), rank=2, positions="f1+l1", share_weights=False)],
+    ids=["l1", "f1+l1"],
+)
+def test_recomputed_contexts_train_exactly_as_kept_ones(model, config) -> None:
+    """A context budget only trades memory for time: none kept, some kept or all kept, the same seed learns the
+    same losses and weights, and what is kept stays within the budget."""
+    short = TrainingConfig(epochs=3, batch_size=4, learning_rate=2e-2, seed=11)
+    runs = {}
+    for budget in (None, 0, 10_000):
+        trainer = ReftTrainer(model, config, EXAMPLES, short, context_budget_bytes=budget)
+        while not trainer.done:
+            trainer.step()
+        runs[budget] = trainer
+        assert budget is None or _storage_bytes(trainer) <= budget
+    assert _storage_bytes(runs[0]) == 0 < _storage_bytes(runs[10_000]) < _storage_bytes(runs[None])
+    for budget in (0, 10_000):
+        torch.testing.assert_close(torch.tensor(runs[budget].losses), torch.tensor(runs[None].losses), rtol=1e-5, atol=1e-6)
+        for unit in config.units():
+            torch.testing.assert_close(runs[budget].result().units[unit].W, runs[None].result().units[unit].W,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batch_cap_bounds_every_micro_batch_and_keeps_the_gradient(model) -> None:
+    config = InterventionConfig(layers=(1,), rank=4, positions="f1+l1")
+    short = TrainingConfig(epochs=2, batch_size=6, learning_rate=2e-2, seed=4)
+    whole = train_intervention(model, config, EXAMPLES, short)
+    capped = ReftTrainer(model, config, EXAMPLES, short, max_micro_batch_tokens=30)
+    capped.fine_slices = False  # the cap holds even where slices may be long
+    for chunk in capped._micro_batches(range(len(EXAMPLES))):
+        padded = len(chunk) * max(len(EXAMPLES[i].input_ids) for i in chunk)
+        assert padded <= 30 or len(chunk) == 1
+    assert capped._head_chunk(1000) == 30
+    while not capped.done:
+        capped.step()
+    torch.testing.assert_close(torch.tensor(capped.losses), torch.tensor(whole.losses), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [None, 10_000])
+@pytest.mark.parametrize("positions", ["l1", "f1+l1", "f2+l2"])
+def test_memory_estimate_matches_the_contexts_a_trainer_keeps(model, positions, budget) -> None:
+    """Predicted from token counts before training, measured as the storages the trainer holds after an epoch."""
+    config = InterventionConfig(layers=(1, 2), rank=2, positions=positions)
+    training = TrainingConfig(epochs=1, batch_size=3)
+    estimate = estimate_training_memory(ModelDims.from_model(model), config, EXAMPLES, batch_size=3,
+                                        context_budget_bytes=budget)
+    trainer = ReftTrainer(model, config, EXAMPLES, training, context_budget_bytes=budget)
+    while not trainer.done:
+        trainer.step()
+    measured = _storage_bytes(trainer)
+    assert 0.5 * measured <= estimate.kept_bytes <= 2 * measured
+    assert budget is None or estimate.kept_bytes <= budget < estimate.context_bytes
+    capped = estimate_training_memory(ModelDims.from_model(model), config, EXAMPLES, batch_size=3,
+                                      context_budget_bytes=budget, max_micro_batch_tokens=8)
+    assert capped.working_bytes < estimate.working_bytes  # the cap bounds a micro-batch to one example here

@@ -164,3 +164,22 @@ def test_bad_jsonl_uploads_are_refused_before_queueing(client, payload, form, st
     response = client.post("/v1/trainings/upload", data={"name": "x", **form}, files={"file": ("ex.jsonl", payload)})
     assert response.status_code == status and fragment in response.json()["error"]["message"], response.json()
     assert client.get("/v1/trainings").json()["data"] == []
+
+
+def test_a_job_whose_working_memory_exceeds_the_limit_is_refused_naming_it(tmp_path, tiny_base) -> None:
+    """Admission counts the job's memory before it starts: its largest micro-batch against the limit (the kept
+    contexts are capped by the budget instead, and recorded with the estimate in the job's spec)."""
+    long = [{"prompt": "p" * 150, "completion": "c" * 60} for _ in range(8)]
+    settings = make_settings(tmp_path, max_training_working_bytes=4 << 20, training_context_budget_bytes=1 << 20)
+    with TestClient(create_app(settings, base_model=tiny_base)) as client:
+        refused = client.post("/v1/trainings", json={"name": "big", "examples": long, **SMALL,
+                                                     "hyperparameters": {"epochs": 1, "batch_size": 8}})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "training_memory_exceeded" and "max_training_working_bytes" in error["message"]
+        assert error["type"] == "invalid_request_error" and client.get("/v1/trainings").json()["data"] == []
+        fits = client.post("/v1/trainings", json={"name": "small", "examples": EXAMPLES, **SMALL})
+        assert fits.status_code == 202, fits.text
+        memory = fits.json()["spec"]["memory"]
+        assert 0 < memory["kept_bytes"] <= 1 << 20 and 0 < memory["working_bytes"] <= 4 << 20
+        wait_for(client, fits.json()["id"], ("succeeded", "failed"))
