@@ -112,7 +112,7 @@ def pct(values: list[float], q: float) -> float:
 def training_task(engine: Engine, config: InterventionConfig, examples, settings: Settings, steps: list[int]):  # noqa: ANN001, ANN201
     training = TrainingConfig(epochs=1000, batch_size=10, learning_rate=4e-3)
     return TrainingTask(
-        "bench", lambda: ReftTrainer(engine.model, config, examples, training,
+        "bench", lambda model: ReftTrainer(model, config, examples, training,
                                      micro_batch_tokens=settings.training_micro_batch_tokens,
                                      head_chunk_tokens=settings.training_head_chunk_tokens),
         on_start=lambda total: None, on_progress=lambda p: steps.append(p.step), on_finish=lambda *a: None,

@@ -155,6 +155,21 @@ def _pick_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.dev
     return resolved, DTYPES[dtype]
 
 
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model directory's tokenizer, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_id_for(model: str | Path | None) -> str:
+    """The id clients use for the bare model: the embedded model's name, else the file or directory name."""
+    return EMBEDDED_MODEL_ID if model is None else Path(model).stem
+
+
 def load_base_model(
     model: str | Path | None = None,
     *,
@@ -162,8 +177,7 @@ def load_base_model(
     dtype: str | None = None,
     cache_dir: Path | None = None,
 ) -> BaseModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     model_dir = resolve_model_dir(model, cache_dir)
@@ -171,13 +185,11 @@ def load_base_model(
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar (the one-off conversion keeps its own)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = load_tokenizer(model_dir)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types; report them uniformly
         raise ModelLoadError(f"cannot load the model from {model_dir}: {exc}") from exc
     finally:
         hf_logging.enable_progress_bar()
     loaded = loaded.to(torch_device).eval().requires_grad_(False)  # frozen: only interventions learn
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model_id = EMBEDDED_MODEL_ID if model is None else Path(model).stem
-    return BaseModel(loaded, tokenizer, fingerprint_model(loaded), model_id, model_dir, torch_device, torch_dtype)
+    return BaseModel(loaded, tokenizer, fingerprint_model(loaded), model_id_for(model), model_dir, torch_device,
+                     torch_dtype)

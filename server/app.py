@@ -11,6 +11,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,10 +20,13 @@ from fastapi import FastAPI
 from adapters_store import ArtifactStore
 from adapters_store.jobs import JobStore
 from adapters_store.tenants import TenantStore
-from reft_core.base_model import BaseModel, load_base_model
+from reft_core.base_model import BaseModel, load_base_model, load_tokenizer, model_id_for, resolve_model_dir
+from reft_core.fingerprint import ModelFingerprint
+from reft_core.frozen_context import ModelDims
 from server.auth import tenant_limits
 from server.dependencies import Services
 from server.engine.engine import Engine, EngineSettings
+from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
 from server.errors import install_error_handlers
 from server.generation import GenerationService
 from server.limits import BodySizeLimit
@@ -35,31 +40,60 @@ from server.training import TrainingManager
 log = logging.getLogger("reft_serve.app")
 
 
-def build_services(
-    settings: Settings, base: BaseModel, metrics: Metrics, tenants: TenantStore, rate_limiter: RateLimiter
-) -> Services:
-    store = ArtifactStore(settings.data_dir / "store", base.fingerprint)
-    engine = Engine(
-        base.model,
-        base.tokenizer,
-        EngineSettings(
-            max_running=settings.max_running,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            resident_interventions=settings.resident_interventions,
-            training_share=settings.training_share,
-        ),
-        metrics,
+def engine_settings(settings: Settings) -> EngineSettings:
+    return EngineSettings(
+        max_running=settings.max_running,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        resident_interventions=settings.resident_interventions,
+        training_share=settings.training_share,
     )
-    registry = InterventionRegistry(store, base.fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant))
-    model_id = settings.model_id or base.model_id
-    generation = GenerationService(engine, base.tokenizer, registry, settings, model_id, rate_limiter)
-    training = TrainingManager(
-        engine, registry, base.tokenizer, JobStore(settings.data_dir / "jobs"), settings,
-        num_layers=base.num_layers, hidden_size=base.hidden_size,
+
+
+@dataclass(frozen=True)
+class StartedEngine:
+    engine: EngineHandle
+    tokenizer: Any
+    fingerprint: ModelFingerprint
+    dims: ModelDims
+    base_model_id: str  # the id clients use for the bare model (unless settings.model_id overrides it)
+
+
+def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -> StartedEngine:
+    """Start the engine: a thread beside the event loop for a given model object (tests, embedding), else a
+    process of its own (`engine_process`, the default for `reft-serve serve`) that loads the weights itself."""
+    if base is None and settings.engine_process:
+        model_dir = resolve_model_dir(settings.model, settings.model_cache_dir)  # any GGUF conversion happens once, here
+        tokenizer = load_tokenizer(model_dir)
+        spec = EngineProcessSpec(model_dir, settings.device, settings.dtype, engine_settings(settings),
+                                 logging.getLevelName(logging.getLogger().level).lower())
+        remote = RemoteEngine(spec, metrics)
+        try:
+            info = remote.start()
+        except Exception:
+            remote.stop()
+            raise
+        return StartedEngine(remote, tokenizer, info.fingerprint, info.dims, model_id_for(settings.model))
+    base = base or load_base_model(
+        settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir
     )
+    engine = Engine(base.model, base.tokenizer, engine_settings(settings), metrics)
     engine.start()
+    return StartedEngine(engine, base.tokenizer, base.fingerprint, ModelDims.from_model(base.model), base.model_id)
+
+
+def build_services(
+    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
+) -> Services:
+    engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
+    store = ArtifactStore(settings.data_dir / "store", fingerprint)
+    registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant))
+    model_id = settings.model_id or started.base_model_id
+    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
+    training = TrainingManager(
+        engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims,
+    )
     return Services(
-        settings=settings, model_id=model_id, fingerprint=base.fingerprint, tokenizer=base.tokenizer, engine=engine,
+        settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
         store=store, registry=registry, generation=generation, training=training, created=int(time.time()),
     )
 
@@ -71,14 +105,15 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
 
     def load() -> None:
         started = time.perf_counter()
+        started_engine: StartedEngine | None = None
         try:
-            base = base_model or load_base_model(
-                settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache_dir
-            )
-            app.state.services = build_services(settings, base, metrics, tenants, rate_limiter)
+            started_engine = start_engine(settings, base_model, metrics)
+            app.state.services = build_services(settings, started_engine, tenants, rate_limiter)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
+            if started_engine is not None:
+                started_engine.engine.stop()
             return
         log.info("ready", extra={"model": app.state.services.model_id, "load_s": round(time.perf_counter() - started, 2)})
 

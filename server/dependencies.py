@@ -9,7 +9,7 @@ from fastapi import Request
 
 from adapters_store import ArtifactStore
 from reft_core.fingerprint import ModelFingerprint
-from server.engine.engine import Engine
+from server.engine.remote import EngineHandle
 from server.errors import APIError
 from server.generation import GenerationService
 from server.registry import InterventionRegistry
@@ -25,7 +25,7 @@ class Services:
     model_id: str
     fingerprint: ModelFingerprint
     tokenizer: Any
-    engine: Engine
+    engine: EngineHandle
     store: ArtifactStore
     registry: InterventionRegistry
     generation: GenerationService

@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from server.engine.engine import Engine
+from server.engine.remote import EngineHandle
 from server.engine.types import (
     ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
@@ -82,7 +82,7 @@ class Caller:
 
 class GenerationService:
     def __init__(
-        self, engine: Engine, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
+        self, engine: EngineHandle, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
         rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.engine = engine

@@ -43,6 +43,10 @@ class Settings(BaseModel):
     max_trainings_per_tenant: int = Field(2, ge=0, description="training jobs queued or running per tenant")
 
     # engine
+    engine_process: bool = Field(
+        True, description="run the engine in a process of its own (no GIL shared with HTTP); tests that pass a "
+        "model object run it on a thread instead",
+    )
     max_running: int = Field(64, ge=1, description="rows in the running batch")
     max_prefill_tokens: int = Field(8192, ge=16, description="prompt tokens per prefill forward")
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")

@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -29,7 +30,8 @@ from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
-from server.engine.engine import Engine, TrainingTask
+from server.engine.engine import TrainingTask
+from server.engine.remote import EngineHandle
 from server.errors import APIError
 from server.registry import InterventionRegistry
 from server.settings import Settings
@@ -89,12 +91,12 @@ class TrainingRequest(BaseModel):
 
 class TrainingManager:
     def __init__(
-        self, engine: Engine, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
-        num_layers: int, hidden_size: int,
+        self, engine: EngineHandle, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
+        dims: ModelDims,
     ) -> None:
         self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
-        self.num_layers, self.hidden_size = num_layers, hidden_size
-        self.dims = ModelDims.from_model(engine.model)  # config numbers only: safe to read off the engine thread
+        self.dims = dims  # the model's sizes (config numbers only), for admission estimates
+        self.num_layers, self.hidden_size = dims.num_layers, dims.hidden_size
         self._lock = threading.Lock()
         self._live: dict[str, JobRecord] = {}
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobRecord]]]] = {}
@@ -220,13 +222,13 @@ class TrainingManager:
     # -- engine callbacks (engine thread) --------------------------------------------------------------------------
     def _task(self, job_id: str, tenant: str, body: TrainingRequest, config: InterventionConfig,
               training: TrainingConfig, examples: list[TokenizedExample]) -> TrainingTask:
-        def make_trainer() -> ReftTrainer:
-            s = self.settings
-            return ReftTrainer(self.engine.model, config, examples, training,
-                               micro_batch_tokens=s.training_micro_batch_tokens,
-                               head_chunk_tokens=s.training_head_chunk_tokens,
-                               context_budget_bytes=s.training_context_budget_bytes,
-                               max_micro_batch_tokens=s.training_max_micro_batch_tokens)
+        # a partial, not a closure: it crosses to the engine process, which calls it with its model
+        s = self.settings
+        make_trainer = functools.partial(
+            ReftTrainer, config=config, examples=examples, training=training,
+            micro_batch_tokens=s.training_micro_batch_tokens, head_chunk_tokens=s.training_head_chunk_tokens,
+            context_budget_bytes=s.training_context_budget_bytes, max_micro_batch_tokens=s.training_max_micro_batch_tokens,
+        )
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()

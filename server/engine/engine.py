@@ -67,7 +67,9 @@ class TrainingTask:
     """
 
     job_id: str
-    make_trainer: Callable[[], ReftTrainer]  # built on the engine thread: its set-up runs the model
+    # Called with the engine's model on the engine thread (its set-up runs the model). Picklable (e.g. a
+    # functools.partial of ReftTrainer) when the engine runs in its own process.
+    make_trainer: Callable[[nn.Module], ReftTrainer]
     on_start: Callable[[int], None]  # total steps
     on_progress: Callable[[TrainingProgress], None]
     on_finish: Callable[[Intervention | None, list[float], str | None], None]
@@ -116,6 +118,9 @@ class Engine:
         self._submit_lock = threading.Lock()
         self._failure: str | None = None
         self._device = device
+        # Called on the engine thread after every loop iteration (and once at exit): the engine process flushes the
+        # iteration's events to the API process here, as one message.
+        self.after_iteration: Callable[[], None] | None = None
         self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes the training slices
 
     # -- API for other threads -------------------------------------------------------------------------------------
@@ -184,6 +189,11 @@ class Engine:
             log.critical("engine thread died", exc_info=True, extra={"reason": self._failure})
         finally:
             self._close()
+            self._after_iteration()
+
+    def _after_iteration(self) -> None:
+        if self.after_iteration is not None:
+            self.after_iteration()
 
     def _serve(self) -> None:
         failures = 0
@@ -191,10 +201,12 @@ class Engine:
             try:
                 self._apply_commands()
                 if self.idle:
+                    self._after_iteration()
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
                 self.step()
+                self._after_iteration()
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, not the engine
                 failures += 1
@@ -301,7 +313,7 @@ class Engine:
                 return
             task = self._trainings.popleft()
             try:
-                trainer = task.make_trainer()
+                trainer = task.make_trainer(self.model)
             except Exception as exc:  # noqa: BLE001 - a bad job fails alone
                 log.exception("training set-up failed", extra={"job": task.job_id})
                 _call_quietly(task.on_finish, None, [], f"training could not start: {exc}")

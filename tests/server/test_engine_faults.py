@@ -3,7 +3,10 @@ real server process), and if the engine does die, probes and callers learn it at
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -54,3 +57,32 @@ def test_a_dead_engine_turns_health_503_and_requests_fail_at_once(tmp_path, tiny
             })
             assert later.status_code == 503 and later.json()["error"]["code"] == "engine_unavailable"
         assert time.perf_counter() - started < 10  # nobody waited for the request timeout
+
+
+def _engine_child(server_pid: int) -> int:
+    """The engine process of a `reft-serve serve` process (its spawned child that is not the resource tracker)."""
+    # children are listed per thread, and the engine is started from the model-loading thread
+    children = [c for task in Path(f"/proc/{server_pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    for pid in map(int, children):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in command:
+            return pid
+    raise AssertionError(f"no engine process among {children}")
+
+
+def test_a_killed_engine_process_turns_health_503_and_requests_fail_at_once(tiny_model_dir, tmp_path) -> None:
+    with server_process(tiny_model_dir, tmp_path / "data") as (process, url):
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hi", "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        os.kill(_engine_child(process.pid), signal.SIGKILL)
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health").status_code == 200 and time.time() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "exit code" in health.json()["reason"]
+        started = time.perf_counter()
+        refused = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        assert time.perf_counter() - started < 5
+        assert process.poll() is None  # the API process stays up to answer probes; the orchestrator restarts it

@@ -199,7 +199,7 @@ def test_training_interleaved_with_serving_changes_neither(model, tokenizer, per
             progress_while_serving.append(p.step)
 
     engine.submit_training(TrainingTask(
-        "job", lambda: ReftTrainer(model, config, examples, training, micro_batch_tokens=8),
+        "job", lambda model: ReftTrainer(model, config, examples, training, micro_batch_tokens=8),
         on_start=lambda total: None, on_progress=on_progress,
         on_finish=lambda result, losses, error: finished.append((result, losses, error)),
     ))

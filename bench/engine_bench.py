@@ -1,0 +1,182 @@
+"""Engine benchmark (issue: beat static batching): reft-serve over HTTP against HF `generate` in-process, same
+prompts, same run; the engine in its own process vs on a thread beside the event loop; a small profile.
+
+    .venv/bin/python bench/engine_bench.py [--rounds 3] [--write]
+
+Scenarios (greedy, no interventions unless said; every request generates exactly its `max_tokens`):
+  fixed: 64 concurrent streaming requests x 64 tokens, vs HF static batched `generate` of the same 64 prompts;
+  mixed: 16 concurrent requests with output lengths 16..128 (seeded), vs HF static batching, which must decode
+         every row to the longest; both count only the tokens the requests asked for.
+Each is run with the engine in its own process (the default) and on a thread in the API process
+(`--set engine_process=false`), rounds interleaved, medians reported. The profile reads the server's own
+`reft_decode_step_seconds` (time inside the decode forward) against wall time per step, and times
+`ModelRunner.decode` at batch 64 in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import reft_serve, write_section  # noqa: E402
+from bench.serve_bench import PROMPTS  # noqa: E402
+from reft_core.base_model import BaseModel, load_base_model  # noqa: E402
+from reft_core.bank import InterventionBank  # noqa: E402
+from reft_core.examples import encode_prompt  # noqa: E402
+from server.engine.runner import ModelRunner, PrefillRow  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+MODES = {"engine process": [], "engine thread": ["--set", "engine_process=false"]}
+
+
+def mixed_lengths(count: int = 16, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(16, 128) for _ in range(count)]
+
+
+async def _request(client: httpx.AsyncClient, prompt: str, tokens: int) -> int:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "min_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    generated = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk.get("usage"):
+                    generated = chunk["usage"]["completion_tokens"]
+    return generated
+
+
+async def _load(url: str, lengths: list[int]) -> tuple[int, float]:
+    limits = httpx.Limits(max_connections=len(lengths) + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(_request(client, PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate(lengths)))
+    wall = time.perf_counter() - started
+    assert list(counts) == lengths, "every request must generate exactly its max_tokens"
+    return sum(counts), wall
+
+
+def _decode_step_stats(url: str) -> tuple[float, int]:
+    text = httpx.get(f"{url}/metrics").text
+    total = float(re.search(r"^reft_decode_step_seconds_sum (\S+)$", text, re.M).group(1))
+    count = int(float(re.search(r"^reft_decode_step_seconds_count (\S+)$", text, re.M).group(1)))
+    return total, count
+
+
+def serve_round(mode: str, data_dir: Path, workloads: dict[str, list[int]]) -> dict[str, dict]:
+    results = {}
+    with reft_serve(data_dir, *MODES[mode]) as (_server, url):
+        asyncio.run(_load(url, [4] * 8))  # warm-up
+        for name, lengths in workloads.items():
+            before = _decode_step_stats(url)
+            tokens, wall = asyncio.run(_load(url, lengths))
+            after = _decode_step_stats(url)
+            steps = after[1] - before[1]
+            results[name] = {"tok_s": tokens / wall, "wall": wall, "steps": steps,
+                             "forward_s": (after[0] - before[0]) / max(steps, 1), "step_wall_s": wall / max(steps, 1)}
+    return results
+
+
+def hf_static(base: BaseModel, lengths: list[int]) -> dict:
+    """HF batched generate over the same prompts; every row decodes to the longest request (static batching)."""
+    tok = base.tokenizer
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
+                                     add_generation_prompt=True) for i in range(len(lengths))]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    longest = max(lengths)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        base.model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                            pad_token_id=tok.pad_token_id)
+    wall = time.perf_counter() - started
+    return {"tok_s": sum(lengths) / wall, "wall": wall}
+
+
+def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 16) -> float:
+    """Mean in-process `ModelRunner.decode` time at `rows` rows (the forward alone, nothing around it)."""
+    bank = InterventionBank(hidden_size=base.hidden_size, num_layers=base.num_layers, num_slots=1)
+    runner = ModelRunner(base.model, bank, base.tokenizer.pad_token_id)
+    prompts = [encode_prompt(base.tokenizer, PROMPTS[i % len(PROMPTS)], chat_template=True) for i in range(rows)]
+    logits = runner.prefill([PrefillRow(i, p, 0) for i, p in enumerate(prompts)])
+    tokens = logits.argmax(-1).tolist()
+    started = time.perf_counter()
+    for _ in range(steps):
+        tokens = runner.decode(tokens).argmax(-1).tolist()
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="replace the engine section of BENCHMARKS.md")
+    args = parser.parse_args()
+    workloads = {"fixed": [64] * 64, "mixed": mixed_lengths()}
+    runs: dict[str, dict[str, list[dict]]] = {mode: {w: [] for w in workloads} for mode in MODES}
+    hf_runs: dict[str, list[dict]] = {w: [] for w in workloads}
+    base = load_base_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for mode in MODES:
+                for name, result in serve_round(mode, Path(tmp) / f"{mode}-{round_index}", workloads).items():
+                    runs[mode][name].append(result)
+            for name, lengths in workloads.items():
+                hf_runs[name].append(hf_static(base, lengths))
+            print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+    decode_alone = runner_decode_step(base)
+
+    def med(values: list[dict], key: str) -> float:
+        return statistics.median(v[key] for v in values)
+
+    lines = ["| scenario | tok/s (median) | wall s | decode steps | mean decode forward (ms) | wall per step (ms) |",
+             "|---|---|---|---|---|---|"]
+    for name in workloads:
+        lines.append(f"| HF static `generate`, {name} | {med(hf_runs[name], 'tok_s'):.1f} | "
+                     f"{med(hf_runs[name], 'wall'):.2f} | – | – | – |")
+        for mode in MODES:
+            r = runs[mode][name]
+            lines.append(f"| reft-serve ({mode}), {name} | {med(r, 'tok_s'):.1f} | {med(r, 'wall'):.2f} | "
+                         f"{med(r, 'steps'):.0f} | {1000 * med(r, 'forward_s'):.0f} | {1000 * med(r, 'step_wall_s'):.0f} |")
+    ratios = ["| comparison | value |", "|---|---|"]
+    for name, goal in (("fixed", 1.0), ("mixed", 1.3)):
+        for mode in MODES:
+            ratio = med(runs[mode][name], "tok_s") / med(hf_runs[name], "tok_s")
+            ratios.append(f"| {name}: reft-serve ({mode}) / HF static (goal >= {goal}) | {ratio:.2f} |")
+    ratios.append(f"| in-process `ModelRunner.decode`, 64 rows, mean (ms) | {1000 * decode_alone:.0f} |")
+    env = (f"Python {platform.python_version()}, torch {torch.__version__}, "
+           f"transformers {__import__('transformers').__version__}; {platform.machine()}, "
+           f"{__import__('os').cpu_count()} CPU cores; SmolLM2-135M-Instruct fp32, greedy")
+    section = "\n".join([
+        "## Engine: continuous batching vs static batching", "",
+        f"`bench/engine_bench.py --rounds {args.rounds}` ({env}). Workloads: fixed = 64 concurrent streaming "
+        "requests x 64 tokens; mixed = 16 concurrent requests of 16-128 tokens (seeded). HF static batching runs "
+        "in-process on the same prompts in the same run and decodes every row to the longest; only requested "
+        "tokens are counted for both. Rounds interleave the modes; medians.", "",
+        *lines, "", *ratios, "",
+    ])
+    print(section)
+    if args.write:
+        write_section(ROOT / "BENCHMARKS.md", "## Engine: continuous batching vs static batching", section)
+
+
+if __name__ == "__main__":
+    main()
