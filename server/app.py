@@ -38,7 +38,12 @@ log = logging.getLogger("reft_serve.app")
 def build_services(
     settings: Settings, base: BaseModel, metrics: Metrics, tenants: TenantStore, rate_limiter: RateLimiter
 ) -> Services:
-    store = ArtifactStore(settings.data_dir / "store", base.fingerprint)
+    store = ArtifactStore(settings.data_dir / "store", base.fingerprint,
+                          keep_versions=settings.max_versions_per_intervention)
+    if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
+        removed = store.gc()
+        if removed:
+            log.info("removed unreferenced artifact files", extra={"files": removed})
     engine = Engine(
         base.model,
         base.tokenizer,

@@ -48,6 +48,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (store_errors.InterventionExistsError, 409, "conflict_error", "intervention_exists"),
     (store_errors.InvalidNameError, 400, "invalid_request_error", "invalid_name"),
     (store_errors.InvalidMetadataError, 400, "invalid_request_error", "invalid_metadata"),
+    (store_errors.QuotaExceededError, 403, "permission_error", "storage_quota_exceeded"),
     (store_errors.ArtifactUnavailableError, 503, "server_error", "artifact_unavailable"),
     (store_errors.StoreWriteError, 507, "server_error", "storage_unavailable"),
     (core_errors.IncompatibleBaseModelError, 409, "invalid_request_error", "incompatible_base_model"),

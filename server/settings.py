@@ -39,7 +39,9 @@ class Settings(BaseModel):
         2_000_000, ge=1, description="prompt + max_tokens per tenant per minute (unused max_tokens are refunded)"
     )
     max_interventions_per_tenant: int = Field(1000, ge=0, description="stored interventions per tenant")
-    max_bytes_per_tenant: int = Field(1 << 30, ge=0, description="bytes of stored interventions per tenant")
+    max_bytes_per_tenant: int = Field(
+        1 << 30, ge=0, description="bytes of stored interventions per tenant, every retained version counted"
+    )
     max_trainings_per_tenant: int = Field(2, ge=0, description="training jobs queued or running per tenant")
 
     # engine
@@ -61,6 +63,9 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(64 << 20, ge=1024, description="largest artifact or archive upload")
     max_archive_unpacked_bytes: int = Field(256 << 20, description="pyreft archive size once unpacked")
     max_archive_members: int = 256
+    max_versions_per_intervention: int = Field(
+        10, ge=1, description="versions kept per intervention name (the oldest is dropped when a new one exceeds it)"
+    )
     decoded_intervention_cache: int = Field(1024, ge=1, description="decoded artifacts kept in host memory")
 
     # training jobs
