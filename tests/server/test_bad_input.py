@@ -107,6 +107,55 @@ def pickle_archive(tmp: Path) -> bytes:
     return zip_of(members)
 
 
+def pyreft_members(tmp: Path) -> dict[str, bytes]:
+    """The files of a small valid pyreft save (one LoReFT layer, rank 2)."""
+    config = InterventionConfig(layers=(1,), rank=2, positions="l1")
+    states, _ = loreft_states(config)
+    directory = write_pyreft_dir(tmp / "pyreft", [1], 2, states)
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def malformed_pickle_archive(tmp: Path) -> bytes:
+    members = pyreft_members(tmp)
+    members[next(name for name in members if name.startswith("intkey_"))] = b"\x80\x02."  # a pickle of nothing
+    return zip_of(members)
+
+
+def stored_zip(data: bytes) -> tuple[bytes, int]:
+    """A zip whose config.json member is stored uncompressed; also the offset of that member's data."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("config.json", data)
+    payload = buffer.getvalue()
+    return payload, payload.index(data)
+
+
+def zip_bad_crc() -> bytes:
+    payload, offset = stored_zip(b'{"representations": []}')
+    corrupt = bytearray(payload)
+    corrupt[offset + 2] ^= 0x01  # the bytes no longer match the recorded CRC-32
+    return bytes(corrupt)
+
+
+def zip_broken_deflate() -> bytes:
+    payload = zip_of({"config.json": json.dumps({"pad": list(range(2000))}).encode()})
+    start = payload.index(b"config.json") + len("config.json")  # the local header's name, then deflate data
+    corrupt = bytearray(payload)
+    for i in range(start + 20, start + 60):
+        corrupt[i] ^= 0x5A
+    return bytes(corrupt)
+
+
+def zip_patched_size() -> bytes:
+    data = b'{"representations": []}'
+    payload, offset = stored_zip(data)
+    patched = bytearray(payload)
+    for header, size_at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size in both headers
+        at = payload.index(header) + size_at
+        patched[at:at + 4] = (len(data) - 10).to_bytes(4, "little")  # claims fewer bytes than it holds
+    return bytes(patched)
+
+
 def zip_bomb() -> bytes:
     return zip_of({"config.json": b"{}", "intkey_a.bin": b"\0" * (8 << 20)})  # 8 MiB of zeros, ~8 KiB zipped
 
@@ -223,6 +272,11 @@ CASES = [
     ("upload-too-large", "POST", "/v1/interventions", upload("x", b"\0" * (2 << 20)), 413, INVALID),
     ("pyreft-pickle-exploit", "POST", "/v1/interventions", archive_upload(pickle_archive, takes_tmp=True), 422,
      INVALID),
+    ("pyreft-malformed-pickle", "POST", "/v1/interventions",
+     archive_upload(malformed_pickle_archive, takes_tmp=True), 422, INVALID),
+    ("zip-bad-crc", "POST", "/v1/interventions", archive_upload(zip_bad_crc), 422, INVALID),
+    ("zip-broken-deflate", "POST", "/v1/interventions", archive_upload(zip_broken_deflate), 422, INVALID),
+    ("zip-patched-size", "POST", "/v1/interventions", archive_upload(zip_patched_size), 422, INVALID),
     ("zip-bomb", "POST", "/v1/interventions", archive_upload(zip_bomb), 422, INVALID),
     ("zip-traversal", "POST", "/v1/interventions", archive_upload(traversal_zip), 422, INVALID),
     ("zip-absolute-member", "POST", "/v1/interventions", archive_upload(absolute_zip), 422, INVALID),
