@@ -13,6 +13,11 @@ import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 
 
+# hard ceiling of `max_training_examples`: a request's list is refused at this length before any example in it is
+# validated, so a million-example body costs a length check, not a million validations
+TRAINING_EXAMPLES_CEILING = 10_000
+
+
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("reft-serve"))
 
@@ -70,7 +75,9 @@ class Settings(BaseModel):
 
     # training jobs
     max_queued_trainings: int = Field(8, ge=1, description="training jobs queued or running at once")
-    max_training_examples: int = Field(1000, ge=1, description="examples per training job")
+    max_training_examples: int = Field(
+        1000, ge=1, le=TRAINING_EXAMPLES_CEILING, description="examples per training job"
+    )
     max_example_tokens: int = Field(1024, ge=8, description="prompt + completion tokens per example")
     max_training_epochs: int = Field(1000, ge=1, description="epochs per training job")
     training_share: float = Field(

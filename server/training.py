@@ -30,7 +30,7 @@ from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
 from server.engine.engine import Engine, TrainingTask
 from server.errors import APIError
 from server.registry import InterventionRegistry
-from server.settings import Settings
+from server.settings import TRAINING_EXAMPLES_CEILING, Settings
 
 log = logging.getLogger("reft_serve.training")
 ACTIVE = ("queued", "running")
@@ -78,7 +78,8 @@ class TrainingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    examples: list[ExampleIn] = Field(min_length=1)
+    # max_length is checked on the raw list before its items are validated (the configured limit comes after)
+    examples: list[ExampleIn] = Field(min_length=1, max_length=TRAINING_EXAMPLES_CEILING)
     intervention: InterventionSpec = InterventionSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
     chat_template: bool = True

@@ -164,3 +164,11 @@ def test_bad_jsonl_uploads_are_refused_before_queueing(client, payload, form, st
     response = client.post("/v1/trainings/upload", data={"name": "x", **form}, files={"file": ("ex.jsonl", payload)})
     assert response.status_code == status and fragment in response.json()["error"]["message"], response.json()
     assert client.get("/v1/trainings").json()["data"] == []
+
+
+def test_a_million_examples_are_refused_by_their_count_before_any_is_validated(client) -> None:
+    # every example is invalid: validating even one first would name it (examples.0) instead of the count
+    response = client.post("/v1/trainings", json={"name": "x", "examples": [{}] * 1_000_000})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "examples", error
+    assert "at most 10000" in error["message"]
