@@ -44,6 +44,7 @@ from adapters_store.records import (
     validate_tenant,
 )
 from reft_core.artifact import Artifact, decode_artifact
+from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
 
 INDEX_FILE = "index.sqlite3"
@@ -140,16 +141,19 @@ class ArtifactStore:
         source: str = "upload",
         replace: bool = False,
         quota: StorageQuota | None = None,
+        max_rank: int | None = None,
     ) -> InterventionRecord:
         """Validate and store an artifact as `name`: a new name, or (with `replace`) its next current version.
 
         With a `quota`, the tenant's interventions and retained bytes after the write must fit it, or the put raises
-        QuotaExceededError and stores nothing.
+        QuotaExceededError and stores nothing. With `max_rank`, a higher-rank artifact raises RankLimitError.
         """
         validate_name(name)
         validate_tenant(tenant)
         tag_tuple = validate_metadata(description, tags, source)
         artifact = decode_artifact(payload, base_model=self.base_model)  # in memory, before touching disk
+        if max_rank is not None:
+            check_rank(artifact.intervention.config.rank, artifact.intervention.hidden_size, max_rank)
         self._check_writable()
         request = WriteRequest(tenant, name, replace, len(payload), quota, self.keep_versions)
         with self._write_lock, self._writing():

@@ -56,6 +56,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (core_errors.ArtifactIntegrityError, 422, "invalid_request_error", "invalid_artifact"),
     (core_errors.PyreftImportError, 422, "invalid_request_error", "invalid_pyreft_archive"),
     (core_errors.ArtifactFormatError, 422, "invalid_request_error", "invalid_artifact"),
+    (core_errors.RankLimitError, 400, "invalid_request_error", "rank_limit_exceeded"),
     (core_errors.InvalidConfigError, 400, "invalid_request_error", "invalid_config"),
     (core_errors.ReftError, 400, "invalid_request_error", "invalid_request"),
     (store_errors.StoreError, 500, "server_error", "store_error"),

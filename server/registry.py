@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from adapters_store import ArtifactStore, InterventionNotFoundError, InterventionRecord, StorageQuota
 from reft_core.artifact import Artifact, encode_artifact
+from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.intervention import Intervention
 from reft_core.pyreft_import import import_pyreft
@@ -116,8 +117,10 @@ class InterventionRegistry:
         source: str = "upload",
     ) -> InterventionRecord:
         try:  # the store checks the quota in the write's own transaction: concurrent uploads cannot overshoot it
-            return self.store.put(name, payload, description=description, replace=replace, source=source,
-                                  tenant=tenant, quota=self._quota(tenant))
+            return self.store.put(
+                name, payload, description=description, replace=replace, source=source, tenant=tenant,
+                quota=self._quota(tenant), max_rank=self.settings.max_intervention_rank,
+            )
         finally:
             self._forget(tenant, name)  # the next request resolves the new version
 
@@ -126,6 +129,8 @@ class InterventionRegistry:
     ) -> InterventionRecord:
         with unpack_archive(archive, self.settings) as directory:
             intervention = import_pyreft(directory, positions=positions)
+        # before encoding: a refused rank costs no artifact (the store checks it again for every upload)
+        check_rank(intervention.config.rank, intervention.hidden_size, self.settings.max_intervention_rank)
         payload, _ = encode_artifact(intervention, self.fingerprint, {"imported_from": "pyreft"})
         return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="pyreft-import")
 

@@ -71,6 +71,10 @@ class Settings(BaseModel):
     max_versions_per_intervention: int = Field(
         10, ge=1, description="versions kept per intervention name (the oldest is dropped when a new one exceeds it)"
     )
+    max_intervention_rank: int = Field(
+        64, ge=1, description="largest rank of an uploaded, imported or trained intervention (and never above the "
+        "model's hidden size)"
+    )
     decoded_intervention_cache: int = Field(1024, ge=1, description="decoded artifacts kept in host memory")
 
     # training jobs
