@@ -11,10 +11,17 @@ from adapters_store.errors import (
     InterventionNotFoundError,
     InvalidMetadataError,
     InvalidNameError,
+    QuotaExceededError,
     StoreError,
     StoreWriteError,
 )
-from adapters_store.records import SOURCES, InterventionRecord, validate_name, validate_tenant
+from adapters_store.records import (
+    SOURCES,
+    InterventionRecord,
+    StorageQuota,
+    validate_name,
+    validate_tenant,
+)
 from adapters_store.store import ArtifactStore, StoreStats
 
 __all__ = [
@@ -26,6 +33,8 @@ __all__ = [
     "InterventionRecord",
     "InvalidMetadataError",
     "InvalidNameError",
+    "QuotaExceededError",
+    "StorageQuota",
     "StoreError",
     "StoreStats",
     "StoreWriteError",

@@ -42,3 +42,7 @@ class ArtifactUnavailableError(StoreError):
 
 class StoreWriteError(StoreError):
     """Writing failed (disk full, read-only store, ...); nothing already stored was damaged."""
+
+
+class QuotaExceededError(StoreError):
+    """A write would take the tenant past its storage quota (interventions or bytes); nothing was stored."""

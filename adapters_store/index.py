@@ -2,7 +2,9 @@
 
 This module owns the connection and all SQL. One connection is shared by the server's threadpool workers
 (`check_same_thread=False`), so every use holds `self._lock`. Writes run in explicit `BEGIN IMMEDIATE`
-transactions: a new version row and the move of the name's "current" pointer commit together or not at all. The
+transactions: a new version row and the move of the name's "current" pointer commit together or not at all, and
+the same transaction checks the tenant's quota and drops versions beyond the retention count, so concurrent
+writers (threads or processes) can never together exceed a quota that each checked alone. The
 `meta` table records the schema version; opening an older index migrates it, a newer one is refused. A read-only
 root opens the index read-only, so serving keeps working when writes cannot.
 """
@@ -15,12 +17,18 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from adapters_store.errors import InterventionExistsError, InterventionNotFoundError, StoreError
-from adapters_store.records import InterventionRecord
+from adapters_store.errors import (
+    InterventionExistsError,
+    InterventionNotFoundError,
+    QuotaExceededError,
+    StoreError,
+)
+from adapters_store.records import InterventionRecord, StorageQuota
 
 SCHEMA_VERSION = 2
 _CREATE = (
@@ -45,6 +53,21 @@ _COLUMNS = (
 _CURRENT = f"SELECT {_COLUMNS}, public FROM versions JOIN current USING (tenant, name, version)"
 
 Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """One new version to admit: the name, whether it replaces, its size, and the limits that apply to it."""
+
+    tenant: str
+    name: str
+    replace: bool
+    size_bytes: int
+    quota: StorageQuota | None = None  # None: unlimited (the library default; the server always passes one)
+    keep_versions: int | None = None  # newest versions kept per name, the new one included; None: all
+
+    def __post_init__(self) -> None:
+        assert self.keep_versions is None or self.keep_versions >= 1, self.keep_versions
 
 
 def _to_record(row: Row) -> InterventionRecord:
@@ -105,17 +128,32 @@ class Index:
         return [_to_record(row) for row in rows]
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(current interventions, bytes of their current versions) of one tenant: what its quotas count."""
+        """(current interventions, bytes of every retained version) of one tenant: what its quotas count."""
         with self._lock:
-            count, size = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM versions JOIN current USING (tenant, name, version) "
-                "WHERE tenant=?", (tenant,),
-            ).fetchone()
+            return self._usage(tenant)
+
+    def _usage(self, tenant: str) -> tuple[int, int]:
+        count = self._db.execute("SELECT COUNT(*) FROM current WHERE tenant=?", (tenant,)).fetchone()[0]
+        # every retained version counts, not just the current one: old versions occupy the disk too
+        size = self._db.execute(
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM versions WHERE tenant=?", (tenant,)
+        ).fetchone()[0]
         return int(count), int(size)
 
-    def referenced_files(self) -> set[str]:
+    def check_write(self, request: WriteRequest) -> None:
+        """Raise what `add_version` would raise for the name's state or the tenant's quota (a read, no write)."""
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT DISTINCT file_sha256 FROM versions")}
+            self._admit(request)
+
+    def referenced_files(self, among: set[str] | None = None) -> set[str]:
+        """Files some version references (only those in `among`, when given)."""
+        with self._lock:
+            if among is None:
+                return {row[0] for row in self._db.execute("SELECT DISTINCT file_sha256 FROM versions")}
+            candidates = sorted(among)
+            marks = ", ".join("?" * len(candidates))
+            query = f"SELECT DISTINCT file_sha256 FROM versions WHERE file_sha256 IN ({marks})"
+            return {row[0] for row in self._db.execute(query, candidates)} if candidates else set()
 
     def counts(self) -> tuple[int, int, int]:
         """(current interventions, versions, bytes of distinct referenced files) over all tenants."""
@@ -130,23 +168,67 @@ class Index:
 
     # -- writes ----------------------------------------------------------------------------------------------------
     def add_version(
-        self, tenant: str, name: str, *, replace: bool, make: Callable[[int], InterventionRecord]
-    ) -> InterventionRecord:
-        """In one transaction: check the name's state, insert `make(next_version)` and make it current."""
+        self, request: WriteRequest, make: Callable[[int], InterventionRecord]
+    ) -> tuple[InterventionRecord, set[str]]:
+        """In one transaction: check the name's state and the quota, insert `make(next_version)`, make it current,
+        and drop versions beyond `request.keep_versions`. Returns the record and the files of dropped versions."""
+        tenant, name = request.tenant, request.name
         with self._transaction():
-            exists = self._db.execute("SELECT 1 FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-            if exists is None and replace:
-                raise InterventionNotFoundError(name, tenant=tenant)
-            if exists is not None and not replace:
-                raise InterventionExistsError(name, tenant=tenant)
+            self._admit(request)  # inside the write transaction: concurrent writers cannot all pass one check
             # MAX over all rows, not the current pointer: versions never repeat, even after a delete and re-create
             latest = self._db.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM versions WHERE tenant=? AND name=?", (tenant, name)
             ).fetchone()[0]
             record = make(int(latest) + 1)
             self._insert(record)
+            dropped = self._prune(request)
             public = self._db.execute("SELECT public FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        return dataclasses.replace(record, public=bool(public[0]))
+        return dataclasses.replace(record, public=bool(public[0])), dropped
+
+    def _admit(self, request: WriteRequest) -> None:
+        tenant, name, quota = request.tenant, request.name, request.quota
+        exists = self._db.execute("SELECT 1 FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        if exists is None and request.replace:
+            raise InterventionNotFoundError(name, tenant=tenant)
+        if exists is not None and not request.replace:
+            raise InterventionExistsError(name, tenant=tenant)
+        if quota is None:
+            return
+        count, used = self._usage(tenant)
+        if not request.replace and count >= quota.max_interventions:
+            raise QuotaExceededError(
+                f"the tenant stores {count} interventions; its limit is {quota.max_interventions}"
+            )
+        after = used + request.size_bytes - self._pruned_bytes(request)
+        if after > quota.max_bytes:
+            raise QuotaExceededError(
+                f"storing {request.size_bytes} more bytes would bring the tenant's stored versions to {after} bytes; "
+                f"its limit is {quota.max_bytes} (every retained version counts: delete interventions to free space)"
+            )
+
+    @staticmethod
+    def _outside_retention(keep: int) -> str:
+        """SQL condition for one name's rows beyond its newest `keep` versions (parameters: tenant, name twice)."""
+        return ("tenant=? AND name=? AND version NOT IN "
+                f"(SELECT version FROM versions WHERE tenant=? AND name=? ORDER BY version DESC LIMIT {int(keep)})")
+
+    def _pruned_bytes(self, request: WriteRequest) -> int:
+        """Bytes of the versions that the write's pruning will drop (the new version takes one kept place)."""
+        if request.keep_versions is None:
+            return 0
+        where = self._outside_retention(request.keep_versions - 1)
+        key = (request.tenant, request.name)
+        return int(self._db.execute(f"SELECT COALESCE(SUM(size_bytes), 0) FROM versions WHERE {where}",
+                                    key + key).fetchone()[0])
+
+    def _prune(self, request: WriteRequest) -> set[str]:
+        if request.keep_versions is None:
+            return set()
+        where = self._outside_retention(request.keep_versions)
+        key = (request.tenant, request.name)
+        dropped = {row[0] for row in self._db.execute(f"SELECT file_sha256 FROM versions WHERE {where}", key + key)}
+        self._db.execute(f"DELETE FROM versions WHERE {where}", key + key)
+        return dropped
 
     def _insert(self, record: InterventionRecord) -> None:
         placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
@@ -162,13 +244,15 @@ class Index:
             return bool(self._db.execute("UPDATE current SET public=? WHERE tenant=? AND name=?",
                                          (int(public), tenant, name)).rowcount)
 
-    def delete(self, tenant: str, name: str) -> bool:
-        """Remove every version of the name; False when it had no current version."""
+    def delete(self, tenant: str, name: str) -> set[str] | None:
+        """Remove every version of the name; return their files, or None when it had no current version."""
         with self._transaction():
             if not self._db.execute("DELETE FROM current WHERE tenant=? AND name=?", (tenant, name)).rowcount:
-                return False
+                return None
+            rows = self._db.execute("SELECT file_sha256 FROM versions WHERE tenant=? AND name=?", (tenant, name))
+            files = {row[0] for row in rows}
             self._db.execute("DELETE FROM versions WHERE tenant=? AND name=?", (tenant, name))
-        return True
+        return files
 
     def close(self) -> None:
         with self._lock:

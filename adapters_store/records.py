@@ -53,6 +53,14 @@ def validate_metadata(description: str, tags: Iterable[str], source: str) -> tup
 
 
 @dataclass(frozen=True)
+class StorageQuota:
+    """What one tenant may store: names with a current version, and bytes of every retained version of them."""
+
+    max_interventions: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
 class InterventionRecord:
     name: str
     version: int

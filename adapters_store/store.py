@@ -4,7 +4,13 @@ The store is the only writer under its root. A `put` validates the artifact comp
 digest, base model), writes the file atomically, and only then commits the index row, in one transaction that also
 moves the name's "current" pointer: readers see the old version or the new one, never a half-written state. A
 crash between the file write and the commit leaves an unreferenced file that `gc()` removes. Writers (put,
-delete, gc) are serialised by one lock so gc can never remove a file a put is about to reference. Every read
+delete, gc) are serialised by one lock so gc can never remove a file a put is about to reference.
+
+Quotas and retention: a put may carry the tenant's `StorageQuota`, checked in the same transaction as the write.
+A name keeps its newest `keep_versions` versions (older ones are dropped by the put that adds a new one), and every
+kept version counts against the tenant's bytes. Files that no version references any more (a delete, a dropped
+version) are removed right after the commit; a crash in between leaves them to `gc()`, which the server runs at
+start. Every read
 re-checks the file's hash, so a corrupted file makes that one intervention unavailable (with the reason) and
 nothing else.
 """
@@ -12,6 +18,7 @@ nothing else.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sqlite3
 import threading
@@ -23,17 +30,25 @@ from pathlib import Path
 
 from adapters_store.errors import (
     ArtifactUnavailableError,
-    InterventionExistsError,
     InterventionNotFoundError,
+    StoreError,
     StoreWriteError,
 )
 from adapters_store.files import ArtifactFiles, sha256_hex
-from adapters_store.index import Index
-from adapters_store.records import InterventionRecord, validate_metadata, validate_name, validate_tenant
+from adapters_store.index import Index, WriteRequest
+from adapters_store.records import (
+    InterventionRecord,
+    StorageQuota,
+    validate_metadata,
+    validate_name,
+    validate_tenant,
+)
 from reft_core.artifact import Artifact, decode_artifact
+from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
 
 INDEX_FILE = "index.sqlite3"
+log = logging.getLogger("reft_serve.store")
 
 
 @dataclass(frozen=True)
@@ -44,9 +59,12 @@ class StoreStats:
 
 
 class ArtifactStore:
-    def __init__(self, root: Path, base_model: ModelFingerprint) -> None:
+    def __init__(self, root: Path, base_model: ModelFingerprint, *, keep_versions: int | None = None) -> None:
+        """`keep_versions`: newest versions kept per name (None keeps every version)."""
+        assert keep_versions is None or keep_versions >= 1, keep_versions
         self.root = Path(root)
         self.base_model = base_model
+        self.keep_versions = keep_versions
         self.files = ArtifactFiles(self.root)
         self._write_lock = threading.Lock()
         try:
@@ -82,7 +100,7 @@ class ArtifactStore:
         return self.index.list_public()
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(interventions, bytes of their current versions) stored by `tenant`."""
+        """(interventions, bytes of every retained version) stored by `tenant`: what its quota counts."""
         return self.index.usage(validate_tenant(tenant))
 
     def set_public(self, name: str, public: bool, tenant: str = "default") -> InterventionRecord:
@@ -122,16 +140,26 @@ class ArtifactStore:
         tags: Iterable[str] = (),
         source: str = "upload",
         replace: bool = False,
+        quota: StorageQuota | None = None,
+        max_rank: int | None = None,
     ) -> InterventionRecord:
-        """Validate and store an artifact as `name`: a new name, or (with `replace`) its next current version."""
+        """Validate and store an artifact as `name`: a new name, or (with `replace`) its next current version.
+
+        With a `quota`, the tenant's interventions and retained bytes after the write must fit it, or the put raises
+        QuotaExceededError and stores nothing. With `max_rank`, a higher-rank artifact raises RankLimitError.
+        """
         validate_name(name)
         validate_tenant(tenant)
         tag_tuple = validate_metadata(description, tags, source)
         artifact = decode_artifact(payload, base_model=self.base_model)  # in memory, before touching disk
+        if max_rank is not None:
+            check_rank(artifact.intervention.config.rank, artifact.intervention.hidden_size, max_rank)
         self._check_writable()
+        request = WriteRequest(tenant, name, replace, len(payload), quota, self.keep_versions)
         with self._write_lock, self._writing():
-            # checked again inside the transaction; checking first avoids leaving an orphan file on a refusal
-            self._check_name_state(tenant, name, replace)
+            # checked again inside the transaction (another process may write); checking first avoids writing a
+            # file only to refuse it
+            self.index.check_write(request)
             file_sha256 = self.files.write(payload)
             created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -143,16 +171,24 @@ class ArtifactStore:
                     description=description, tags=tag_tuple, training=dict(artifact.training),
                 )
 
-            return self.index.add_version(tenant, name, replace=replace, make=make)
+            try:
+                record, dropped = self.index.add_version(request, make)
+            except StoreError:  # refused in the transaction: the file just written may be referenced by nothing
+                self._collect({file_sha256})
+                raise
+            self._collect(dropped)
+            return record
 
     def delete(self, name: str, tenant: str = "default") -> None:
-        """Remove every version from the index; `gc()` removes the files no record references any more."""
+        """Remove every version from the index, then the files no other version references."""
         validate_name(name)
         validate_tenant(tenant)
         self._check_writable()
         with self._write_lock, self._writing():
-            if not self.index.delete(tenant, name):
+            files = self.index.delete(tenant, name)
+            if files is None:
                 raise InterventionNotFoundError(name, tenant=tenant)
+            self._collect(files)
 
     def gc(self) -> int:
         """Remove artifact files no record references, and temp files of interrupted writes; return the count."""
@@ -169,12 +205,15 @@ class ArtifactStore:
         self.index.close()
 
     # -- helpers ---------------------------------------------------------------------------------------------------
-    def _check_name_state(self, tenant: str, name: str, replace: bool) -> None:
-        exists = self.index.current(tenant, name) is not None
-        if replace and not exists:
-            raise InterventionNotFoundError(name, tenant=tenant)
-        if exists and not replace:
-            raise InterventionExistsError(name, tenant=tenant)
+    def _collect(self, candidates: set[str]) -> None:
+        """Remove the candidate files no version references. Caller holds the write lock; the index change is
+        already committed, so a failure here only leaves files for the next `gc()` instead of failing the write."""
+        for file_sha256 in candidates - self.index.referenced_files(among=candidates):
+            try:
+                self.files.path_for(file_sha256).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove an unreferenced artifact file", extra={"file": file_sha256,
+                                                                                       "reason": str(exc)})
 
     def _check_writable(self) -> None:
         if self.read_only:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from reft_core.errors import InvalidConfigError
+from reft_core.errors import InvalidConfigError, RankLimitError
 from reft_core.positions import PositionSpec
 
 InterventionType = Literal["loreft", "direft", "noreft"]
@@ -23,6 +23,15 @@ INTERVENTION_TYPES: tuple[str, ...] = ("loreft", "direft", "noreft")
 COMPONENTS: tuple[str, ...] = ("block_output",)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_RANK = 1024
+
+
+def check_rank(rank: int, hidden_size: int, max_rank: int) -> None:
+    """Refuse a rank above `max_rank` (a server's limit) or the hidden size: bank tables are padded to the largest
+    resident rank, so one high-rank intervention would grow memory for every slot."""
+    if rank > hidden_size:
+        raise RankLimitError(f"rank {rank} exceeds the model's hidden size {hidden_size}")
+    if rank > max_rank:
+        raise RankLimitError(f"rank {rank} is above this server's limit of {max_rank} (max_intervention_rank)")
 
 
 @dataclass(frozen=True)

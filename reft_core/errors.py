@@ -15,6 +15,10 @@ class InvalidConfigError(ReftError, ValueError):
     """An intervention config (layers, positions, rank, dtype, ...) is malformed or out of range."""
 
 
+class RankLimitError(InvalidConfigError):
+    """An intervention's rank is above what the serving side accepts (a configured cap, or the hidden size)."""
+
+
 class ArtifactError(ReftError):
     """An artifact cannot be used; subclasses say why."""
 

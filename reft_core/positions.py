@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 from reft_core.errors import InvalidConfigError
 
-_POSITIONS_PATTERN = re.compile(r"^(?:f(?P<both_f>\d+)\+l(?P<both_l>\d+)|f(?P<f>\d+)|l(?P<l>\d+))$")
+# used with `fullmatch` on ASCII `[0-9]`: `$` would accept a trailing newline ("l1\n") and `\d` any Unicode digit
+# ("l١"); at most 9 digits, so `int` stays cheap and bounded (MAX_POSITIONS_PER_SIDE refuses the large ones)
+_N = "[0-9]{1,9}"
+_POSITIONS_PATTERN = re.compile(rf"f(?P<both_f>{_N})\+l(?P<both_l>{_N})|f(?P<f>{_N})|l(?P<l>{_N})", re.ASCII)
 MAX_POSITIONS_PER_SIDE = 512
 
 
@@ -27,7 +30,7 @@ class PositionSpec:
     @classmethod
     def parse(cls, spec: str) -> PositionSpec:
         """Parse `f<A>`, `l<B>` or `f<A>+l<B>`; raise InvalidConfigError with the accepted grammar otherwise."""
-        match = _POSITIONS_PATTERN.match(spec) if isinstance(spec, str) else None
+        match = _POSITIONS_PATTERN.fullmatch(spec) if isinstance(spec, str) else None
         if match is None:
             raise InvalidConfigError(
                 f"invalid positions {spec!r}: expected 'f<N>', 'l<N>' or 'f<N>+l<M>' (e.g. 'l1', 'f1+l1')"

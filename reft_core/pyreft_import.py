@@ -14,7 +14,6 @@ edits the prefix positions and `#1` the suffix positions.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -89,7 +88,7 @@ def _load_state(path: Path) -> dict[str, Tensor]:
         raise PyreftImportError(f"{path.name} is larger than {MAX_WEIGHTS_BYTES >> 20} MB")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a malformed pickle raises anything (b"\x80\x02." is an IndexError)
         raise PyreftImportError(
             f"{path.name} was refused: not a plain tensor file (unsafe or corrupt pickle: {str(exc)[:200]})"
         ) from None
@@ -126,6 +125,16 @@ def _unit_weights(kind: str, state: dict[str, Tensor], name: str) -> UnitWeights
     original = get("rotate_layer.parametrizations.weight.original")  # direft: default nn.Module state dict
     rotation = _orthogonal_weight(state, "rotate_layer.", tuple(original.shape))
     return UnitWeights(R=rotation.T.contiguous(), W=get("learned_source.weight"), b=get("learned_source.bias"))
+
+
+def _checked_unit_weights(kind: str, state: dict[str, Tensor], name: str) -> UnitWeights:
+    """`_unit_weights`, with whatever odd tensors make torch raise (wrong ranks, dtypes) reported as an import error."""
+    try:
+        return _unit_weights(kind, state, name)
+    except PyreftImportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the tensors are untrusted: any failure is the save's fault
+        raise PyreftImportError(f"{name} has unusable tensors: {str(exc)[:200]}") from None
 
 
 def import_pyreft(directory: Path, *, positions: str = "l1") -> Intervention:
@@ -171,7 +180,7 @@ def import_pyreft(directory: Path, *, positions: str = "l1") -> Intervention:
         path = files.get((unit.layer, index))
         if path is None:
             raise PyreftImportError(f"missing weights file for layer {unit.layer} intervention #{index}")
-        units[unit] = _unit_weights(kind, _load_state(path), path.name)
+        units[unit] = _checked_unit_weights(kind, _load_state(path), path.name)
     hidden_sizes = {w.R.shape[-1] for w in units.values()}
     if len(hidden_sizes) != 1:
         raise PyreftImportError(f"inconsistent hidden sizes across interventions: {sorted(hidden_sizes)}")

@@ -85,7 +85,11 @@ def build_services(
     settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = ArtifactStore(settings.data_dir / "store", fingerprint)
+    store = ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention)
+    if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
+        removed = store.gc()
+        if removed:
+            log.info("removed unreferenced artifact files", extra={"files": removed})
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant))
     model_id = settings.model_id or started.base_model_id
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)

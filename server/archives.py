@@ -1,25 +1,31 @@
 """Safe unpacking of uploaded pyreft archives (.zip or .tar.gz) into a private temporary directory.
 
-Archives are hostile until checked: members with absolute paths, `..`, links or device files are refused; the
-member count and the total unpacked size are bounded before anything is extracted (zip bombs), and extraction
-writes only regular files, flattened to their base names, since a pyreft save is a flat directory.
+Archives are hostile until checked: members with absolute paths, `..`, links or device files are refused, and
+extraction writes only regular files, flattened to their base names, since a pyreft save is a flat directory.
+Work is bounded while it happens, not after: members are read one at a time and counting stops at the member cap;
+declared sizes are charged against the unpacked-bytes cap before a member is read, and a tar.gz's decompressed
+stream is capped too (skipping a member still inflates it). Whatever reading the untrusted bytes raises (bad CRC,
+broken deflate, truncated gzip, a lying header) becomes the typed 422, never a 500.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from server.errors import APIError
 from server.settings import Settings
 
 _ALLOWED_NAME = ("config.json",)
-Member = tuple[str, int, Callable[[], bytes]]  # name, declared size, reader
+_ZIP_DIRECTORY_ENTRY = b"PK\x01\x02"  # signature of every central-directory record
+_TAR_OVERHEAD_PER_MEMBER = 3 * 512  # a header block, a PAX/long-name block, and padding of the data
 
 
 def _refuse(message: str) -> APIError:
@@ -47,70 +53,101 @@ def kind_of(payload: bytes) -> str:
     return "unknown"
 
 
+class _Budget:
+    """What is left of an archive's allowance: members seen and (declared) unpacked bytes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_members, self.max_bytes = settings.max_archive_members, settings.max_archive_unpacked_bytes
+        self.members, self.bytes = 0, 0
+
+    def add_member(self, size: int) -> None:
+        self.members += 1
+        if self.members > self.max_members:
+            raise _refuse(f"more than {self.max_members} members")
+        self.bytes += max(size, 0)
+        if self.bytes > self.max_bytes:
+            raise _refuse(f"unpacks to more than the {self.max_bytes} bytes allowed")
+
+
 @contextmanager
 def unpack_archive(payload: bytes, settings: Settings) -> Iterator[Path]:
-    members = _zip_members(payload) if kind_of(payload) == "zip" else _tar_members(payload)
-    if len(members) > settings.max_archive_members:
-        raise _refuse(f"more than {settings.max_archive_members} members")
-    total = sum(size for _, size, _ in members)
-    if total > settings.max_archive_unpacked_bytes:
-        raise _refuse(f"unpacks to {total} bytes, more than the {settings.max_archive_unpacked_bytes} allowed")
     with tempfile.TemporaryDirectory(prefix="reft-import-") as tmp:
         directory = Path(tmp)
-        written = 0
-        for name, _, read in members:
-            target = _checked_name(name)
-            if target is None:
-                continue
-            data = read()
-            written += len(data)
-            if written > settings.max_archive_unpacked_bytes:  # declared sizes can lie
-                raise _refuse("unpacked size exceeds the limit")
-            (directory / target).write_bytes(data)
+        for target, data in _members(payload, _Budget(settings)):
+            path = directory / target
+            if path.exists():  # two members flatten to one name: which one pyreft meant is unknowable
+                raise _refuse(f"two members are named {target!r}")
+            path.write_bytes(data)
         yield directory
 
 
-def _zip_members(payload: bytes) -> list[Member]:
+def _members(payload: bytes, budget: _Budget) -> Iterator[tuple[str, bytes]]:
+    """(base name, bytes) of each member to extract; any failure to read the archive is the typed 422."""
+    read = _zip_members if kind_of(payload) == "zip" else _tar_members
     try:
-        archive = zipfile.ZipFile(io.BytesIO(payload))
-        infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError) as exc:
-        raise _refuse(f"not a readable zip file ({exc})") from None
-    members = []
-    for info in infos:
+        yield from read(payload, budget)
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile/tarfile/zlib/gzip raise many types on hostile bytes
+        raise _refuse(f"unreadable archive ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _zip_members(payload: bytes, budget: _Budget) -> Iterator[tuple[str, bytes]]:
+    # ZipFile parses the whole central directory up front; counting its record signatures first (a fast byte scan,
+    # never an undercount) refuses a directory of a million entries before any of them is parsed
+    if payload.count(_ZIP_DIRECTORY_ENTRY) > budget.max_members:
+        raise _refuse(f"more than {budget.max_members} members")
+    archive = zipfile.ZipFile(io.BytesIO(payload))
+    for info in archive.infolist():
+        budget.add_member(info.file_size)
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise _refuse(f"member {info.filename[:100]!r} is a symbolic link")
-        _checked_name(info.filename)
-
-        def read(info: zipfile.ZipInfo = info) -> bytes:
-            with archive.open(info) as handle:  # read at most declared size + 1 to catch lying headers
-                data = handle.read(info.file_size + 1)
-            if len(data) > info.file_size:
-                raise _refuse(f"member {info.filename[:100]!r} is larger than declared")
-            return data
-
-        members.append((info.filename, info.file_size, read))
-    return members
-
-
-def _tar_members(payload: bytes) -> list[Member]:
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")
-        infos = archive.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise _refuse(f"not a readable .zip or .tar.gz file ({exc})") from None
-    members = []
-    for info in infos:
-        if info.isdir():
+        target = _checked_name(info.filename)
+        if target is None:
             continue
-        if not info.isfile():
-            raise _refuse(f"member {info.name[:100]!r} is not a regular file")
-        _checked_name(info.name)
+        with archive.open(info) as handle:  # stops at the declared size; the CRC is checked at its end
+            data = handle.read(info.file_size + 1)
+        if len(data) != info.file_size:
+            raise _refuse(f"member {info.filename[:100]!r} does not have its declared size")
+        yield target, data
 
-        def read(info: tarfile.TarInfo = info) -> bytes:
+
+def _tar_members(payload: bytes, budget: _Budget) -> Iterator[tuple[str, bytes]]:
+    limit = budget.max_bytes + (budget.max_members + 1) * _TAR_OVERHEAD_PER_MEMBER + tarfile.RECORDSIZE
+    stream = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(payload)), limit)
+    # "r|": a stream, one header at a time, so counting stops at the cap (getmembers() would parse them all)
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        for info in archive:
+            budget.add_member(info.size)
+            if info.isdir():
+                continue
+            if not info.isfile():
+                raise _refuse(f"member {info.name[:100]!r} is not a regular file")
+            target = _checked_name(info.name)
+            if target is None:
+                continue
             handle = archive.extractfile(info)
-            assert handle is not None
-            return handle.read(info.size)
+            assert handle is not None  # a regular file always has data
+            data = handle.read(info.size)
+            if len(data) != info.size:
+                raise _refuse(f"member {info.name[:100]!r} is truncated")
+            yield target, data
 
-        members.append((info.name, info.size, read))
-    return members
+
+class _CappedReader(io.RawIOBase):
+    """A read-only stream that refuses to produce more than `limit` bytes (a gzip bomb stops there)."""
+
+    def __init__(self, inner: BinaryIO, limit: int) -> None:
+        super().__init__()
+        self._inner, self._left = inner, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        data = self._inner.read(want)
+        self._left -= len(data)
+        if self._left < 0:
+            raise _refuse("decompresses to more than the unpacked size allowed")
+        return data

@@ -8,8 +8,8 @@ the same call, so a request on a known name costs a dict lookup, not a database 
 native artifact in the store. All methods block (disk, decoding): handlers call them through a threadpool.
 
 Names belong to tenants: every method takes the tenant, caches are keyed by (tenant, name), and another tenant's
-intervention is reachable only when an admin marked it public (`resolve_public`). Storage quotas (interventions and
-bytes per tenant) are checked here, on the one path every write takes.
+intervention is reachable only when an admin marked it public (`resolve_public`). Every write passes the tenant's
+storage quota (interventions and bytes) to the store, which checks it in the write's own transaction.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from adapters_store import ArtifactStore, InterventionNotFoundError, InterventionRecord
+from adapters_store import ArtifactStore, InterventionNotFoundError, InterventionRecord, StorageQuota
 from reft_core.artifact import Artifact, encode_artifact
+from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.intervention import Intervention
 from reft_core.pyreft_import import import_pyreft
 from server.archives import unpack_archive
 from server.engine.types import InterventionRef
-from server.errors import APIError
 from server.settings import Settings
 
 Limits = Callable[[str], dict[str, object]]  # tenant -> its quota overrides
@@ -94,22 +94,10 @@ class InterventionRegistry:
             self._writes += 1
             self._current.pop((tenant, name), None)
 
-    def _check_quota(self, tenant: str, name: str, size: int, replace: bool) -> None:
+    def _quota(self, tenant: str) -> StorageQuota:
         limits = self._limits(tenant)
-        max_count = self.settings.limit("max_interventions_per_tenant", limits)
-        max_bytes = self.settings.limit("max_bytes_per_tenant", limits)
-        count, used = self.store.usage(tenant)
-        if replace:  # the new version takes the place of the current one
-            try:
-                used -= self.store.get(name, tenant).size_bytes
-            except InterventionNotFoundError:
-                pass
-        elif count >= max_count:
-            raise APIError(403, f"the tenant stores {count} interventions; its limit is {max_count}",
-                           type="permission_error", code="storage_quota_exceeded")
-        if used + size > max_bytes:
-            raise APIError(403, f"storing {size} more bytes would exceed the tenant's {max_bytes} byte limit",
-                           type="permission_error", code="storage_quota_exceeded")
+        return StorageQuota(max_interventions=self.settings.limit("max_interventions_per_tenant", limits),
+                            max_bytes=self.settings.limit("max_bytes_per_tenant", limits))
 
     def _decode(self, record: InterventionRecord) -> Intervention:
         with self._lock:
@@ -128,9 +116,11 @@ class InterventionRegistry:
         self, tenant: str, name: str, payload: bytes, *, description: str = "", replace: bool = False,
         source: str = "upload",
     ) -> InterventionRecord:
-        self._check_quota(tenant, name, len(payload), replace)
-        try:
-            return self.store.put(name, payload, description=description, replace=replace, source=source, tenant=tenant)
+        try:  # the store checks the quota in the write's own transaction: concurrent uploads cannot overshoot it
+            return self.store.put(
+                name, payload, description=description, replace=replace, source=source, tenant=tenant,
+                quota=self._quota(tenant), max_rank=self.settings.max_intervention_rank,
+            )
         finally:
             self._forget(tenant, name)  # the next request resolves the new version
 
@@ -139,6 +129,8 @@ class InterventionRegistry:
     ) -> InterventionRecord:
         with unpack_archive(archive, self.settings) as directory:
             intervention = import_pyreft(directory, positions=positions)
+        # before encoding: a refused rank costs no artifact (the store checks it again for every upload)
+        check_rank(intervention.config.rank, intervention.hidden_size, self.settings.max_intervention_rank)
         payload, _ = encode_artifact(intervention, self.fingerprint, {"imported_from": "pyreft"})
         return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="pyreft-import")
 

@@ -13,6 +13,11 @@ import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 
 
+# hard ceiling of `max_training_examples`: a request's list is refused at this length before any example in it is
+# validated, so a million-example body costs a length check, not a million validations
+TRAINING_EXAMPLES_CEILING = 10_000
+
+
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("reft-serve"))
 
@@ -39,7 +44,9 @@ class Settings(BaseModel):
         2_000_000, ge=1, description="prompt + max_tokens per tenant per minute (unused max_tokens are refunded)"
     )
     max_interventions_per_tenant: int = Field(1000, ge=0, description="stored interventions per tenant")
-    max_bytes_per_tenant: int = Field(1 << 30, ge=0, description="bytes of stored interventions per tenant")
+    max_bytes_per_tenant: int = Field(
+        1 << 30, ge=0, description="bytes of stored interventions per tenant, every retained version counted"
+    )
     max_trainings_per_tenant: int = Field(2, ge=0, description="training jobs queued or running per tenant")
 
     # engine
@@ -65,11 +72,20 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(64 << 20, ge=1024, description="largest artifact or archive upload")
     max_archive_unpacked_bytes: int = Field(256 << 20, description="pyreft archive size once unpacked")
     max_archive_members: int = 256
+    max_versions_per_intervention: int = Field(
+        10, ge=1, description="versions kept per intervention name (the oldest is dropped when a new one exceeds it)"
+    )
+    max_intervention_rank: int = Field(
+        64, ge=1, description="largest rank of an uploaded, imported or trained intervention (and never above the "
+        "model's hidden size)"
+    )
     decoded_intervention_cache: int = Field(1024, ge=1, description="decoded artifacts kept in host memory")
 
     # training jobs
     max_queued_trainings: int = Field(8, ge=1, description="training jobs queued or running at once")
-    max_training_examples: int = Field(1000, ge=1, description="examples per training job")
+    max_training_examples: int = Field(
+        1000, ge=1, le=TRAINING_EXAMPLES_CEILING, description="examples per training job"
+    )
     max_example_tokens: int = Field(1024, ge=8, description="prompt + completion tokens per example")
     max_training_epochs: int = Field(1000, ge=1, description="epochs per training job")
     training_share: float = Field(

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionNotFoundError, validate_name
 from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
-from reft_core.config import InterventionConfig
+from reft_core.config import MAX_RANK, InterventionConfig, check_rank
 from reft_core.examples import TokenizedExample, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
@@ -34,7 +34,7 @@ from server.engine.engine import TrainingTask
 from server.engine.remote import EngineHandle
 from server.errors import APIError
 from server.registry import InterventionRegistry
-from server.settings import Settings
+from server.settings import TRAINING_EXAMPLES_CEILING, Settings
 
 log = logging.getLogger("reft_serve.training")
 ACTIVE = ("queued", "running")
@@ -64,7 +64,7 @@ class InterventionSpec(BaseModel):
 
     type: Literal["loreft", "direft", "noreft"] = "loreft"
     layers: list[int] | None = None  # default: one middle layer
-    rank: int = Field(4, ge=1, le=256)
+    rank: int = Field(4, ge=1, le=MAX_RANK)  # and at most the server's max_intervention_rank (checked at submit)
     positions: str = "l1"
     share_weights: bool = False
 
@@ -82,7 +82,8 @@ class TrainingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    examples: list[ExampleIn] = Field(min_length=1)
+    # max_length is checked on the raw list before its items are validated (the configured limit comes after)
+    examples: list[ExampleIn] = Field(min_length=1, max_length=TRAINING_EXAMPLES_CEILING)
     intervention: InterventionSpec = InterventionSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
     chat_template: bool = True
@@ -118,6 +119,7 @@ class TrainingManager:
         config = InterventionConfig(layers=layers, rank=spec.rank, positions=spec.positions, type=spec.type,
                                     share_weights=spec.share_weights)
         config.check_against_model(self.hidden_size, self.num_layers)
+        check_rank(config.rank, self.hidden_size, s.max_intervention_rank)
         h = body.hyperparameters
         training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
         examples = await run_in_threadpool(self._tokenize, body)

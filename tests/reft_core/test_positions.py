@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
-from reft_core.positions import PositionSpec
+from reft_core.positions import MAX_POSITIONS_PER_SIDE, PositionSpec
 
 PAD = -1
 
@@ -67,7 +69,8 @@ def test_parse_accepts_pyreft_notation(text: str, first: int, last: int) -> None
     assert str(spec) == text
 
 
-@pytest.mark.parametrize("text", ["", "l", "f", "l0", "f0+l0", "1", "l1+f1", "f1l1", "f1+", "+l1", " l1", "x3", "l-1", "f1+l1+l2"])
+@pytest.mark.parametrize("text", ["", "l", "f", "l0", "f0+l0", "1", "l1+f1", "f1l1", "f1+", "+l1", " l1", "x3", "l-1",
+                                  "f1+l1+l2", "l1\n", "f1+l1\n", "l\u0661", "f\uff11", "l1" + "0" * 5000])
 def test_parse_rejects_malformed(text: str) -> None:
     with pytest.raises(InvalidConfigError):
         PositionSpec.parse(text)
@@ -79,3 +82,31 @@ def test_parse_round_trips(first: int, last: int) -> None:
         return
     spec = PositionSpec(first, last)
     assert PositionSpec.parse(str(spec)) == spec
+
+
+# the grammar's own characters plus look-alikes: a trailing newline, spaces, non-ASCII digits (Arabic-Indic,
+# Devanagari, fullwidth), mixed with arbitrary text
+NEAR_MISSES = "fl+0123456789\n\t \u0661\u0966\uff11"
+GRAMMAR = re.compile(r"f[0-9]+\+l[0-9]+|f[0-9]+|l[0-9]+", re.ASCII)
+SPEC_TEXT = st.text(alphabet=NEAR_MISSES, max_size=12) | st.text(max_size=12)
+
+
+@given(SPEC_TEXT)
+def test_parse_accepts_exactly_the_ascii_grammar(text: str) -> None:
+    """Any string either fully matches f<N>, l<N> or f<N>+l<M> in ASCII digits (and round trips), or is refused."""
+    grammar = GRAMMAR.fullmatch(text)
+    try:
+        spec = PositionSpec.parse(text)
+    except InvalidConfigError:
+        numbers = [int(n) for n in re.findall(r"[0-9]+", text, re.ASCII)] if grammar else []
+        assert grammar is None or sum(numbers) == 0 or max(numbers) > MAX_POSITIONS_PER_SIDE
+        return
+    assert grammar is not None and PositionSpec.parse(str(spec)) == spec
+
+
+@given(st.sampled_from(["l1", "f2", "f1+l1"]), st.text(alphabet=NEAR_MISSES, min_size=1, max_size=3) | st.text(min_size=1))
+def test_parse_refuses_anything_after_a_valid_spec(valid: str, tail: str) -> None:
+    if GRAMMAR.fullmatch(valid + tail):  # "l1" + "2" is "l12", "f2" + "+l1" is "f2+l1": still valid
+        return
+    with pytest.raises(InvalidConfigError):
+        PositionSpec.parse(valid + tail)

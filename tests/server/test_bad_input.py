@@ -33,12 +33,14 @@ from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
 CHAT = [{"role": "user", "content": "hi"}]
 PWNED = Path("/tmp/reft-serve-pwned-marker")
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_RANK = 4
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tiny_base) -> Iterator[TestClient]:
     settings = make_settings(tmp_path_factory.mktemp("bad"), max_request_bytes=MAX_REQUEST_BYTES,
-                             max_upload_bytes=256 * 1024, max_archive_unpacked_bytes=512 * 1024)
+                             max_upload_bytes=256 * 1024, max_archive_unpacked_bytes=512 * 1024,
+                             max_intervention_rank=MAX_RANK)
     with TestClient(create_app(settings, base_model=tiny_base)) as test_client:
         test_client.base = tiny_base  # type: ignore[attr-defined]
         yield test_client
@@ -105,6 +107,66 @@ def pickle_archive(tmp: Path) -> bytes:
     evil = next(name for name in members if name.startswith("intkey_"))
     members[evil] = pickle.dumps(_Exploit())
     return zip_of(members)
+
+
+def pyreft_members(tmp: Path) -> dict[str, bytes]:
+    """The files of a small valid pyreft save (one LoReFT layer, rank 2)."""
+    config = InterventionConfig(layers=(1,), rank=2, positions="l1")
+    states, _ = loreft_states(config)
+    directory = write_pyreft_dir(tmp / "pyreft", [1], 2, states)
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def high_rank_artifact(base) -> bytes:
+    return artifact_bytes(base, persona(1, InterventionConfig(layers=(0,), rank=MAX_RANK * 2, positions="l1")))
+
+
+def high_rank_pyreft_archive(tmp: Path) -> bytes:
+    config = InterventionConfig(layers=(1,), rank=MAX_RANK * 2, positions="l1")
+    states, _ = loreft_states(config)
+    directory = write_pyreft_dir(tmp / "pyreft", [1], MAX_RANK * 2, states)
+    return zip_of({p.name: p.read_bytes() for p in directory.iterdir()})
+
+
+def malformed_pickle_archive(tmp: Path) -> bytes:
+    members = pyreft_members(tmp)
+    members[next(name for name in members if name.startswith("intkey_"))] = b"\x80\x02."  # a pickle of nothing
+    return zip_of(members)
+
+
+def stored_zip(data: bytes) -> tuple[bytes, int]:
+    """A zip whose config.json member is stored uncompressed; also the offset of that member's data."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("config.json", data)
+    payload = buffer.getvalue()
+    return payload, payload.index(data)
+
+
+def zip_bad_crc() -> bytes:
+    payload, offset = stored_zip(b'{"representations": []}')
+    corrupt = bytearray(payload)
+    corrupt[offset + 2] ^= 0x01  # the bytes no longer match the recorded CRC-32
+    return bytes(corrupt)
+
+
+def zip_broken_deflate() -> bytes:
+    payload = zip_of({"config.json": json.dumps({"pad": list(range(2000))}).encode()})
+    start = payload.index(b"config.json") + len("config.json")  # the local header's name, then deflate data
+    corrupt = bytearray(payload)
+    for i in range(start + 20, start + 60):
+        corrupt[i] ^= 0x5A
+    return bytes(corrupt)
+
+
+def zip_patched_size() -> bytes:
+    data = b'{"representations": []}'
+    payload, offset = stored_zip(data)
+    patched = bytearray(payload)
+    for header, size_at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size in both headers
+        at = payload.index(header) + size_at
+        patched[at:at + 4] = (len(data) - 10).to_bytes(4, "little")  # claims fewer bytes than it holds
+    return bytes(patched)
 
 
 def zip_bomb() -> bytes:
@@ -220,9 +282,17 @@ CASES = [
     ("safetensors-wrong-dtype", "POST", "/v1/interventions",
      upload("x", lambda b: tampered_artifact(b, wrong_dtype)), 422, INVALID),
     ("safetensors-truncated", "POST", "/v1/interventions", upload("x", lambda b: good_artifact(b)[:-7]), 422, INVALID),
+    ("upload-rank-above-limit", "POST", "/v1/interventions", upload("x", high_rank_artifact), 400, INVALID),
+    ("pyreft-rank-above-limit", "POST", "/v1/interventions",
+     archive_upload(high_rank_pyreft_archive, takes_tmp=True), 400, INVALID),
     ("upload-too-large", "POST", "/v1/interventions", upload("x", b"\0" * (2 << 20)), 413, INVALID),
     ("pyreft-pickle-exploit", "POST", "/v1/interventions", archive_upload(pickle_archive, takes_tmp=True), 422,
      INVALID),
+    ("pyreft-malformed-pickle", "POST", "/v1/interventions",
+     archive_upload(malformed_pickle_archive, takes_tmp=True), 422, INVALID),
+    ("zip-bad-crc", "POST", "/v1/interventions", archive_upload(zip_bad_crc), 422, INVALID),
+    ("zip-broken-deflate", "POST", "/v1/interventions", archive_upload(zip_broken_deflate), 422, INVALID),
+    ("zip-patched-size", "POST", "/v1/interventions", archive_upload(zip_patched_size), 422, INVALID),
     ("zip-bomb", "POST", "/v1/interventions", archive_upload(zip_bomb), 422, INVALID),
     ("zip-traversal", "POST", "/v1/interventions", archive_upload(traversal_zip), 422, INVALID),
     ("zip-absolute-member", "POST", "/v1/interventions", archive_upload(absolute_zip), 422, INVALID),
@@ -235,6 +305,9 @@ CASES = [
      {"json": {"name": "t", "examples": [{"prompt": "a", "completion": ""}]}}, 400, INVALID),
     ("training-enormous-example", "POST", "/v1/trainings",
      {"json": {"name": "t", "examples": [{"prompt": "a" * 5000, "completion": "b"}]}}, 400, INVALID),
+    ("training-rank-above-limit", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "intervention": {"rank": MAX_RANK + 1}}},
+     400, INVALID),
     ("training-unknown-field", "POST", "/v1/trainings",
      {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "gpus": 8}}, 400, INVALID),
     ("training-epochs-negative", "POST", "/v1/trainings",
@@ -272,3 +345,12 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(
     assert client.get("/health").json() == {"status": "ok"}
     reply = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "max_tokens": 2})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_rank_refusal_names_the_limit(client) -> None:
+    response = client.post("/v1/interventions", data={"name": "wide"},
+                           files={"file": ("x.bin", high_rank_artifact(client.base))})  # type: ignore[attr-defined]
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "rank_limit_exceeded"
+    assert f"limit of {MAX_RANK} (max_intervention_rank)" in error["message"]
+    assert client.get("/v1/interventions").json()["data"] == []

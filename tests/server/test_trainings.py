@@ -183,3 +183,11 @@ def test_a_job_whose_working_memory_exceeds_the_limit_is_refused_naming_it(tmp_p
         memory = fits.json()["spec"]["memory"]
         assert 0 < memory["kept_bytes"] <= 1 << 20 and 0 < memory["working_bytes"] <= 4 << 20
         wait_for(client, fits.json()["id"], ("succeeded", "failed"))
+
+
+def test_a_million_examples_are_refused_by_their_count_before_any_is_validated(client) -> None:
+    # every example is invalid: validating even one first would name it (examples.0) instead of the count
+    response = client.post("/v1/trainings", json={"name": "x", "examples": [{}] * 1_000_000})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "examples", error
+    assert "at most 10000" in error["message"]
