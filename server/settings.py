@@ -71,10 +71,14 @@ class Settings(BaseModel):
         64 << 10, ge=1024, description="request line + headers of one request; beyond this 431 and the connection closes"
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="a request's line and headers must arrive within this long of its first byte (408)"
+        10.0, gt=0,
+        description="a request's line and headers must arrive within this long of the connection opening (or, on a "
+                    "kept-alive connection, of the request's first byte); else 408 and the connection closes",
     )
     body_timeout_s: float = Field(
-        120.0, gt=0, description="a request's whole body must arrive within this long of its headers (408)"
+        120.0, gt=0,
+        description="a request's whole body must arrive within this long of its headers; else 408 and the connection "
+                    "closes",
     )
 
     # training jobs
