@@ -23,7 +23,7 @@ from adapters_store.tenants import TenantStore
 from reft_core.base_model import BaseModel, load_base_model, load_tokenizer, model_id_for, resolve_model_dir
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
-from server.auth import tenant_limits
+from server.auth import AuthenticateFirst, tenant_limits
 from server.dependencies import Services
 from server.engine.engine import Engine, EngineSettings
 from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
@@ -150,6 +150,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
     app.state.drain = lambda: _drain(app)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, settings=settings)
+    app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)  # outermost: first
     for module in (completions, models, interventions, trainings, admin, health):
         app.include_router(module.router)
     if not settings.auth_enabled and settings.auth == "auto":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import guarded_protocol
 
     flags = dict(
         model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype, host=args.host,
@@ -38,10 +40,35 @@ def _serve(args: argparse.Namespace) -> int:
     given = {name: value for name, value in flags.items() if value is not None}  # flags left out: settings default
     settings = Settings(**(setting_overrides(args.set, os.environ) | given))
     app = create_app(settings)
+    _reserve_descriptors(settings.max_connections)
+    # The guarded protocol bounds connections, header bytes and the time a request may take to arrive
+    # (server/connections.py); uvicorn's own limit_concurrency is not used: it answers only after reading headers.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=args.access_log,
+                            http=guarded_protocol(settings),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     _run_draining(config, app.state.drain)
     return 0
+
+
+DESCRIPTOR_RESERVE = 256  # model and store files, SQLite, threads' wakeup pipes: what is not a connection
+
+
+def _reserve_descriptors(max_connections: int) -> None:
+    """Raise the soft open-files limit toward the hard one so `max_connections` sockets fit beside the rest;
+    warn when even the hard limit is lower (connections beyond it would fail to be accepted, not get a 503)."""
+    import resource
+
+    needed = max_connections + DESCRIPTOR_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logging.getLogger("reft_serve.cli").warning(
+            "open-files limit %d is below max_connections + %d; lower max_connections or raise `ulimit -n`",
+            soft, DESCRIPTOR_RESERVE,
+        )
 
 
 def _run_draining(config: object, drain: Callable[[], None]) -> None:

@@ -6,6 +6,7 @@ status code. Every error body has the OpenAI shape `{"error": {"message", "type"
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -65,6 +66,17 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+async def send_error(send: Any, error: APIError) -> None:
+    """Answer `error` from ASGI middleware, below the exception handlers, and close the connection: the request's
+    body may be unread, and keeping the connection would make the server read (and discard) all of it."""
+    body = json.dumps(error_body(error.message, error.type, error.code, error.param)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def classify(exc: Exception) -> APIError | None:

@@ -7,11 +7,10 @@ is refused before reading anything; a body that streams past it (chunked, or a l
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from server.errors import APIError, error_body
+from server.errors import APIError, send_error
 from server.settings import Settings
 
 UPLOAD_ROUTES = re.compile(r"^/v1/(interventions(/[^/]+)?|trainings/upload)/?$")
@@ -41,10 +40,10 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _reply(send, APIError(400, "invalid Content-Length header", code="invalid_header"))
+                await send_error(send, APIError(400, "invalid Content-Length header", code="invalid_header"))
                 return
             if int(declared) > limit:
-                await _reply(send, BodyTooLargeError(limit))
+                await send_error(send, BodyTooLargeError(limit))
                 return
         received = 0
         started = False
@@ -68,12 +67,4 @@ class BodySizeLimit:
         except BodyTooLargeError as exc:  # raised where no exception handler could answer
             if started:
                 raise
-            await _reply(send, exc)
-
-
-async def _reply(send: Any, error: APIError) -> None:
-    body = json.dumps(error_body(error.message, error.type, error.code, error.param)).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+            await send_error(send, exc)

@@ -81,6 +81,24 @@ class Settings(BaseModel):
     )
     decoded_intervention_cache: int = Field(1024, ge=1, description="decoded artifacts kept in host memory")
 
+    # connections (enforced by server/connections.py before a request reaches the app)
+    max_connections: int = Field(
+        512, ge=1, description="open HTTP connections; beyond this a new one is answered 503 and closed at once"
+    )
+    max_header_bytes: int = Field(
+        64 << 10, ge=1024, description="request line + headers of one request; beyond this 431 and the connection closes"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0,
+        description="a request's line and headers must arrive within this long of the connection opening (or, on a "
+                    "kept-alive connection, of the request's first byte); else 408 and the connection closes",
+    )
+    body_timeout_s: float = Field(
+        120.0, gt=0,
+        description="a request's whole body must arrive within this long of its headers; else 408 and the connection "
+                    "closes",
+    )
+
     # training jobs
     max_queued_trainings: int = Field(8, ge=1, description="training jobs queued or running at once")
     max_training_examples: int = Field(

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.auth import caller
 from server.dependencies import generation_service
 from server.engine.types import FinishReason, GenerationEvent
-from server.errors import error_body
+from server.errors import APIError, error_body
 from server.generation import Caller, GenerationService, PreparedRequest, error_for, raise_for_error
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -36,24 +36,42 @@ def _usage(event: GenerationEvent) -> dict[str, int]:
 
 
 async def _collect(service: GenerationService, prepared: PreparedRequest, request: Request) -> tuple[str, GenerationEvent]:
-    """Run to completion, cancelling if the client disconnects while we wait."""
+    """Run to completion; if the client hangs up first, cancel at once (its batch row is freed) and answer 499.
+
+    The hang-up is watched on its own task, not between events: a request that is generating gets an event every
+    decode step, so a check that waits for a pause in events would not run until max_tokens."""
+    generating = asyncio.ensure_future(_gather(service, prepared))
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (generating, watching):
+            task.cancel()
+        await asyncio.gather(generating, watching, return_exceptions=True)  # the generator's cleanup cancels the row
+    if generating.cancelled():  # nobody reads this answer; 499 is nginx's "client closed request" in the logs
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
+    return generating.result()  # or its error (504, 503, ...)
+
+
+async def _gather(service: GenerationService, prepared: PreparedRequest) -> tuple[str, GenerationEvent]:
     parts: list[str] = []
     events = service.events(prepared)
     try:
-        while True:
-            next_event = asyncio.ensure_future(events.__anext__())
-            while not next_event.done():
-                await asyncio.wait({next_event}, timeout=1.0)
-                if not next_event.done() and await request.is_disconnected():
-                    next_event.cancel()
-                    raise asyncio.CancelledError
-            event = next_event.result()
+        async for event in events:
             parts.append(event.text)
             if event.finish_reason is not None:
                 raise_for_error(event)
                 return "".join(parts), event
+        raise AssertionError("the event stream ended without a final event")
     finally:
         await events.aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone. The body was read in full before the handler ran, so the only message
+    left for `receive` to deliver is `http.disconnect`."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @dataclass(frozen=True)

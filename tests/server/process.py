@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def server_process(
-    model_dir: Path | None, data_dir: Path, *extra: str, ready_timeout: float = 60
+    model_dir: Path | None, data_dir: Path, *extra: str, ready_timeout: float = 60,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`reft-serve serve` for `model_dir` (None: the embedded model) until the block ends (then SIGKILL if alive)."""
+    """`reft-serve serve` for `model_dir` (None: the embedded model) until the block ends (then SIGKILL if alive).
+    `preexec_fn` runs in the child before it starts (e.g. to lower its resource limits)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -29,7 +31,8 @@ def server_process(
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"  # a file, not a pipe nobody drains (it could fill and block)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                                   preexec_fn=preexec_fn)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + ready_timeout
