@@ -42,6 +42,7 @@ from server.engine.runner import ModelRunner, PrefillRow  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 MODES = {"engine process": [], "engine thread": ["--set", "engine_process=false"]}
+STALL_MODES = {"chunked prefill": [], "prefill in one forward": ["--set", "prefill_chunk_share=0"]}
 
 
 def mixed_lengths(count: int = 16, seed: int = 0) -> list[int]:
@@ -73,6 +74,33 @@ async def _load(url: str, lengths: list[int]) -> tuple[int, float]:
     wall = time.perf_counter() - started
     assert list(counts) == lengths, "every request must generate exactly its max_tokens"
     return sum(counts), wall
+
+
+async def _stream_gaps(client: httpx.AsyncClient, prompt: str, tokens: int) -> list[float]:
+    """Seconds between consecutive content chunks of one streamed request (after its first)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "min_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    arrivals: list[float] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                arrivals.append(time.perf_counter())
+    return [b - a for a, b in zip(arrivals[1:], arrivals[2:])]
+
+
+async def _stall(url: str, rows: int = 16, tokens: int = 96, long_tokens: int = 2000) -> dict:
+    """`rows` streams decode; a `long_tokens` prompt arrives once they all stream. Their inter-token gaps."""
+    filler = ("The quick brown fox jumps over the lazy dog near the quiet river bank. " * 200)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=rows + 8)) as client:
+        streams = [asyncio.create_task(_stream_gaps(client, PROMPTS[i % len(PROMPTS)], tokens)) for i in range(rows)]
+        await asyncio.sleep(3.0)
+        long = await client.post("/v1/completions", json={"model": MODEL, "prompt": filler, "max_tokens": 1})
+        assert long.status_code == 200, long.text
+        prompt_tokens = long.json()["usage"]["prompt_tokens"]
+        gaps = [g for s in await asyncio.gather(*streams) for g in s]
+    ordered = sorted(gaps)
+    p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return {"p50": p50, "p99": p99, "prompt_tokens": prompt_tokens}
 
 
 def _decode_step_stats(url: str) -> tuple[float, int]:
@@ -143,6 +171,13 @@ def main() -> None:
                 hf_runs[name].append(hf_static(base, lengths))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     decode_alone = runner_decode_step(base)
+    stalls: dict[str, list[dict]] = {mode: [] for mode in STALL_MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for mode, flags in STALL_MODES.items():
+                with reft_serve(Path(tmp) / f"stall-{mode}-{round_index}", *flags) as (_server, url):
+                    asyncio.run(_load(url, [4] * 4))
+                    stalls[mode].append(asyncio.run(_stall(url)))
 
     def med(values: list[dict], key: str) -> float:
         return statistics.median(v[key] for v in values)
@@ -162,6 +197,12 @@ def main() -> None:
             ratio = med(runs[mode][name], "tok_s") / med(hf_runs[name], "tok_s")
             ratios.append(f"| {name}: reft-serve ({mode}) / HF static (goal >= {goal}) | {ratio:.2f} |")
     ratios.append(f"| in-process `ModelRunner.decode`, 64 rows, mean (ms) | {1000 * decode_alone:.0f} |")
+    stall_lines = ["| 16 rows decoding, a long prompt arrives | prompt tokens | ITL p50 (ms) | ITL p99 (ms) | p99 / p50 "
+                   "(goal <= 2) |", "|---|---|---|---|---|"]
+    for mode in STALL_MODES:
+        p50, p99 = med(stalls[mode], "p50"), med(stalls[mode], "p99")
+        stall_lines.append(f"| {mode} | {stalls[mode][0]['prompt_tokens']} | {1000 * p50:.0f} | {1000 * p99:.0f} | "
+                           f"{p99 / p50:.2f} |")
     env = (f"Python {platform.python_version()}, torch {torch.__version__}, "
            f"transformers {__import__('transformers').__version__}; {platform.machine()}, "
            f"{__import__('os').cpu_count()} CPU cores; SmolLM2-135M-Instruct fp32, greedy")
@@ -172,6 +213,9 @@ def main() -> None:
         "in-process on the same prompts in the same run and decodes every row to the longest; only requested "
         "tokens are counted for both. Rounds interleave the modes; medians.", "",
         *lines, "", *ratios, "",
+        "Inter-token latency of 16 streaming rows (96 tokens each) while a ~2,000-token prompt arrives 3 s in, with "
+        "chunked prefill (default) and with every prompt prefilled in one forward (`prefill_chunk_share=0`):", "",
+        *stall_lines, "",
     ])
     print(section)
     if args.write:

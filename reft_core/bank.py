@@ -109,8 +109,12 @@ class InterventionBank:
             self._C[layer][entries] = 0
             self._b[layer][entries] = 0
 
-    def plan(self, rows: Sequence[RowPlacement]) -> BankPlan:
-        """Work out, per layer, which absolute positions of which rows get which unit entry."""
+    def plan(self, rows: Sequence[RowPlacement], window: tuple[int, int] | None = None) -> BankPlan:
+        """Work out, per layer, which absolute positions of which rows get which unit entry.
+
+        With `window=(start, end)` the forward covers only the prompt tokens in [start, end) (one chunk of a
+        chunked prefill): positions outside it are left out and the rest are made relative to `start`."""
+        start, end = window if window is not None else (0, None)
         per_layer: dict[int, list[list[tuple[int, int]]]] = {}
         for row_index, row in enumerate(rows):
             config = self._configs.get(row.slot) if row.slot else None
@@ -121,7 +125,8 @@ class InterventionBank:
             for unit in config.units():
                 entry = row.slot * GROUPS_PER_SLOT + (1 if unit.group == "suffix" else 0)
                 targets = per_layer.setdefault(unit.layer, [[] for _ in rows])[row_index]
-                targets.extend((row.offset + p, entry) for p in config.positions_for(unit.group, row.prompt_len))
+                absolute = (row.offset + p for p in config.positions_for(unit.group, row.prompt_len))
+                targets.extend((p - start, entry) for p in absolute if start <= p and (end is None or p < end))
         positions: dict[int, Tensor] = {}
         entries: dict[int, Tensor] = {}
         for layer, targets_by_row in per_layer.items():

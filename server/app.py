@@ -46,6 +46,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         max_prefill_tokens=settings.max_prefill_tokens,
         resident_interventions=settings.resident_interventions,
         training_share=settings.training_share,
+        prefill_chunk_share=settings.prefill_chunk_share,
     )
 
 

@@ -44,6 +44,8 @@ SHUTDOWN_ERROR = "the server is shutting down"
 # Whole steps failing this many times in a row means the engine itself is broken (not one request): stop, so the
 # process is restarted instead of failing every request forever.
 MAX_CONSECUTIVE_STEP_FAILURES = 20
+MIN_PREFILL_CHUNK = 32  # below this a chunk's forward is mostly fixed overhead
+DEFAULT_PREFILL_CHUNK = 256  # before the first decode step and prefill have been timed
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class EngineSettings:
     # chunks, which bounds how long a newly arrived request waits for its prefill.
     training_share: float = 0.5
     idle_training_slice_s: float = 0.1
+    # While rows are decoding, a prompt too long to prefill within about this fraction of a decode step is
+    # prefilled a chunk per iteration instead (running rows keep streaming); 0 turns chunking off.
+    prefill_chunk_share: float = 0.5
+    prefill_chunk_tokens: int | None = None  # a fixed chunk size instead of the measured one (tests, tuning)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,9 @@ class Engine:
         # Called on the engine thread after every loop iteration (and once at exit): the engine process flushes the
         # iteration's events to the API process here, as one message.
         self.after_iteration: Callable[[], None] | None = None
-        self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes the training slices
+        self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes training slices and chunks
+        self._prefill_rate = 0.0  # moving average of prefilled prompt tokens per second: sizes chunks
+        self._chunking: deque[Sequence] = deque()  # admitted rows whose prompts are prefilled a chunk at a time
 
     # -- API for other threads -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -253,16 +261,22 @@ class Engine:
         self._update_gauges()
 
     def step(self) -> None:
-        """One iteration: admit and prefill new rows, then one decode step for every running row."""
+        """One iteration: admit and prefill new rows (a long prompt while rows decode: one chunk of it per
+        iteration), then one decode step for every row in the batch, then a training slice."""
         admitted, refused = self.scheduler.admit()
         for seq, exc in refused:
             log.warning("could not load the intervention", extra={"request": seq.request.request_id, "error": repr(exc)})
             self._finish(seq, FinishReason.ERROR, error=f"the intervention could not be loaded: {type(exc).__name__}")
         self._update_gauges()
-        if admitted:
-            self._forward(admitted, prefill=True)
-        if self.scheduler.running:
-            self._forward([self.scheduler.running[i] for i in self.runner.row_ids], prefill=False)
+        whole, chunked = self._split_for_chunking(admitted)
+        for seq in chunked:
+            self.runner.begin_chunked_prefill(PrefillRow(seq.seq_id, seq.request.prompt_ids, seq.slot))
+            self._chunking.append(seq)
+        if whole:
+            self._prefill(whole)
+        self._prefill_next_chunk()
+        if self.runner.row_ids:
+            self._decode()
         self._train_slice()
         self._update_gauges()
 
@@ -346,26 +360,81 @@ class Engine:
                 return
             _call_quietly(task.on_finish, result, trainer.losses, None)
 
-    def _forward(self, seqs: list[Sequence], *, prefill: bool) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill admitted rows in one forward (they join the batch) and emit their first tokens."""
         started = time.perf_counter()
         try:
-            if prefill:
-                logits = self.runner.prefill([PrefillRow(s.seq_id, s.request.prompt_ids, s.slot) for s in seqs])
-            else:
-                logits = self.runner.decode([s.last_token for s in seqs])
-        except Exception as exc:  # noqa: BLE001 - a failed forward must not take the engine down
-            log.exception("forward failed", extra={"prefill": prefill, "rows": len(seqs)})
-            # A decode failure can leave the shared cache half-updated: fail every running row, not just these.
-            victims = seqs if prefill else list(self.scheduler.running.values())
-            for seq in victims:
-                self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
+            logits = self.runner.prefill([PrefillRow(s.seq_id, s.request.prompt_ids, s.slot) for s in seqs])
+        except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
+            self._fail_forward(exc, seqs, "prefill")
+            return
+        self._observe_prefill(time.perf_counter() - started, sum(s.prompt_len for s in seqs))
+        self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
+        self._emit(logits, seqs)
+
+    def _prefill_next_chunk(self) -> None:
+        """Advance the oldest chunked prompt by one chunk; once complete, its row joins the batch."""
+        if not self._chunking:
+            return
+        seq = self._chunking[0]
+        remaining = self.runner.chunked_remaining(seq.seq_id)
+        budget = self._chunk_tokens() if self.runner.row_ids else remaining  # nobody waits on it: finish at once
+        started = time.perf_counter()
+        try:
+            logits = self.runner.prefill_chunk(seq.seq_id, budget)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_forward(exc, [seq], "prefill chunk")
+            return
+        self._observe_prefill(time.perf_counter() - started, min(budget, remaining))
+        if logits is None:
+            return
+        self._chunking.popleft()
+        self.metrics.prompt_tokens.inc(seq.prompt_len)
+        self._emit(logits, [seq])
+
+    def _decode(self) -> None:
+        """One bare forward for every row in the batch, and their next tokens."""
+        seqs = [self.scheduler.running[i] for i in self.runner.row_ids]
+        started = time.perf_counter()
+        try:
+            logits = self.runner.decode([s.last_token for s in seqs])
+        except Exception as exc:  # noqa: BLE001
+            # a decode failure can leave the shared cache half-updated: fail every running row, not just these
+            self._fail_forward(exc, list(self.scheduler.running.values()), "decode")
             return
         elapsed = time.perf_counter() - started
-        (self.metrics.prefill_step if prefill else self.metrics.decode_step).observe(elapsed)
-        if not prefill:
-            self._decode_step_s = elapsed if not self._decode_step_s else 0.8 * self._decode_step_s + 0.2 * elapsed
-        if prefill:
-            self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
+        self.metrics.decode_step.observe(elapsed)
+        self._decode_step_s = elapsed if not self._decode_step_s else 0.8 * self._decode_step_s + 0.2 * elapsed
+        self._emit(logits, seqs)
+
+    def _fail_forward(self, exc: Exception, victims: list[Sequence], what: str) -> None:
+        log.exception("forward failed", extra={"forward": what, "rows": len(victims)})
+        for seq in victims:
+            self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
+
+    def _observe_prefill(self, elapsed: float, tokens: int) -> None:
+        self.metrics.prefill_step.observe(elapsed)
+        rate = tokens / max(elapsed, 1e-6)
+        self._prefill_rate = rate if not self._prefill_rate else 0.8 * self._prefill_rate + 0.2 * rate
+
+    def _chunk_tokens(self) -> int:
+        """Prompt tokens per chunk while rows decode: about `prefill_chunk_share` of a decode step's time."""
+        fixed = self.settings.prefill_chunk_tokens
+        if fixed is not None:
+            return fixed
+        if not self._decode_step_s or not self._prefill_rate:
+            return DEFAULT_PREFILL_CHUNK  # nothing measured yet
+        return max(MIN_PREFILL_CHUNK, int(self.settings.prefill_chunk_share * self._decode_step_s * self._prefill_rate))
+
+    def _split_for_chunking(self, admitted: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+        """Rows to prefill at once, and rows whose prompts are too long to prefill without stalling the batch."""
+        chunking_on = self.settings.prefill_chunk_tokens is not None or self.settings.prefill_chunk_share > 0
+        if not (chunking_on and self.runner.row_ids):
+            return admitted, []
+        budget = self._chunk_tokens()
+        return [s for s in admitted if s.prompt_len <= budget], [s for s in admitted if s.prompt_len > budget]
+
+    def _emit(self, logits: Tensor, seqs: list[Sequence]) -> None:
         for seq, token in zip(seqs, self._sample(logits, seqs)):
             try:
                 self._postprocess(seq, token)
@@ -420,6 +489,8 @@ class Engine:
         if seq.request.request_id not in self._by_request:
             return
         del self._by_request[seq.request.request_id]
+        if seq in self._chunking:
+            self._chunking.remove(seq)
         if not self.scheduler.remove_waiting(seq):
             self.runner.release([seq.seq_id])
             self.scheduler.finish(seq)

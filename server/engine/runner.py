@@ -28,6 +28,15 @@ class PrefillRow:
     slot: int  # bank slot; 0 = no intervention
 
 
+@dataclass
+class _ChunkedPrefill:
+    """A row whose prompt is being prefilled a chunk at a time, in its own cache until the prompt is complete."""
+
+    row: PrefillRow
+    cache: BatchKVCache
+    done: int = 0  # prompt tokens already in the cache
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, bank: InterventionBank, pad_token_id: int) -> None:
         self.model = model
@@ -39,6 +48,7 @@ class ModelRunner:
         self._cache: BatchKVCache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # [B, T] 1 = real token
         self._next_position = torch.zeros((0,), dtype=torch.long, device=self.device)  # [B]
+        self._chunked: dict[int, _ChunkedPrefill] = {}  # seq id -> a prompt being prefilled in chunks
 
     @property
     def cache_columns(self) -> int:
@@ -64,6 +74,43 @@ class ModelRunner:
         self.row_ids.extend(r.seq_id for r in rows)
         return out.logits[:, -1].float()
 
+    def begin_chunked_prefill(self, row: PrefillRow) -> None:
+        """Prefill `row` in chunks (`prefill_chunk`) instead of at once, so running rows keep decoding between."""
+        self._chunked[row.seq_id] = _ChunkedPrefill(row, BatchKVCache(self.num_layers))
+
+    def chunked_remaining(self, seq_id: int) -> int:
+        part = self._chunked[seq_id]
+        return len(part.row.prompt_ids) - part.done
+
+    @torch.inference_mode()
+    def prefill_chunk(self, seq_id: int, max_tokens: int) -> Tensor | None:
+        """Prefill up to `max_tokens` more of a chunked row's prompt. When the prompt is complete the row joins the
+        batch and its next-token logits [1, V] (float32) are returned; until then None.
+
+        The bank edits only the intervened positions inside this chunk (at their absolute positions); later chunks
+        attend to the edited keys/values in the cache, so the result equals a prefill in one forward."""
+        part = self._chunked[seq_id]
+        prompt = part.row.prompt_ids
+        start, end = part.done, min(len(prompt), part.done + max_tokens)
+        plan = self.bank.plan([RowPlacement(part.row.slot, len(prompt), 0)], window=(start, end))
+        with editing_layers(self.model, self.bank.edits(plan)):
+            out = self.model(
+                input_ids=torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device),
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, end, device=self.device)[None],
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(self.model, part.cache),
+            )
+        part.done = end
+        if end < len(prompt):
+            return None
+        del self._chunked[seq_id]
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        self._append(part.cache, mask, torch.tensor([end], device=self.device))
+        self.row_ids.append(seq_id)
+        return out.logits[:, -1].float()
+
     @torch.inference_mode()
     def decode(self, last_tokens: Sequence[int]) -> Tensor:
         """One bare step for every running row (in `row_ids` order); returns logits [B, V] (float32)."""
@@ -81,7 +128,11 @@ class ModelRunner:
         return out.logits[:, -1].float()
 
     def reset(self) -> None:
-        """Forget every row (after a failed step left the cache in an unknown state)."""
+        """Forget every row, chunked prefills included (after a failed step left the cache in an unknown state)."""
+        self._chunked.clear()
+        self._clear_batch()
+
+    def _clear_batch(self) -> None:
         self.row_ids = []
         self._cache = None
         self._mask = self._mask[:0, :0]
@@ -90,12 +141,14 @@ class ModelRunner:
     def release(self, seq_ids: Sequence[int]) -> None:
         """Drop finished or cancelled rows from the batch immediately."""
         gone = set(seq_ids)
+        for seq_id in gone:
+            self._chunked.pop(seq_id, None)
         keep = [i for i, seq_id in enumerate(self.row_ids) if seq_id not in gone]
         if len(keep) == len(self.row_ids):
             return
         self.row_ids = [self.row_ids[i] for i in keep]
         if not keep:
-            self.reset()
+            self._clear_batch()  # prompts still being prefilled in chunks keep their own caches
             return
         assert self._cache is not None
         self._cache.select(keep)

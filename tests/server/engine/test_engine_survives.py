@@ -209,16 +209,16 @@ def test_a_failing_step_fails_the_running_rows_and_the_engine_goes_on(model, tok
             finals[str(len(finals))] = event
             done.set()
 
-    original = engine._forward
+    original = engine._decode
     calls = {"n": 0}
 
-    def broken_once(seqs, *, prefill):
+    def broken_once():
         calls["n"] += 1
-        if calls["n"] == 2:  # the first decode step raises outside the forward's own handling
+        if calls["n"] == 1:  # the first decode step raises outside the forward's own handling
             raise IndexError("injected")
-        return original(seqs, prefill=prefill)
+        return original()
 
-    monkeypatch.setattr(engine, "_forward", broken_once)
+    monkeypatch.setattr(engine, "_decode", broken_once)
     engine.start()
     try:
         engine.submit(request(0), sink)

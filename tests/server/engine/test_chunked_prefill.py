@@ -1,0 +1,96 @@
+"""Chunked prefill: a long prompt that arrives while rows decode is prefilled a chunk per iteration, and its output
+(interventions at the right absolute positions across chunk boundaries included) equals a prefill in one forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reft_core.bank import InterventionBank
+from reft_core.config import InterventionConfig
+from reft_core.generate import generate
+from server.engine.engine import Engine, EngineSettings
+from server.engine.runner import ModelRunner, PrefillRow
+from server.engine.types import GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
+from tests import tiny
+from tests.reft_core.conftest import random_intervention
+
+LONG_PROMPTS = [list(range(5, 5 + n)) for n in (17, 9, 23)]
+RUNNING_PROMPT = [60, 61, 62]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def personas():
+    return [
+        random_intervention(InterventionConfig(layers=(0, 3), rank=2, positions="f3+l3"), seed=1, scale=3.0),
+        random_intervention(InterventionConfig(layers=(1,), rank=4, positions="f2+l2", share_weights=True), seed=2,
+                            scale=3.0),
+        None,
+    ]
+
+
+def _request(request_id: str, prompt, persona, max_tokens: int) -> GenerationRequest:
+    ref = InterventionRef(request_id, f"key-{request_id}", persona) if persona is not None else None
+    return GenerationRequest(request_id, tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                       ignore_eos=True), ref)
+
+
+def run_with_chunks(model, personas, chunk: int) -> tuple[dict[str, list[int]], int]:
+    """A row decodes; then the long prompts arrive. Returns tokens per request and the number of chunk forwards."""
+    engine = Engine(model, tiny.tiny_tokenizer(), EngineSettings(max_running=4, prefill_chunk_tokens=chunk))
+    chunks = 0
+    original = engine.runner.prefill_chunk
+
+    def counting(seq_id: int, max_tokens: int):  # noqa: ANN202
+        nonlocal chunks
+        chunks += 1
+        return original(seq_id, max_tokens)
+
+    engine.runner.prefill_chunk = counting
+    tokens: dict[str, list[int]] = {}
+
+    def sink_for(request_id: str):
+        tokens[request_id] = []
+        return lambda event: tokens[request_id].extend(event.token_ids)
+
+    engine.submit(_request("running", RUNNING_PROMPT, personas[0], 40), sink_for("running"))
+    engine._apply_commands()
+    engine.step()
+    engine.run_until_idle(
+        (_request(str(i), prompt, persona, 6), sink_for(str(i)))
+        for i, (prompt, persona) in enumerate(zip(LONG_PROMPTS, personas))
+    )
+    return tokens, chunks
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 8])
+def test_chunked_prefill_equals_prefill_in_one_forward(model, personas, chunk) -> None:
+    tokens, chunks = run_with_chunks(model, personas, chunk)
+    assert chunks > len(LONG_PROMPTS), "the long prompts should have been prefilled in several chunks"
+    for i, (prompt, persona) in enumerate(zip(LONG_PROMPTS, personas)):
+        assert tokens[str(i)] == generate(model, [prompt], [persona], max_new_tokens=6)[0]
+    assert tokens["running"] == generate(model, [RUNNING_PROMPT], [personas[0]], max_new_tokens=40)[0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(1, 30), chunk=st.integers(1, 12), persona_index=st.integers(0, 2))
+def test_chunk_logits_equal_whole_prefill_logits(model, personas, length, chunk, persona_index) -> None:
+    prompt = [(7 * i + 3) % 250 for i in range(length)]
+    persona = personas[persona_index]
+    bank = InterventionBank.for_interventions([persona] if persona else [], num_layers=4)
+    slot = 1 if persona else 0
+    whole = ModelRunner(model, bank, 257).prefill([PrefillRow(0, prompt, slot)])
+    runner = ModelRunner(model, bank, 257)
+    runner.begin_chunked_prefill(PrefillRow(0, prompt, slot))
+    logits = None
+    while logits is None:
+        logits = runner.prefill_chunk(0, chunk)
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-5)
+    assert runner.row_ids == [0]
