@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import reft_serve, write_section  # noqa: E402
-from bench.serve_bench import PROMPTS  # noqa: E402
+from bench.serve_bench import PROMPTS, long_prompt_ttft, random_persona  # noqa: E402
+from reft_core.artifact import encode_artifact  # noqa: E402
 from reft_core.base_model import BaseModel, load_base_model  # noqa: E402
 from reft_core.bank import InterventionBank  # noqa: E402
 from reft_core.examples import encode_prompt  # noqa: E402
@@ -171,6 +172,13 @@ def main() -> None:
                 hf_runs[name].append(hf_static(base, lengths))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     decode_alone = runner_decode_step(base)
+    ttfts: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp, reft_serve(Path(tmp) / "ttft") as (_server, url):
+        payload, _ = encode_artifact(random_persona(base.hidden_size, 7), base.fingerprint)
+        upload = httpx.post(f"{url}/v1/interventions", data={"name": "persona"}, files={"file": ("p.safetensors", payload)})
+        assert upload.status_code == 201, upload.text
+        long_prompt_ttft(url, (MODEL, "persona"), 2)  # warm-up
+        ttfts = [long_prompt_ttft(url, (MODEL, "persona"), 5) for _ in range(args.rounds)]
     stalls: dict[str, list[dict]] = {mode: [] for mode in STALL_MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
@@ -197,6 +205,9 @@ def main() -> None:
             ratio = med(runs[mode][name], "tok_s") / med(hf_runs[name], "tok_s")
             ratios.append(f"| {name}: reft-serve ({mode}) / HF static (goal >= {goal}) | {ratio:.2f} |")
     ratios.append(f"| in-process `ModelRunner.decode`, 64 rows, mean (ms) | {1000 * decode_alone:.0f} |")
+    bare_ttft, persona_ttft = statistics.median(t[0] for t in ttfts), statistics.median(t[1] for t in ttfts)
+    ratios.append(f"| TTFT of a ~512-token prompt, intervention / none (goal <= 1.02) | {persona_ttft / bare_ttft:.3f} "
+                  f"({persona_ttft:.3f} s vs {bare_ttft:.3f} s) |")
     stall_lines = ["| 16 rows decoding, a long prompt arrives | prompt tokens | ITL p50 (ms) | ITL p99 (ms) | p99 / p50 "
                    "(goal <= 2) |", "|---|---|---|---|---|"]
     for mode in STALL_MODES:

@@ -3,7 +3,9 @@
 Every row of a batch carries a slot id; slot 0 is "no intervention" and holds zeros, which is exactly the identity.
 Each intervened layer keeps three tables in the folded form of `reft_core.functional` (A, C: [units, r_max, d],
 b: [units, r_max]) with two unit entries per slot (the prefix and suffix edits of a non-shared `f+l` config; one-
-group configs use entry 0). A prefill batch is planned once (which absolute position of which row gets which unit
+group configs use entry 0). Memory follows what is resident: a layer has tables only while some resident
+intervention edits it, a table's rank is the largest resident rank at that layer (it shrinks when that one
+leaves), and its slot capacity grows by doubling up to the highest slot in use. A prefill batch is planned once (which absolute position of which row gets which unit
 entry, per layer) and then every intervened layer costs one gather, two batched matmuls and one scatter-add, with
 no Python loop over rows. Smaller ranks are zero-padded to r_max, which is exact.
 
@@ -64,7 +66,6 @@ class InterventionBank:
         self.num_slots = num_slots  # including slot 0
         self.device = torch.device(device)
         self.dtype = dtype  # the edit is computed in this dtype (fp32 by default, also for bf16 models)
-        self.rank = 0
         self._A: dict[int, Tensor] = {}
         self._C: dict[int, Tensor] = {}
         self._b: dict[int, Tensor] = {}
@@ -88,12 +89,11 @@ class InterventionBank:
         assert intervention.hidden_size == self.hidden_size, "hidden size checked at artifact load"
         assert max(config.layers) < self.num_layers, "layer range checked at artifact load"
         self.clear(slot)
-        self._grow_rank(config.rank)
         self._configs[slot] = config  # recorded first, so `clear` can undo a load that fails half way
         for unit, weights in intervention.units.items():
             A, C, b = fold(config.type, *(t.to(self.device, self.dtype) for t in weights.as_tuple()))
             entry = slot * GROUPS_PER_SLOT + (1 if unit.group == "suffix" else 0)
-            self._ensure_layer(unit.layer)
+            self._fit_layer(unit.layer, entries=(slot + 1) * GROUPS_PER_SLOT, rank=config.rank)
             self._A[unit.layer][entry, : config.rank] = A
             self._C[unit.layer][entry, : config.rank] = C
             self._b[unit.layer][entry, : config.rank] = b
@@ -105,9 +105,11 @@ class InterventionBank:
             return
         entries = slice(slot * GROUPS_PER_SLOT, (slot + 1) * GROUPS_PER_SLOT)
         for layer in (layer for layer in config.layers if layer in self._A):
-            self._A[layer][entries] = 0
-            self._C[layer][entries] = 0
-            self._b[layer][entries] = 0
+            if self._A[layer].shape[0] >= entries.stop:
+                self._A[layer][entries] = 0
+                self._C[layer][entries] = 0
+                self._b[layer][entries] = 0
+            self._shrink_layer(layer)
 
     def plan(self, rows: Sequence[RowPlacement], window: tuple[int, int] | None = None) -> BankPlan:
         """Work out, per layer, which absolute positions of which rows get which unit entry.
@@ -155,22 +157,37 @@ class InterventionBank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for table in (self._A, self._C, self._b) for t in table.values())
 
-    def _ensure_layer(self, layer: int) -> None:
-        if layer in self._A:
-            return
-        entries = self.num_slots * GROUPS_PER_SLOT
-        shape = (entries, self.rank, self.hidden_size)
-        self._A[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self._C[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self._b[layer] = torch.zeros(shape[:2], device=self.device, dtype=self.dtype)
+    def layer_rank(self, layer: int) -> int:
+        """The rank of `layer`'s tables (0: no table, nothing resident edits it)."""
+        return self._A[layer].shape[1] if layer in self._A else 0
 
-    def _grow_rank(self, rank: int) -> None:
-        """Zero-pad every table to `rank` (exact: padded rows contribute nothing)."""
-        if rank <= self.rank:
+    def _fit_layer(self, layer: int, *, entries: int, rank: int) -> None:
+        """Make `layer`'s tables hold at least `entries` unit entries at rank >= `rank` (zero-padding is exact)."""
+        current = self._A.get(layer)
+        have_entries, have_rank = (current.shape[0], current.shape[1]) if current is not None else (0, 0)
+        if entries <= have_entries and rank <= have_rank:
             return
-        extra = rank - self.rank
-        for layer in self._A:
-            self._A[layer] = torch.nn.functional.pad(self._A[layer], (0, 0, 0, extra))
-            self._C[layer] = torch.nn.functional.pad(self._C[layer], (0, 0, 0, extra))
-            self._b[layer] = torch.nn.functional.pad(self._b[layer], (0, extra))
-        self.rank = rank
+        limit = self.num_slots * GROUPS_PER_SLOT
+        new_entries = have_entries if entries <= have_entries else min(limit, max(entries, 2 * have_entries))
+        self._resize_layer(layer, new_entries, max(rank, have_rank))
+
+    def _shrink_layer(self, layer: int) -> None:
+        """After a slot left: drop the layer's tables if nothing resident edits it, or cut them to the largest
+        rank still resident there (the rows beyond it are zeros for every remaining entry)."""
+        ranks = [c.rank for c in self._configs.values() if layer in c.layers]
+        if not ranks:
+            del self._A[layer], self._C[layer], self._b[layer]
+        elif max(ranks) < self._A[layer].shape[1]:
+            self._resize_layer(layer, self._A[layer].shape[0], max(ranks))
+
+    def _resize_layer(self, layer: int, entries: int, rank: int) -> None:
+        shape = (entries, rank, self.hidden_size)
+        tables = (torch.zeros(shape, device=self.device, dtype=self.dtype),
+                  torch.zeros(shape, device=self.device, dtype=self.dtype),
+                  torch.zeros(shape[:2], device=self.device, dtype=self.dtype))
+        if layer in self._A:
+            keep_entries, keep_rank = min(entries, self._A[layer].shape[0]), min(rank, self._A[layer].shape[1])
+            tables[0][:keep_entries, :keep_rank] = self._A[layer][:keep_entries, :keep_rank]
+            tables[1][:keep_entries, :keep_rank] = self._C[layer][:keep_entries, :keep_rank]
+            tables[2][:keep_entries, :keep_rank] = self._b[layer][:keep_entries, :keep_rank]
+        self._A[layer], self._C[layer], self._b[layer] = tables

@@ -160,3 +160,26 @@ def test_zero_weights_are_exactly_identity() -> None:
     h = torch.randn(2, 3, 8)
     zeros = torch.zeros(2, 3, 4, 8)
     assert torch.equal(h + affine_delta(h, zeros, zeros, torch.zeros(2, 3, 4)), h)
+
+
+def test_bank_memory_follows_what_is_resident() -> None:
+    """Tables exist only for layers a resident intervention edits, at the largest resident rank there, with slot
+    capacity near the highest slot used; evicting the big one shrinks them back (and outputs stay exact: the
+    equivalence tests above run on the same bank)."""
+    from reft_core.bank import InterventionBank
+
+    bank = InterventionBank(hidden_size=HIDDEN, num_layers=4, num_slots=257)
+    assert bank.nbytes == 0
+    small = random_intervention(InterventionConfig(layers=(1,), rank=2, positions="l1"), seed=1)
+    big = random_intervention(InterventionConfig(layers=(1, 3), rank=16, positions="l1"), seed=2)
+    bank.load(1, small)
+    one_small = bank.nbytes
+    assert bank.layer_rank(1) == 2 and bank.layer_rank(3) == 0 and bank.layer_rank(0) == 0
+    assert one_small <= 2 * 2 * (2 * 2) * 2 * HIDDEN * 4  # a few entries at rank 2, not 257 slots at some max rank
+    bank.load(2, big)
+    assert bank.layer_rank(1) == 16 and bank.layer_rank(3) == 16
+    bank.clear(2)
+    assert bank.layer_rank(1) == 2 and bank.layer_rank(3) == 0
+    assert bank.nbytes <= 2 * one_small  # capacity may have doubled once; the rank and layer 3 are gone
+    bank.clear(1)
+    assert bank.nbytes == 0
