@@ -28,13 +28,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from reft_core.bank import InterventionBank
+from reft_core.frozen_context import ModelDims
 from reft_core.hooks import decoder_layers
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingProgress
 from server.engine.residency import SlotTable
 from server.engine.runner import ModelRunner, PrefillRow
 from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import KVBudget, Scheduler
 from server.engine.sequence import EventSink, Sequence
 from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
 from server.metrics import Metrics
@@ -62,6 +63,7 @@ class EngineSettings:
     # prefilled a chunk per iteration instead (running rows keep streaming); 0 turns chunking off.
     prefill_chunk_share: float = 0.5
     prefill_chunk_tokens: int | None = None  # a fixed chunk size instead of the measured one (tests, tuning)
+    kv_cache_budget_bytes: int | None = None  # bound on the batch's KV cache (see Scheduler); None: unbounded
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,11 @@ class Engine:
         self.slots = SlotTable(bank)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
         self.runner = ModelRunner(model, bank, pad)
+        kv_budget = KVBudget(ModelDims.from_model(model).kv_bytes_per_token(len(decoder_layers(model))),
+                             settings.kv_cache_budget_bytes)
         self.scheduler = Scheduler(
-            self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens
+            self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens,
+            kv_budget=kv_budget,
         )
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
