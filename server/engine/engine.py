@@ -46,6 +46,9 @@ SHUTDOWN_ERROR = "the server is shutting down"
 # process is restarted instead of failing every request forever.
 MAX_CONSECUTIVE_STEP_FAILURES = 20
 MIN_PREFILL_CHUNK = 32  # below this a chunk's forward is mostly fixed overhead
+# Prompts up to this length are always prefilled whole, together with the others admitted in the same iteration:
+# chunking them would admit a burst of chat-sized prompts one chunk at a time and starve the batch of rows.
+CHUNKED_PROMPT_MIN_TOKENS = 512
 DEFAULT_PREFILL_CHUNK = 256  # before the first decode step and prefill have been timed
 
 
@@ -436,8 +439,9 @@ class Engine:
         chunking_on = self.settings.prefill_chunk_tokens is not None or self.settings.prefill_chunk_share > 0
         if not (chunking_on and self.runner.row_ids):
             return admitted, []
-        budget = self._chunk_tokens()
-        return [s for s in admitted if s.prompt_len <= budget], [s for s in admitted if s.prompt_len > budget]
+        fixed = self.settings.prefill_chunk_tokens  # a fixed chunk size (tests, tuning) chunks anything longer
+        threshold = fixed if fixed is not None else max(self._chunk_tokens(), CHUNKED_PROMPT_MIN_TOKENS)
+        return [s for s in admitted if s.prompt_len <= threshold], [s for s in admitted if s.prompt_len > threshold]
 
     def _emit(self, logits: Tensor, seqs: list[Sequence]) -> None:
         for seq, token in zip(seqs, self._sample(logits, seqs)):
