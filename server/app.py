@@ -47,6 +47,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         resident_interventions=settings.resident_interventions,
         training_share=settings.training_share,
         prefill_chunk_share=settings.prefill_chunk_share,
+        kv_cache_budget_bytes=settings.kv_cache_budget_bytes,
     )
 
 

@@ -56,6 +56,10 @@ class Settings(BaseModel):
     )
     max_running: int = Field(64, ge=1, description="rows in the running batch")
     max_prefill_tokens: int = Field(8192, ge=16, description="prompt tokens per prefill forward")
+    kv_cache_budget_bytes: int = Field(
+        4 << 30, ge=1 << 20, description="bound on the running batch's KV cache (rows x longest row, spare capacity "
+        "included); requests beyond it wait for rows to finish",
+    )
     prefill_chunk_share: float = Field(
         0.5, ge=0, le=10, description="while rows decode, a long prompt is prefilled in chunks of about this fraction "
         "of a decode step's time (running rows keep streaming); 0 prefills every prompt in one forward",

@@ -28,13 +28,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from reft_core.bank import InterventionBank
+from reft_core.frozen_context import ModelDims
 from reft_core.hooks import decoder_layers
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingProgress
 from server.engine.residency import SlotTable
 from server.engine.runner import ModelRunner, PrefillRow
 from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import KVBudget, Scheduler
 from server.engine.sequence import EventSink, Sequence
 from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
 from server.metrics import Metrics
@@ -45,6 +46,9 @@ SHUTDOWN_ERROR = "the server is shutting down"
 # process is restarted instead of failing every request forever.
 MAX_CONSECUTIVE_STEP_FAILURES = 20
 MIN_PREFILL_CHUNK = 32  # below this a chunk's forward is mostly fixed overhead
+# Prompts up to this length are always prefilled whole, together with the others admitted in the same iteration:
+# chunking them would admit a burst of chat-sized prompts one chunk at a time and starve the batch of rows.
+CHUNKED_PROMPT_MIN_TOKENS = 512
 DEFAULT_PREFILL_CHUNK = 256  # before the first decode step and prefill have been timed
 
 
@@ -62,6 +66,7 @@ class EngineSettings:
     # prefilled a chunk per iteration instead (running rows keep streaming); 0 turns chunking off.
     prefill_chunk_share: float = 0.5
     prefill_chunk_tokens: int | None = None  # a fixed chunk size instead of the measured one (tests, tuning)
+    kv_cache_budget_bytes: int | None = None  # bound on the batch's KV cache (see Scheduler); None: unbounded
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,11 @@ class Engine:
         self.slots = SlotTable(bank)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
         self.runner = ModelRunner(model, bank, pad)
+        kv_budget = KVBudget(ModelDims.from_model(model).kv_bytes_per_token(len(decoder_layers(model))),
+                             settings.kv_cache_budget_bytes)
         self.scheduler = Scheduler(
-            self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens
+            self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens,
+            kv_budget=kv_budget,
         )
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -431,8 +439,9 @@ class Engine:
         chunking_on = self.settings.prefill_chunk_tokens is not None or self.settings.prefill_chunk_share > 0
         if not (chunking_on and self.runner.row_ids):
             return admitted, []
-        budget = self._chunk_tokens()
-        return [s for s in admitted if s.prompt_len <= budget], [s for s in admitted if s.prompt_len > budget]
+        fixed = self.settings.prefill_chunk_tokens  # a fixed chunk size (tests, tuning) chunks anything longer
+        threshold = fixed if fixed is not None else max(self._chunk_tokens(), CHUNKED_PROMPT_MIN_TOKENS)
+        return [s for s in admitted if s.prompt_len <= threshold], [s for s in admitted if s.prompt_len > threshold]
 
     def _emit(self, logits: Tensor, seqs: list[Sequence]) -> None:
         for seq, token in zip(seqs, self._sample(logits, seqs)):

@@ -1,23 +1,47 @@
 """The scheduler decides which sequences run: a FIFO of waiting sequences and the set of running ones.
 
 Admission happens between decode steps (iteration-level batching): waiting sequences join while there is a free
-row, the prefill token budget allows, and their intervention can be pinned in a bank slot. Finished sequences
+row, the prefill token budget allows, the KV cache budget allows, and their intervention can be pinned in a bank
+slot. The KV cost counted is the cache's real one: rows are left-aligned, so every row pays for the longest row's
+columns, and buffers keep up to 2x spare capacity; a batch's worst case is therefore
+2 x rows x max(prompt + max_tokens) x bytes per token. A request alone is always admitted (its own size is bounded
+by the prompt and max_tokens limits). Finished sequences
 leave at once and unpin their slot.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from server.engine.residency import SlotTable
 from server.engine.sequence import Sequence, SequenceStatus
 
 
+@dataclass(frozen=True)
+class KVBudget:
+    bytes_per_token: int  # keys + values of one position at every layer
+    max_bytes: int | None = None  # None: unbounded
+
+    def cost(self, rows: int, columns: int) -> int:
+        return 2 * rows * columns * self.bytes_per_token  # 2: spare capacity the cache may hold
+
+    def allows(self, rows: int, columns: int) -> bool:
+        return self.max_bytes is None or rows <= 1 or self.cost(rows, columns) <= self.max_bytes
+
+
+def final_length(seq: Sequence) -> int:
+    return seq.prompt_len + seq.request.params.max_tokens
+
+
 class Scheduler:
-    def __init__(self, slots: SlotTable, *, max_running: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self, slots: SlotTable, *, max_running: int, max_prefill_tokens: int, kv_budget: KVBudget | None = None
+    ) -> None:
         self.slots = slots
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
+        self.kv_budget = kv_budget or KVBudget(bytes_per_token=0)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
 
@@ -36,10 +60,14 @@ class Scheduler:
         admitted: list[Sequence] = []
         refused: list[tuple[Sequence, Exception]] = []
         tokens = 0
+        columns = max((final_length(s) for s in self.running.values()), default=0)
         while self.waiting and len(self.running) + len(admitted) < self.max_running:
             seq = self.waiting[0]
             if admitted and tokens + seq.prompt_len > self.max_prefill_tokens:
                 break
+            widest = max(columns, final_length(seq))
+            if not self.kv_budget.allows(len(self.running) + len(admitted) + 1, widest):
+                break  # the batch's KV cache would outgrow its budget: wait for rows to finish
             ref = seq.request.intervention
             try:
                 slot = self.slots.acquire(ref.key, ref.intervention) if ref is not None else 0
@@ -53,6 +81,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.slot, seq.status = slot, SequenceStatus.RUNNING
             admitted.append(seq)
+            columns = widest
             tokens += seq.prompt_len
         for seq in admitted:
             self.running[seq.seq_id] = seq
