@@ -134,7 +134,8 @@ class Index:
         """Every retained version of the name, newest first, and the current version number (None: no such name).
         One read under the lock, so the list and the pointer agree."""
         with self._lock:
-            current = self._db.execute("SELECT version FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+            current = self._db.execute("SELECT version FROM current WHERE tenant=? AND name=?",
+                                       (tenant, name)).fetchone()
             if current is None:
                 return None
             rows = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? ORDER BY version DESC",

@@ -60,7 +60,8 @@ async def create_training_from_file(
     payload = await file.read(limit + 1)
     if len(payload) > limit:
         raise APIError(413, f"upload is larger than the {limit} byte limit", code="payload_too_large", param="file")
-    fields: dict[str, Any] = {"name": name, "chat_template": chat_template, "description": description, "replace": replace,
+    fields: dict[str, Any] = {"name": name, "chat_template": chat_template, "description": description,
+                              "replace": replace,
                               "examples": _parse_jsonl(payload, trainings.settings.max_training_examples)}
     for key, text in (("intervention", intervention), ("hyperparameters", hyperparameters)):
         if text:

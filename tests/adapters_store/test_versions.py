@@ -122,7 +122,8 @@ def test_upsert_creates_or_replaces_and_counts_a_new_name_against_the_quota(stor
 
 def test_a_replace_without_a_description_keeps_the_current_one(store, fingerprint) -> None:
     store.put("p", make_payload(fingerprint, 1), description="answers in emojis")
-    assert store.put("p", make_payload(fingerprint, 2), replace=True, description=None).description == "answers in emojis"
+    kept = store.put("p", make_payload(fingerprint, 2), replace=True, description=None)
+    assert kept.description == "answers in emojis"
     assert store.put("p", make_payload(fingerprint, 3), replace=True, description="new").description == "new"
     assert store.put("q", make_payload(fingerprint, 4), description=None).description == ""
 
