@@ -14,8 +14,10 @@ from adapters_store.errors import (
     QuotaExceededError,
     StoreError,
     StoreWriteError,
+    VersionIsCurrentError,
 )
 from adapters_store.records import (
+    MAX_VERSION,
     SOURCES,
     InterventionRecord,
     StorageQuota,
@@ -25,6 +27,7 @@ from adapters_store.records import (
 from adapters_store.store import ArtifactStore, StoreStats
 
 __all__ = [
+    "MAX_VERSION",
     "SOURCES",
     "ArtifactStore",
     "ArtifactUnavailableError",
@@ -38,6 +41,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "StoreWriteError",
+    "VersionIsCurrentError",
     "validate_name",
     "validate_tenant",
 ]

@@ -24,8 +24,18 @@ class InterventionNotFoundError(StoreError):
 
 class InterventionExistsError(StoreError):
     def __init__(self, name: str, tenant: str = "default") -> None:
-        super().__init__(f"{_describe(name, tenant)} already exists; use PUT to replace it with a new version")
+        super().__init__(f"{_describe(name, tenant)} already exists; pass replace=true (or use PUT) to store a new "
+                         "version of it, or pick another name")
         self.name, self.tenant = name, tenant
+
+
+class VersionIsCurrentError(StoreError):
+    """Deleting the version a name currently serves: promote another one first, or delete the whole name."""
+
+    def __init__(self, name: str, version: int, tenant: str = "default") -> None:
+        super().__init__(f"version {version} is the current version of {_describe(name, tenant)}; promote another "
+                         "version first, or delete the intervention")
+        self.name, self.version, self.tenant = name, version, tenant
 
 
 class InvalidNameError(StoreError, ValueError):

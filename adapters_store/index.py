@@ -7,6 +7,11 @@ the same transaction checks the tenant's quota and drops versions beyond the ret
 writers (threads or processes) can never together exceed a quota that each checked alone. The
 `meta` table records the schema version; opening an older index migrates it, a newer one is refused. A read-only
 root opens the index read-only, so serving keeps working when writes cannot.
+
+Versions: `current` holds one row per name, so a name has exactly one current version whatever happens; promoting
+an old version moves that pointer in one UPDATE (no new row, no new bytes). `current.latest` is the highest version
+number ever given to the name, so deleting the newest (non-current) version never lets its number be reused: a
+client pinned to `name@3` can never silently get another artifact.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from adapters_store.errors import (
     InterventionNotFoundError,
     QuotaExceededError,
     StoreError,
+    VersionIsCurrentError,
 )
 from adapters_store.records import InterventionRecord, StorageQuota
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _CREATE = (
     """CREATE TABLE versions (
         tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
@@ -40,17 +46,23 @@ _CREATE = (
         PRIMARY KEY (tenant, name, version))""",
     """CREATE TABLE current (
         tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, public INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (tenant, name))""",
+        latest INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, name))""",
 )
 # statements that take schema version N to N+1
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE current ADD COLUMN public INTEGER NOT NULL DEFAULT 0",),  # admins can share an intervention
+    2: ("ALTER TABLE current ADD COLUMN latest INTEGER NOT NULL DEFAULT 0",  # version numbers are never reused
+        "UPDATE current SET latest = (SELECT MAX(version) FROM versions v "
+        "WHERE v.tenant = current.tenant AND v.name = current.name)"),
 }
 _COLUMNS = (
     "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
     "description, tags, training"
 )
 _CURRENT = f"SELECT {_COLUMNS}, public FROM versions JOIN current USING (tenant, name, version)"
+# any version of a name, with the name's public flag (it belongs to the name, not to one version)
+_VERSIONS = (f"SELECT {_COLUMNS}, (SELECT public FROM current c WHERE c.tenant = versions.tenant "
+             "AND c.name = versions.name) FROM versions")
 
 Row = tuple[Any, ...]
 
@@ -61,10 +73,11 @@ class WriteRequest:
 
     tenant: str
     name: str
-    replace: bool
+    replace: bool  # False: the name must be new; True: it must exist (PUT)
     size_bytes: int
     quota: StorageQuota | None = None  # None: unlimited (the library default; the server always passes one)
     keep_versions: int | None = None  # newest versions kept per name, the new one included; None: all
+    upsert: bool = False  # the name may be new or existing (overrides `replace`): "replace": true in the API
 
     def __post_init__(self) -> None:
         assert self.keep_versions is None or self.keep_versions >= 1, self.keep_versions
@@ -112,10 +125,22 @@ class Index:
         return None if row is None else _to_record(row)
 
     def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None:
-        query = f"SELECT {_COLUMNS} FROM versions WHERE tenant=? AND name=? AND version=?"
         with self._lock:
-            row = self._db.execute(query, (tenant, name, version)).fetchone()
+            row = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? AND version=?",
+                                   (tenant, name, version)).fetchone()
         return None if row is None else _to_record(row)
+
+    def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
+        """Every retained version of the name, newest first, and the current version number (None: no such name).
+        One read under the lock, so the list and the pointer agree."""
+        with self._lock:
+            current = self._db.execute("SELECT version FROM current WHERE tenant=? AND name=?",
+                                       (tenant, name)).fetchone()
+            if current is None:
+                return None
+            rows = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? ORDER BY version DESC",
+                                    (tenant, name)).fetchall()
+        return [_to_record(row) for row in rows], int(current[0])
 
     def list_current(self, tenant: str) -> list[InterventionRecord]:
         with self._lock:
@@ -168,18 +193,21 @@ class Index:
 
     # -- writes ----------------------------------------------------------------------------------------------------
     def add_version(
-        self, request: WriteRequest, make: Callable[[int], InterventionRecord]
+        self, request: WriteRequest, make: Callable[[int, InterventionRecord | None], InterventionRecord]
     ) -> tuple[InterventionRecord, set[str]]:
-        """In one transaction: check the name's state and the quota, insert `make(next_version)`, make it current,
-        and drop versions beyond `request.keep_versions`. Returns the record and the files of dropped versions."""
+        """In one transaction: check the name's state and the quota, insert `make(next_version, current_record)`,
+        make it current, and drop versions beyond `request.keep_versions`. Returns the record and the files of
+        dropped versions."""
         tenant, name = request.tenant, request.name
         with self._transaction():
             self._admit(request)  # inside the write transaction: concurrent writers cannot all pass one check
-            # MAX over all rows, not the current pointer: versions never repeat, even after a delete and re-create
+            previous = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+            # the highest number ever given (not the current pointer, which a promote moves back): never reused
             latest = self._db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM versions WHERE tenant=? AND name=?", (tenant, name)
+                "SELECT MAX(COALESCE((SELECT latest FROM current WHERE tenant=? AND name=?), 0), "
+                "COALESCE((SELECT MAX(version) FROM versions WHERE tenant=? AND name=?), 0))", (tenant, name) * 2
             ).fetchone()[0]
-            record = make(int(latest) + 1)
+            record = make(int(latest) + 1, None if previous is None else _to_record(previous))
             self._insert(record)
             dropped = self._prune(request)
             public = self._db.execute("SELECT public FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
@@ -188,14 +216,14 @@ class Index:
     def _admit(self, request: WriteRequest) -> None:
         tenant, name, quota = request.tenant, request.name, request.quota
         exists = self._db.execute("SELECT 1 FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        if exists is None and request.replace:
+        if exists is None and request.replace and not request.upsert:
             raise InterventionNotFoundError(name, tenant=tenant)
-        if exists is not None and not request.replace:
+        if exists is not None and not request.replace and not request.upsert:
             raise InterventionExistsError(name, tenant=tenant)
         if quota is None:
             return
         count, used = self._usage(tenant)
-        if not request.replace and count >= quota.max_interventions:
+        if exists is None and count >= quota.max_interventions:
             raise QuotaExceededError(
                 f"the tenant stores {count} interventions; its limit is {quota.max_interventions}"
             )
@@ -235,8 +263,38 @@ class Index:
         self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", _to_row(record))
         current = (record.tenant, record.name, record.version)
         # a new version keeps the name's public flag
-        self._db.execute("INSERT INTO current (tenant, name, version) VALUES (?, ?, ?) "
-                         "ON CONFLICT (tenant, name) DO UPDATE SET version=excluded.version", current)
+        self._db.execute("INSERT INTO current (tenant, name, version, latest) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (tenant, name) DO UPDATE SET version=excluded.version, latest=excluded.latest",
+                         current + (record.version,))
+
+    def promote(self, tenant: str, name: str, version: int) -> InterventionRecord:
+        """Make a retained version current again: one UPDATE of the name's pointer (no new row, no new bytes)."""
+        with self._transaction():
+            self._retained(tenant, name, version)
+            self._db.execute("UPDATE current SET version=? WHERE tenant=? AND name=?", (version, tenant, name))
+            row = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        return _to_record(row)
+
+    def delete_version(self, tenant: str, name: str, version: int) -> set[str]:
+        """Remove one non-current version; return its file (the caller removes it if nothing else references it)."""
+        with self._transaction():
+            current = self._retained(tenant, name, version)
+            if current == version:
+                raise VersionIsCurrentError(name, version, tenant=tenant)
+            key = (tenant, name, version)
+            files = {row[0] for row in self._db.execute(
+                "SELECT file_sha256 FROM versions WHERE tenant=? AND name=? AND version=?", key)}
+            self._db.execute("DELETE FROM versions WHERE tenant=? AND name=? AND version=?", key)
+        return files
+
+    def _retained(self, tenant: str, name: str, version: int) -> int:
+        """The name's current version number, after checking that `version` of it exists (in a transaction)."""
+        current = self._db.execute("SELECT version FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        found = self._db.execute("SELECT 1 FROM versions WHERE tenant=? AND name=? AND version=?",
+                                 (tenant, name, version)).fetchone()
+        if current is None or found is None:
+            raise InterventionNotFoundError(name, version, tenant=tenant)
+        return int(current[0])
 
     def set_public(self, tenant: str, name: str, public: bool) -> bool:
         """Mark the name public (or private); False when it has no current version."""

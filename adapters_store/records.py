@@ -19,6 +19,9 @@ SOURCES = ("upload", "pyreft-import", "training")
 MAX_DESCRIPTION_CHARS = 2000
 MAX_TAGS = 32
 MAX_TAG_CHARS = 64
+# Version numbers fit 9 decimal digits: a larger number in a URL or `name@N` is simply not found (and never reaches
+# SQLite, whose integers overflow at 2**63).
+MAX_VERSION = 999_999_999
 
 
 def validate_name(name: str, *, what: str = "intervention name") -> str:

@@ -10,7 +10,8 @@ Quotas and retention: a put may carry the tenant's `StorageQuota`, checked in th
 A name keeps its newest `keep_versions` versions (older ones are dropped by the put that adds a new one), and every
 kept version counts against the tenant's bytes. Files that no version references any more (a delete, a dropped
 version) are removed right after the commit; a crash in between leaves them to `gc()`, which the server runs at
-start. Every read
+start. A promote moves the name's current pointer back to a retained version (atomic, no new bytes); deleting one
+non-current version removes its row, then its file if no other version shares it. Every read
 re-checks the file's hash, so a corrupted file makes that one intervention unavailable (with the reason) and
 nothing else.
 """
@@ -37,6 +38,7 @@ from adapters_store.errors import (
 from adapters_store.files import ArtifactFiles, sha256_hex
 from adapters_store.index import Index, WriteRequest
 from adapters_store.records import (
+    MAX_VERSION,
     InterventionRecord,
     StorageQuota,
     validate_metadata,
@@ -87,10 +89,20 @@ class ArtifactStore:
         return record
 
     def get_version(self, name: str, version: int, tenant: str = "default") -> InterventionRecord:
-        record = self.index.version(validate_tenant(tenant), validate_name(name), version)
+        """One retained version of `name` (raises InterventionNotFoundError, also for numbers out of range)."""
+        validate_tenant(tenant)
+        validate_name(name)
+        record = self.index.version(tenant, name, version) if _in_range(version) else None
         if record is None:
             raise InterventionNotFoundError(name, version, tenant=tenant)
         return record
+
+    def versions(self, name: str, tenant: str = "default") -> tuple[list[InterventionRecord], int]:
+        """Every retained version of `name`, newest first, and the current version's number."""
+        found = self.index.history(validate_tenant(tenant), validate_name(name))
+        if found is None:
+            raise InterventionNotFoundError(name, tenant=tenant)
+        return found
 
     def list(self, tenant: str = "default") -> list[InterventionRecord]:
         """Current versions, sorted by name."""
@@ -136,26 +148,29 @@ class ArtifactStore:
         payload: bytes,
         *,
         tenant: str = "default",
-        description: str = "",
+        description: str | None = "",
         tags: Iterable[str] = (),
         source: str = "upload",
         replace: bool = False,
+        upsert: bool = False,
         quota: StorageQuota | None = None,
         max_rank: int | None = None,
     ) -> InterventionRecord:
-        """Validate and store an artifact as `name`: a new name, or (with `replace`) its next current version.
+        """Validate and store an artifact as `name`: a new name, or (with `replace`) its next current version, or
+        (with `upsert`) either. `description=None` keeps the current version's description (a PUT that does not
+        give one), read in the write's own transaction.
 
         With a `quota`, the tenant's interventions and retained bytes after the write must fit it, or the put raises
         QuotaExceededError and stores nothing. With `max_rank`, a higher-rank artifact raises RankLimitError.
         """
         validate_name(name)
         validate_tenant(tenant)
-        tag_tuple = validate_metadata(description, tags, source)
+        tag_tuple = validate_metadata(description or "", tags, source)
         artifact = decode_artifact(payload, base_model=self.base_model)  # in memory, before touching disk
         if max_rank is not None:
             check_rank(artifact.intervention.config.rank, artifact.intervention.hidden_size, max_rank)
         self._check_writable()
-        request = WriteRequest(tenant, name, replace, len(payload), quota, self.keep_versions)
+        request = WriteRequest(tenant, name, replace, len(payload), quota, self.keep_versions, upsert)
         with self._write_lock, self._writing():
             # checked again inside the transaction (another process may write); checking first avoids writing a
             # file only to refuse it
@@ -163,12 +178,13 @@ class ArtifactStore:
             file_sha256 = self.files.write(payload)
             created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
-            def make(version: int) -> InterventionRecord:
+            def make(version: int, previous: InterventionRecord | None) -> InterventionRecord:
+                kept = previous.description if description is None and previous is not None else description
                 return InterventionRecord(
                     name=name, version=version, tenant=tenant, digest=artifact.digest, file_sha256=file_sha256,
                     size_bytes=len(payload), base_model_id=artifact.base_model.id,
                     config=artifact.intervention.config.to_dict(), created_at=created_at, source=source,
-                    description=description, tags=tag_tuple, training=dict(artifact.training),
+                    description=kept or "", tags=tag_tuple, training=dict(artifact.training),
                 )
 
             try:
@@ -189,6 +205,26 @@ class ArtifactStore:
             if files is None:
                 raise InterventionNotFoundError(name, tenant=tenant)
             self._collect(files)
+
+    def promote(self, name: str, version: int, tenant: str = "default") -> InterventionRecord:
+        """Make a retained version current again (one pointer update; requests already running keep theirs)."""
+        validate_name(name)
+        validate_tenant(tenant)
+        if not _in_range(version):
+            raise InterventionNotFoundError(name, version, tenant=tenant)
+        self._check_writable()
+        with self._write_lock, self._writing():
+            return self.index.promote(tenant, name, version)
+
+    def delete_version(self, name: str, version: int, tenant: str = "default") -> None:
+        """Remove one non-current version (VersionIsCurrentError for the current one), then its file if unshared."""
+        validate_name(name)
+        validate_tenant(tenant)
+        if not _in_range(version):
+            raise InterventionNotFoundError(name, version, tenant=tenant)
+        self._check_writable()
+        with self._write_lock, self._writing():
+            self._collect(self.index.delete_version(tenant, name, version))
 
     def gc(self) -> int:
         """Remove artifact files no record references, and temp files of interrupted writes; return the count."""
@@ -229,3 +265,7 @@ class ArtifactStore:
             reason = "disk full" if full else str(exc)
             message = f"could not write to the store at {self.root} ({reason}); nothing stored was changed"
             raise StoreWriteError(message) from exc
+
+
+def _in_range(version: int) -> bool:
+    return isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= MAX_VERSION

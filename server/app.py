@@ -33,7 +33,7 @@ from server.limits import BodySizeLimit
 from server.metrics import Metrics
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
-from server.routes import admin, completions, health, interventions, models, trainings
+from server.routes import admin, completions, health, interventions, models, trainings, versions
 from server.settings import Settings
 from server.training import TrainingManager
 
@@ -92,8 +92,9 @@ def build_services(
         removed = store.gc()
         if removed:
             log.info("removed unreferenced artifact files", extra={"files": removed})
-    registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant))
     model_id = settings.model_id or started.base_model_id
+    registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
+                                    base_model_id=model_id)
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
     training = TrainingManager(
         engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims,
@@ -153,7 +154,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, settings=settings)
     app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)  # outermost: first
-    for module in (completions, models, interventions, trainings, admin, health):
+    for module in (completions, models, interventions, versions, trainings, admin, health):
         app.include_router(module.router)
     if not settings.auth_enabled and settings.auth == "auto":
         log.info("auth is off: bound to a loopback address (every caller is the admin of tenant 'default')")

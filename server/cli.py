@@ -182,6 +182,7 @@ def _train_remote(args: argparse.Namespace) -> int:
         spec["layers"] = args.layers
     body = {
         "name": args.name, "examples": examples, "intervention": spec, "chat_template": not args.raw,
+        "replace": args.replace,
         "hyperparameters": {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
                             "seed": args.seed},
     }
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
     train.add_argument("--server", help="URL of a running reft-serve: train there (the result is servable at once)")
     train.add_argument("--no-wait", action="store_true", help="with --server: print the queued job and exit")
+    train.add_argument("--replace", action="store_true",
+                       help="with --server: store a new version if the name exists (otherwise the server refuses)")
     train.add_argument("--api-key", help="with --server: API key (default: $REFT_SERVE_API_KEY)")
     train.set_defaults(run=_train)
 

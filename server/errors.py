@@ -47,6 +47,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (tenant_errors.KeyNotFoundError, 404, "not_found_error", "api_key_not_found"),
     (tenant_errors.TenantExistsError, 409, "conflict_error", "tenant_exists"),
     (store_errors.InterventionExistsError, 409, "conflict_error", "intervention_exists"),
+    (store_errors.VersionIsCurrentError, 409, "conflict_error", "version_is_current"),
     (store_errors.InvalidNameError, 400, "invalid_request_error", "invalid_name"),
     (store_errors.InvalidMetadataError, 400, "invalid_request_error", "invalid_metadata"),
     (store_errors.QuotaExceededError, 403, "permission_error", "storage_quota_exceeded"),

@@ -204,17 +204,11 @@ class GenerationService:
         return PreparedRequest(request, body.model, caller.tenant, reserved, caller.tokens_per_minute or 0)
 
     async def resolve(self, model: str, tenant: str = "default") -> InterventionRef | None:
-        """The base model's id means no intervention; `name` is the tenant's own intervention and `owner/name`
-        another tenant's public one. Anything else is a 404 that does not say whether the name exists."""
-        if model == self.model_id:
-            return None
-        owner, slash, name = model.rpartition("/")
-        owner = owner if slash else tenant
+        """The registry resolves `model` (the base model's id: no intervention; `name`, `owner/name`, `@N` pins a
+        version). Anything it cannot resolve is one 404 that does not say whether the name or version exists."""
         try:
-            if owner == tenant:
-                cached = self.registry.cached(tenant, name)
-                return cached or await run_in_threadpool(self.registry.resolve, tenant, name)
-            return await run_in_threadpool(self.registry.resolve_public, owner, name)
+            target = self.registry.lookup_cached(model, tenant)
+            return (target or await run_in_threadpool(self.registry.lookup, model, tenant)).ref
         except (InterventionNotFoundError, InvalidNameError):
             raise APIError(
                 404, f"The model '{model}' does not exist", type="not_found_error", param="model", code="model_not_found"

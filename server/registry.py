@@ -8,17 +8,31 @@ the same call, so a request on a known name costs a dict lookup, not a database 
 native artifact in the store. All methods block (disk, decoding): handlers call them through a threadpool.
 
 Names belong to tenants: every method takes the tenant, caches are keyed by (tenant, name), and another tenant's
-intervention is reachable only when an admin marked it public (`resolve_public`). Every write passes the tenant's
-storage quota (interventions and bytes) to the store, which checks it in the write's own transaction.
+intervention is reachable only when an admin marked it public (`get_visible`, which every read of another tenant's
+name or version goes through). Every write passes the tenant's storage quota (interventions and bytes) to the
+store, which checks it in the write's own transaction.
+
+The registry owns the `model` string: the base model's id, `name`, `owner/name`, and either with `@N` to pin
+version N (`lookup`). Anything it cannot resolve raises InterventionNotFoundError or InvalidNameError, which callers
+turn into one 404 that never says whether another tenant's name or version exists.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from adapters_store import ArtifactStore, InterventionNotFoundError, InterventionRecord, StorageQuota
+from adapters_store import (
+    ArtifactStore,
+    InterventionNotFoundError,
+    InterventionRecord,
+    StorageQuota,
+    validate_name,
+    validate_tenant,
+)
 from reft_core.artifact import Artifact, encode_artifact
 from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
@@ -29,13 +43,50 @@ from server.engine.types import InterventionRef
 from server.settings import Settings
 
 Limits = Callable[[str], dict[str, object]]  # tenant -> its quota overrides
+# `@N`: ASCII digits, no sign or leading zero, at most 9 digits (adapters_store.MAX_VERSION): int() stays bounded
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """An intervention named by a `model` string: whose, which name, and a pinned version (None: the current one)."""
+
+    owner: str
+    name: str
+    version: int | None = None
+
+
+def parse_model(model: str, tenant: str) -> ModelName:
+    """`name`, `owner/name`, each optionally `@N`; names are the tenant's own unless an owner is given.
+
+    Names cannot contain '@' or '/', so the split is unambiguous. A malformed string raises the same errors as an
+    unknown name (InterventionNotFoundError, InvalidNameError).
+    """
+    path, at, version = model.partition("@")
+    if at and not _VERSION.fullmatch(version):
+        raise InterventionNotFoundError(model, tenant=tenant)
+    owner, slash, name = path.rpartition("/")
+    owner = validate_tenant(owner) if slash else tenant
+    return ModelName(owner, validate_name(name), int(version) if at else None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a `model` string resolved to: the base model (`ref` None) or one exact version of an intervention."""
+
+    ref: InterventionRef | None
+
+
+BASE_MODEL = Target(None)
 
 
 class InterventionRegistry:
     def __init__(
-        self, store: ArtifactStore, fingerprint: ModelFingerprint, settings: Settings, limits: Limits = lambda _: {}
+        self, store: ArtifactStore, fingerprint: ModelFingerprint, settings: Settings, limits: Limits = lambda _: {},
+        *, base_model_id: str = "",
     ) -> None:
         self.store = store
+        self.base_model_id = base_model_id  # the `model` string that means no intervention
         self.fingerprint = fingerprint
         self.settings = settings
         self._limits = limits
@@ -44,10 +95,24 @@ class InterventionRegistry:
         self._writes = 0  # bumped by every write; a resolve that raced a write does not cache what it read
         self._lock = threading.Lock()
 
-    def cached(self, tenant: str, name: str) -> InterventionRef | None:
-        """The current version of the tenant's `name` if it was resolved before (no I/O; safe on the event loop)."""
+    def lookup_cached(self, model: str, tenant: str) -> Target | None:
+        """`lookup` without I/O (safe on the event loop): the base model, or a bare own name resolved before.
+        None means "call `lookup`" (pinned versions and other tenants' names are always read from the store, so a
+        deleted version or an un-published name is refused at once)."""
+        if model == self.base_model_id:
+            return BASE_MODEL
         with self._lock:
-            return self._current.get((tenant, name))
+            ref = self._current.get((tenant, model))  # keys are bare names: `a/b` and `a@1` never hit
+        return None if ref is None else Target(ref)
+
+    def lookup(self, model: str, tenant: str) -> Target:
+        """Resolve a `model` string for `tenant` (blocking; raises InterventionNotFoundError / InvalidNameError)."""
+        if model == self.base_model_id:
+            return BASE_MODEL
+        wanted = parse_model(model, tenant)
+        if wanted.owner == tenant and wanted.version is None:
+            return Target(self.resolve(tenant, wanted.name))  # the cached path
+        return Target(self._ref(self.get_visible(tenant, wanted.name, wanted.owner, wanted.version)))
 
     def resolve(self, tenant: str, name: str) -> InterventionRef:
         """The current version of the tenant's `name`, decoded (raises InterventionNotFoundError if unknown)."""
@@ -60,21 +125,34 @@ class InterventionRegistry:
                 self._current[(tenant, name)] = ref
         return ref
 
-    def resolve_public(self, owner: str, name: str) -> InterventionRef:
-        """Another tenant's intervention, only if it is public; otherwise exactly as if it did not exist."""
-        record = self.store.get(name, owner)
-        if not record.public:
-            raise InterventionNotFoundError(name, tenant=owner)
-        return self._ref(record)
-
-    def get_visible(self, tenant: str, name: str, owner: str | None = None) -> InterventionRecord:
-        """A record the tenant may see: its own, or `owner`'s if public (else InterventionNotFoundError)."""
-        if owner is None or owner == tenant:
-            return self.store.get(name, tenant)
-        record = self.store.get(name, owner)
-        if not record.public:
-            raise InterventionNotFoundError(name, tenant=owner)
+    def get_visible(
+        self, tenant: str, name: str, owner: str | None = None, version: int | None = None
+    ) -> InterventionRecord:
+        """A record the tenant may see: its own, or `owner`'s if public (else InterventionNotFoundError, the same
+        error as for a name or version that does not exist); `version` None is the current one."""
+        owner = owner or tenant
+        record = self.store.get(name, owner) if version is None else self.store.get_version(name, version, owner)
+        if owner != tenant and not record.public:  # the flag is read on every access: un-publishing is immediate
+            raise InterventionNotFoundError(name, version, tenant=owner)
         return record
+
+    def versions(self, tenant: str, name: str, owner: str | None = None) -> tuple[list[InterventionRecord], int]:
+        """Every retained version (newest first) and the current number, under the same visibility as the name."""
+        owner = owner or tenant
+        history, current = self.store.versions(name, owner)
+        if owner != tenant and not history[0].public:
+            raise InterventionNotFoundError(name, tenant=owner)
+        return history, current
+
+    def promote(self, tenant: str, name: str, version: int) -> InterventionRecord:
+        """Make one of the tenant's retained versions current again; new requests resolve it at once."""
+        try:
+            return self.store.promote(name, version, tenant)
+        finally:
+            self._forget(tenant, name)
+
+    def delete_version(self, tenant: str, name: str, version: int) -> None:
+        self.store.delete_version(name, version, tenant)  # never the current one: the current cache stays right
 
     def set_public(self, tenant: str, name: str, public: bool) -> InterventionRecord:
         return self.store.set_public(name, public, tenant)
@@ -113,30 +191,43 @@ class InterventionRegistry:
         return artifact.intervention
 
     def put_artifact(
-        self, tenant: str, name: str, payload: bytes, *, description: str = "", replace: bool = False,
-        source: str = "upload",
+        self, tenant: str, name: str, payload: bytes, *, description: str | None = "", replace: bool = False,
+        source: str = "upload", upsert: bool = False,
     ) -> InterventionRecord:
+        """`replace`: the name must exist (PUT); `upsert`: it may or may not; neither: it must be new.
+        `description` None keeps the current version's."""
         try:  # the store checks the quota in the write's own transaction: concurrent uploads cannot overshoot it
             return self.store.put(
                 name, payload, description=description, replace=replace, source=source, tenant=tenant,
-                quota=self._quota(tenant), max_rank=self.settings.max_intervention_rank,
+                quota=self._quota(tenant), max_rank=self.settings.max_intervention_rank, upsert=upsert,
             )
         finally:
             self._forget(tenant, name)  # the next request resolves the new version
 
     def put_pyreft_archive(
-        self, tenant: str, name: str, archive: bytes, *, positions: str, description: str = "", replace: bool = False
+        self, tenant: str, name: str, archive: bytes, *, positions: str | None, description: str | None = "",
+        replace: bool = False, upsert: bool = False,
     ) -> InterventionRecord:
         with unpack_archive(archive, self.settings) as directory:
-            intervention = import_pyreft(directory, positions=positions)
+            intervention = import_pyreft(directory, positions=positions or self._positions_of(tenant, name))
         # before encoding: a refused rank costs no artifact (the store checks it again for every upload)
         check_rank(intervention.config.rank, intervention.hidden_size, self.settings.max_intervention_rank)
         payload, _ = encode_artifact(intervention, self.fingerprint, {"imported_from": "pyreft"})
-        return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="pyreft-import")
+        return self.put_artifact(tenant, name, payload, description=description, replace=replace,
+                                 source="pyreft-import", upsert=upsert)
+
+    def _positions_of(self, tenant: str, name: str) -> str:
+        """pyreft saves do not record positions: a replace that gives none keeps the current version's ("l1" for
+        a new name). Only a default: the write itself still checks whether the name may be created or replaced."""
+        try:
+            return str(self.store.get(name, tenant).config.get("positions", "l1"))
+        except InterventionNotFoundError:
+            return "l1"
 
     def put_intervention(
-        self, tenant: str, name: str, intervention: Intervention, training: dict, *, description: str = "",
-        replace: bool = False,
+        self, tenant: str, name: str, intervention: Intervention, training: dict, *, description: str | None = "",
+        replace: bool = False, upsert: bool = False,
     ) -> InterventionRecord:
         payload, _ = encode_artifact(intervention, self.fingerprint, training)
-        return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="training")
+        return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="training",
+                                 upsert=upsert)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import InterventionNotFoundError, validate_name
+from adapters_store import InterventionExistsError, InterventionNotFoundError, validate_name
 from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
 from reft_core.config import MAX_RANK, InterventionConfig, check_rank
 from reft_core.examples import TokenizedExample, encode_prompt
@@ -87,7 +87,8 @@ class TrainingRequest(BaseModel):
     intervention: InterventionSpec = InterventionSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
     chat_template: bool = True
-    description: str = Field("", max_length=2000)
+    description: str | None = Field(None, max_length=2000)  # None: empty, or the current version's when replacing
+    replace: bool = False  # store a new version if the name exists; otherwise an existing name is a 409 at submit
 
 
 class TrainingManager:
@@ -122,6 +123,8 @@ class TrainingManager:
         check_rank(config.rank, self.hidden_size, s.max_intervention_rank)
         h = body.hyperparameters
         training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
+        if not body.replace:  # fail before the job runs (the write checks again: a name may appear meanwhile)
+            await run_in_threadpool(self._check_new_name, tenant, body.name)
         examples = await run_in_threadpool(self._tokenize, body)
         memory = self._admit_memory(config, examples, training.batch_size)
         with self._lock:
@@ -263,14 +266,17 @@ class TrainingManager:
 
         return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
 
-    def _register(self, tenant: str, body: TrainingRequest, result: Intervention, metadata: dict[str, Any]):  # noqa: ANN202
+    def _check_new_name(self, tenant: str, name: str) -> None:
         try:
-            self.registry.store.get(body.name, tenant)
-            exists = True
+            self.registry.store.get(name, tenant)
         except InterventionNotFoundError:
-            exists = False
+            return
+        raise InterventionExistsError(name, tenant=tenant)
+
+    def _register(self, tenant: str, body: TrainingRequest, result: Intervention, metadata: dict[str, Any]):  # noqa: ANN202
+        # without `replace` the name must still be new when the job ends: a name created meanwhile fails the job
         return self.registry.put_intervention(tenant, body.name, result, metadata, description=body.description,
-                                              replace=exists)
+                                              upsert=body.replace)
 
     def _get_live(self, job_id: str) -> JobRecord:
         with self._lock:

@@ -1,8 +1,10 @@
 """`/v1/interventions`: upload (native artifact or pyreft archive), list, get, download, replace, delete.
 
 Uploads are validated fully in memory before the store writes anything; a replaced name is an atomic hot swap
-(requests already running keep their version). Every route acts on the caller's tenant; reads also reach another
-tenant's public intervention with `?owner=<tenant>`. Anything else of another tenant is a 404, as if absent.
+(requests already running keep their version). Writing into an existing name takes `replace=true` or PUT, so a
+typo'd upload never silently supersedes a working persona; PUT keeps the description when it is not given. Every
+route acts on the caller's tenant; reads also reach another tenant's public intervention with `?owner=<tenant>`,
+and `?version=N` reads a retained version. Anything else of another tenant is a 404, as if absent.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import InterventionRecord
+from adapters_store import MAX_VERSION, InterventionRecord
 from server.archives import kind_of
 from server.auth import Principal, principal
 from server.dependencies import Services, services
@@ -23,11 +25,12 @@ from server.routes.models import model_name
 router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
 
 
-def _record(record: InterventionRecord, tenant: str) -> dict[str, Any]:
+def record_body(record: InterventionRecord, tenant: str) -> dict[str, Any]:
     return {"object": "intervention", **record.to_dict(), "id": model_name(record, tenant), "owner": record.tenant}
 
 
 OWNER = Query(None, description="another tenant whose public intervention to read (default: your own)")
+VERSION = Query(None, ge=1, le=MAX_VERSION, description="a retained version to read (default: the current one)")
 
 
 async def _read_upload(file: UploadFile, limit: int) -> bytes:
@@ -40,20 +43,22 @@ async def _read_upload(file: UploadFile, limit: int) -> bytes:
 
 
 async def _store_upload(
-    svc: Services, tenant: str, name: str, file: UploadFile, description: str, positions: str | None, replace: bool
+    svc: Services, tenant: str, name: str, file: UploadFile, description: str | None, positions: str | None, *,
+    replace: bool = False, upsert: bool = False,
 ) -> InterventionRecord:
-    if len(description) > 2000:
+    """`replace`: the name must exist (PUT); `upsert`: either; `description` None keeps the current one."""
+    if description is not None and len(description) > 2000:
         raise APIError(400, "description is longer than 2000 characters", param="description")
     payload = await _read_upload(file, svc.settings.max_upload_bytes)
     if kind_of(payload) in ("zip", "tar.gz"):
         return await run_in_threadpool(
             svc.registry.put_pyreft_archive, tenant, name, payload,
-            positions=positions or "l1", description=description, replace=replace,
+            positions=positions, description=description, replace=replace, upsert=upsert,
         )
     if positions:
         raise APIError(400, "positions applies to pyreft archives only; artifacts carry their own", param="positions")
     return await run_in_threadpool(
-        svc.registry.put_artifact, tenant, name, payload, description=description, replace=replace
+        svc.registry.put_artifact, tenant, name, payload, description=description, replace=replace, upsert=upsert
     )
 
 
@@ -61,14 +66,16 @@ async def _store_upload(
 async def create_intervention(
     name: str = Form(..., description="name clients put in `model`"),
     file: UploadFile = File(..., description="a .safetensors artifact, or a .zip/.tar.gz of a pyreft save"),
-    description: str = Form(""),
-    positions: str | None = Form(None, description="pyreft archives only: e.g. l1, f1+l1 (default l1)"),
+    description: str | None = Form(None, description="default: empty, or the current one when replacing"),
+    positions: str | None = Form(None, description="pyreft archives only: e.g. l1, f1+l1 (default l1, or the "
+                                                   "current version's when replacing)"),
+    replace: bool = Form(False, description="store a new version if the name exists (otherwise 409)"),
     who: Principal = Depends(principal),
     svc: Services = Depends(services),
 ) -> JSONResponse:
-    """Upload an intervention; it is servable as soon as this returns."""
-    record = await _store_upload(svc, who.tenant, name, file, description, positions, replace=False)
-    return JSONResponse(_record(record, who.tenant), status_code=201)
+    """Upload an intervention (a new version with replace=true); it is servable as soon as this returns."""
+    record = await _store_upload(svc, who.tenant, name, file, description, positions, upsert=replace)
+    return JSONResponse(record_body(record, who.tenant), status_code=201)
 
 
 @router.get("")
@@ -76,23 +83,26 @@ async def list_interventions(who: Principal = Depends(principal), svc: Services 
     """List your interventions (current versions), then other tenants' public ones (as `tenant/name`)."""
     own = await run_in_threadpool(svc.store.list, who.tenant)
     shared = [r for r in await run_in_threadpool(svc.store.list_public) if r.tenant != who.tenant]
-    return {"object": "list", "data": [_record(r, who.tenant) for r in own + shared]}
+    return {"object": "list", "data": [record_body(r, who.tenant) for r in own + shared]}
 
 
 @router.get("/{name}")
 async def get_intervention(
-    name: str, owner: str | None = OWNER, who: Principal = Depends(principal), svc: Services = Depends(services)
+    name: str, owner: str | None = OWNER, version: int | None = VERSION, who: Principal = Depends(principal),
+    svc: Services = Depends(services),
 ) -> dict[str, Any]:
-    """One intervention's record (current version)."""
-    return _record(await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner), who.tenant)
+    """One intervention's record (the current version, or `?version=N`)."""
+    record = await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner, version)
+    return record_body(record, who.tenant)
 
 
 @router.get("/{name}/artifact")
 async def download_artifact(
-    name: str, owner: str | None = OWNER, who: Principal = Depends(principal), svc: Services = Depends(services)
+    name: str, owner: str | None = OWNER, version: int | None = VERSION, who: Principal = Depends(principal),
+    svc: Services = Depends(services),
 ) -> Response:
-    """Download the current version's artifact file."""
-    record = await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner)
+    """Download the artifact file of the current version, or of `?version=N`."""
+    record = await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner, version)
     payload = await run_in_threadpool(svc.store.read_artifact, record)
     filename = f"{record.name}-v{record.version}.safetensors"
     return Response(payload, media_type="application/octet-stream",
@@ -103,13 +113,14 @@ async def download_artifact(
 async def replace_intervention(
     name: str,
     file: UploadFile = File(...),
-    description: str = Form(""),
-    positions: str | None = Form(None),
+    description: str | None = Form(None, description="default: the current version's"),
+    positions: str | None = Form(None, description="pyreft archives only (default: the current version's)"),
     who: Principal = Depends(principal),
     svc: Services = Depends(services),
 ) -> dict[str, Any]:
-    """Replace an intervention with a new version (atomic hot swap)."""
-    return _record(await _store_upload(svc, who.tenant, name, file, description, positions, replace=True), who.tenant)
+    """Replace an intervention with a new version (atomic hot swap); fields not given keep their values."""
+    record = await _store_upload(svc, who.tenant, name, file, description, positions, replace=True)
+    return record_body(record, who.tenant)
 
 
 @router.delete("/{name}")

@@ -45,12 +45,13 @@ async def create_training(
 
 @router.post("/upload", status_code=202)
 async def create_training_from_file(
-    name: str = Form(..., description="name of the intervention to create (or replace, as a new version)"),
+    name: str = Form(..., description="name of the intervention to create (or, with replace, a new version of)"),
     file: UploadFile = File(..., description="JSONL: one example per line, {prompt, completion} or {messages}"),
     intervention: str | None = Form(None, description="JSON object, as `intervention` in POST /v1/trainings"),
     hyperparameters: str | None = Form(None, description="JSON object, as `hyperparameters` in POST /v1/trainings"),
     chat_template: bool = Form(True),
-    description: str = Form(""),
+    description: str | None = Form(None),
+    replace: bool = Form(False, description="store a new version if the name exists (otherwise 409)"),
     who: Principal = Depends(principal),
     trainings: TrainingManager = Depends(manager),
 ) -> JSONResponse:
@@ -60,6 +61,7 @@ async def create_training_from_file(
     if len(payload) > limit:
         raise APIError(413, f"upload is larger than the {limit} byte limit", code="payload_too_large", param="file")
     fields: dict[str, Any] = {"name": name, "chat_template": chat_template, "description": description,
+                              "replace": replace,
                               "examples": _parse_jsonl(payload, trainings.settings.max_training_examples)}
     for key, text in (("intervention", intervention), ("hyperparameters", hyperparameters)):
         if text:

@@ -68,7 +68,9 @@ def test_train_on_a_running_server_waits_with_a_progress_bar(tmp_path, tiny_base
         captured = capsys.readouterr()
         assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "succeeded"
         assert "loss=" in captured.err and "4/4" in captured.err
-        assert main([*args, "--no-wait"]) == 0
+        with pytest.raises(SystemExit, match="409.*replace=true"):  # the name exists: never silently replaced
+            main([*args, "--no-wait"])
+        assert main([*args, "--no-wait", "--replace"]) == 0
         queued = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert queued["status"] == "queued" and queued["intervention"] == "remote"
         assert httpx_get(f"{url}/v1/interventions/remote")["source"] == "training"

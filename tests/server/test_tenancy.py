@@ -36,12 +36,14 @@ def put_file(client: TestClient, tiny_base, name: str, key: str, seed: int = 1, 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_base) -> Iterator[dict]:
-    """acme owns `secret` (private), `shared` (public) and a running training job; globex owns nothing."""
+    """acme owns `secret` (private) and `shared` (public), each with versions 1 and 2, and a running training job;
+    globex owns nothing."""
     settings = make_settings(tmp_path_factory.mktemp("tenancy"), auth="on", admin_key="admin-secret")
     with TestClient(create_app(settings, base_model=tiny_base)) as client:
         acme, globex = new_key(client, "acme"), new_key(client, "globex")
         for name, seed in (("secret", 1), ("shared", 2)):
             assert put_file(client, tiny_base, name, acme, seed).status_code == 201
+            assert put_file(client, tiny_base, name, acme, seed + 10, method="PUT").status_code == 200
         public = client.put("/v1/admin/tenants/acme/interventions/shared/public", json={"public": True}, headers=ADMIN)
         assert public.status_code == 200 and public.json()["public"]
         job = client.post("/v1/trainings", json={"name": "slow", "examples": EXAMPLES, **SMALL_JOB}, headers=auth(acme))
@@ -54,6 +56,10 @@ def chat_body(model: str) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+def completion_body(model: str) -> dict:
+    return {"model": model, "prompt": "hi", "max_tokens": 2}
+
+
 # (caller, method, path, json body, expected status). {job} is acme's training job.
 MATRIX = [
     # acme on its own things
@@ -63,6 +69,15 @@ MATRIX = [
     ("acme", "POST", "/v1/chat/completions", chat_body("acme/secret"), 200),
     ("acme", "GET", "/v1/trainings/{job}", None, 200),
     ("acme", "GET", "/v1/trainings", None, 200),
+    # acme on its own versions
+    ("acme", "GET", "/v1/interventions/secret/versions", None, 200),
+    ("acme", "GET", "/v1/interventions/secret?version=1", None, 200),
+    ("acme", "GET", "/v1/interventions/secret/artifact?version=1", None, 200),
+    ("acme", "POST", "/v1/chat/completions", chat_body("secret@1"), 200),
+    ("acme", "POST", "/v1/chat/completions", chat_body("acme/secret@1"), 200),
+    ("acme", "POST", "/v1/completions", completion_body("secret@2"), 200),
+    ("acme", "POST", "/v1/interventions/secret/versions/1/promote", None, 200),
+    ("acme", "DELETE", "/v1/interventions/secret/versions/99", None, 404),
     # globex on acme's private intervention and job: exactly like names that do not exist
     ("globex", "GET", "/v1/interventions/secret?owner=acme", None, 404),
     ("globex", "GET", "/v1/interventions/secret/artifact?owner=acme", None, 404),
@@ -73,10 +88,29 @@ MATRIX = [
     ("globex", "GET", "/v1/trainings/{job}", None, 404),
     ("globex", "DELETE", "/v1/trainings/{job}", None, 404),
     ("globex", "GET", "/v1/trainings/{job}/events", None, 404),
+    # ... and on its private versions: every one a 404 exactly like a missing name or version
+    ("globex", "GET", "/v1/interventions/secret/versions?owner=acme", None, 404),
+    ("globex", "GET", "/v1/interventions/secret/versions", None, 404),
+    ("globex", "GET", "/v1/interventions/secret?owner=acme&version=1", None, 404),
+    ("globex", "GET", "/v1/interventions/secret/artifact?owner=acme&version=1", None, 404),
+    ("globex", "POST", "/v1/chat/completions", chat_body("acme/secret@1"), 404),
+    ("globex", "POST", "/v1/chat/completions", chat_body("secret@1"), 404),
+    ("globex", "POST", "/v1/completions", completion_body("acme/secret@2"), 404),
+    ("globex", "POST", "/v1/interventions/secret/versions/1/promote", None, 404),
+    ("globex", "DELETE", "/v1/interventions/secret/versions/1", None, 404),
     # globex on acme's public intervention: may see and use it, not change it
     ("globex", "GET", "/v1/interventions/shared?owner=acme", None, 200),
     ("globex", "GET", "/v1/interventions/shared/artifact?owner=acme", None, 200),
     ("globex", "POST", "/v1/chat/completions", chat_body("acme/shared"), 200),
+    ("globex", "GET", "/v1/interventions/shared/versions?owner=acme", None, 200),
+    ("globex", "GET", "/v1/interventions/shared?owner=acme&version=1", None, 200),
+    ("globex", "GET", "/v1/interventions/shared/artifact?owner=acme&version=1", None, 200),
+    ("globex", "POST", "/v1/chat/completions", chat_body("acme/shared@1"), 200),
+    ("globex", "POST", "/v1/completions", completion_body("acme/shared@2"), 200),
+    ("globex", "POST", "/v1/chat/completions", chat_body("acme/shared@99"), 404),
+    ("globex", "POST", "/v1/interventions/shared/versions/1/promote", None, 404),
+    ("globex", "DELETE", "/v1/interventions/shared/versions/1", None, 404),
+    ("globex", "GET", "/v1/interventions/shared/versions", None, 404),  # without ?owner: its own namespace
     ("globex", "DELETE", "/v1/interventions/shared", None, 404),
     ("globex", "PUT", "/v1/interventions/shared", "artifact", 404),
     ("globex", "PUT", "/v1/interventions/secret", "artifact", 404),
@@ -96,6 +130,8 @@ ENDPOINTS = [
     ("POST", "/v1/interventions", "artifact"), ("POST", "/v1/trainings/upload", "jsonl"),
     ("GET", "/v1/trainings/{job}/events", None),
     ("PUT", "/v1/admin/tenants/acme/interventions/secret/public", {"public": True}),
+    ("GET", "/v1/interventions/secret/versions", None), ("POST", "/v1/interventions/secret/versions/1/promote", None),
+    ("DELETE", "/v1/interventions/secret/versions/1", None),
 ]
 MATRIX += [(caller, m, p, b, 401) for caller in ("nobody", "badkey") for m, p, b in ENDPOINTS]
 
@@ -118,6 +154,37 @@ def test_isolation_matrix(world, caller, method, path, body, status) -> None:
         assert "secret" not in error["message"] or status == 404  # a 404 names what was asked, nothing more
     if status == 401:
         assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_another_tenants_versions_are_indistinguishable_from_missing_ones(world) -> None:
+    """Private name, missing name, missing version of a public name: the same 404 body but for the string asked."""
+    client, globex = world["client"], auth(world["globex"])
+
+    def refused(model: str) -> dict:
+        response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
+        assert response.status_code == 404
+        return {**response.json()["error"], "message": response.json()["error"]["message"].replace(model, "M")}
+
+    assert refused("acme/secret@1") == refused("acme/ghost@1") == refused("acme/shared@99") == refused("secret@1")
+
+    def listing(name: str) -> dict:
+        response = client.get(f"/v1/interventions/{name}/versions?owner=acme", headers=globex)
+        assert response.status_code == 404
+        return {**response.json()["error"], "message": response.json()["error"]["message"].replace(name, "N")}
+
+    assert listing("secret") == listing("ghost")
+
+
+def test_public_pins_keep_their_version_when_the_owner_replaces(world) -> None:
+    client, globex, acme = world["client"], auth(world["globex"]), auth(world["acme"])
+    body = {**chat_body("acme/shared@1"), "max_tokens": 6, "temperature": 0}
+    before = client.post("/v1/chat/completions", json=body, headers=globex).json()["choices"][0]["message"]["content"]
+    assert put_file(client, world["base"], "shared", world["acme"], seed=30, method="PUT").status_code == 200
+    after = client.post("/v1/chat/completions", json=body, headers=globex).json()["choices"][0]["message"]["content"]
+    assert before == after
+    listed = client.get("/v1/interventions/shared/versions?owner=acme", headers=globex).json()["data"]
+    assert listed[0]["id"] == "acme/shared@3" and listed[0]["current"]
+    assert client.post("/v1/interventions/shared/versions/2/promote", headers=acme).status_code == 200
 
 
 def test_listings_show_own_and_public_only(world) -> None:

@@ -39,7 +39,10 @@ def test_job_runs_to_a_servable_intervention(client) -> None:
     reply = client.post("/v1/chat/completions", json={"model": "yes-bot", "messages": [{"role": "user", "content": "hi"}],
                                                       "max_tokens": 4})
     assert reply.status_code == 200
-    again = client.post("/v1/trainings", json={"name": "yes-bot", "examples": EXAMPLES, **SMALL}).json()
+    refused = client.post("/v1/trainings", json={"name": "yes-bot", "examples": EXAMPLES, **SMALL})
+    assert refused.status_code == 409 and "replace=true" in refused.json()["error"]["message"]  # never silently
+    again = client.post("/v1/trainings", json={"name": "yes-bot", "examples": EXAMPLES, **SMALL,
+                                               "replace": True}).json()
     assert wait_for(client, again["id"], ("succeeded", "failed"))["result_version"] == 2  # a new version: hot swap
     assert [j["id"] for j in client.get("/v1/trainings").json()["data"]] == [created.json()["id"], again["id"]]
 
