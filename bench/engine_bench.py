@@ -91,7 +91,7 @@ async def _stream_gaps(client: httpx.AsyncClient, prompt: str, tokens: int) -> l
 
 async def _stall(url: str, rows: int = 16, tokens: int = 96, long_tokens: int = 2000) -> dict:
     """`rows` streams decode; a `long_tokens` prompt arrives once they all stream. Their inter-token gaps."""
-    filler = ("The quick brown fox jumps over the lazy dog near the quiet river bank. " * 200)
+    filler = ("The quick brown fox jumps over the lazy dog near the quiet river bank. " * 133)  # ~2,000 tokens
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=rows + 8)) as client:
         streams = [asyncio.create_task(_stream_gaps(client, PROMPTS[i % len(PROMPTS)], tokens)) for i in range(rows)]
         await asyncio.sleep(3.0)
@@ -141,7 +141,7 @@ def hf_static(base: BaseModel, lengths: list[int]) -> dict:
     return {"tok_s": sum(lengths) / wall, "wall": wall}
 
 
-def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 16) -> float:
+def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 8) -> float:
     """Mean in-process `ModelRunner.decode` time at `rows` rows (the forward alone, nothing around it)."""
     bank = InterventionBank(hidden_size=base.hidden_size, num_layers=base.num_layers, num_slots=1)
     runner = ModelRunner(base.model, bank, base.tokenizer.pad_token_id)
@@ -154,14 +154,42 @@ def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 16) -> floa
     return (time.perf_counter() - started) / steps
 
 
+def run_stalls(rounds: int) -> dict[str, list[dict]]:
+    stalls: dict[str, list[dict]] = {mode: [] for mode in STALL_MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(rounds):
+            for mode, flags in STALL_MODES.items():
+                with reft_serve(Path(tmp) / f"stall-{mode}-{round_index}", *flags) as (_server, url):
+                    asyncio.run(_load(url, [4] * 4))
+                    stalls[mode].append(asyncio.run(_stall(url)))
+    return stalls
+
+
+def stall_table(stalls: dict[str, list[dict]]) -> list[str]:
+    lines = ["| 16 rows decoding, a long prompt arrives | prompt tokens | ITL p50 (ms) | ITL p99 (ms) | p99 / p50 "
+             "(goal <= 2) |", "|---|---|---|---|---|"]
+    for mode, runs in stalls.items():
+        p50, p99 = statistics.median(r["p50"] for r in runs), statistics.median(r["p99"] for r in runs)
+        lines.append(f"| {mode} | {runs[0]['prompt_tokens']} | {1000 * p50:.0f} | {1000 * p99:.0f} | {p99 / p50:.2f} |")
+    return lines
+
+
+def print_stalls(stalls: dict[str, list[dict]]) -> None:
+    print("\n".join(stall_table(stalls)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="replace the engine section of BENCHMARKS.md")
+    parser.add_argument("--only-stall", action="store_true", help="run only the long-prompt stall scenario")
     args = parser.parse_args()
     workloads = {"fixed": [64] * 64, "mixed": mixed_lengths()}
     runs: dict[str, dict[str, list[dict]]] = {mode: {w: [] for w in workloads} for mode in MODES}
     hf_runs: dict[str, list[dict]] = {w: [] for w in workloads}
+    if args.only_stall:
+        print_stalls(run_stalls(args.rounds))
+        return
     base = load_base_model()
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
@@ -172,6 +200,7 @@ def main() -> None:
                 hf_runs[name].append(hf_static(base, lengths))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     decode_alone = runner_decode_step(base)
+    by_batch = {rows: runner_decode_step(base, rows) for rows in (1, 4, 16, 64)}
     ttfts: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory() as tmp, reft_serve(Path(tmp) / "ttft") as (_server, url):
         payload, _ = encode_artifact(random_persona(base.hidden_size, 7), base.fingerprint)
@@ -179,13 +208,7 @@ def main() -> None:
         assert upload.status_code == 201, upload.text
         long_prompt_ttft(url, (MODEL, "persona"), 2)  # warm-up
         ttfts = [long_prompt_ttft(url, (MODEL, "persona"), 5) for _ in range(args.rounds)]
-    stalls: dict[str, list[dict]] = {mode: [] for mode in STALL_MODES}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            for mode, flags in STALL_MODES.items():
-                with reft_serve(Path(tmp) / f"stall-{mode}-{round_index}", *flags) as (_server, url):
-                    asyncio.run(_load(url, [4] * 4))
-                    stalls[mode].append(asyncio.run(_stall(url)))
+    stalls = run_stalls(args.rounds)
 
     def med(values: list[dict], key: str) -> float:
         return statistics.median(v[key] for v in values)
@@ -205,15 +228,13 @@ def main() -> None:
             ratio = med(runs[mode][name], "tok_s") / med(hf_runs[name], "tok_s")
             ratios.append(f"| {name}: reft-serve ({mode}) / HF static (goal >= {goal}) | {ratio:.2f} |")
     ratios.append(f"| in-process `ModelRunner.decode`, 64 rows, mean (ms) | {1000 * decode_alone:.0f} |")
+    profile = ["| rows in the batch | " + " | ".join(str(r) for r in by_batch) + " |",
+               "|---|" + "---|" * len(by_batch),
+               "| in-process decode step (ms) | " + " | ".join(f"{1000 * t:.0f}" for t in by_batch.values()) + " |"]
     bare_ttft, persona_ttft = statistics.median(t[0] for t in ttfts), statistics.median(t[1] for t in ttfts)
     ratios.append(f"| TTFT of a ~512-token prompt, intervention / none (goal <= 1.02) | {persona_ttft / bare_ttft:.3f} "
                   f"({persona_ttft:.3f} s vs {bare_ttft:.3f} s) |")
-    stall_lines = ["| 16 rows decoding, a long prompt arrives | prompt tokens | ITL p50 (ms) | ITL p99 (ms) | p99 / p50 "
-                   "(goal <= 2) |", "|---|---|---|---|---|"]
-    for mode in STALL_MODES:
-        p50, p99 = med(stalls[mode], "p50"), med(stalls[mode], "p99")
-        stall_lines.append(f"| {mode} | {stalls[mode][0]['prompt_tokens']} | {1000 * p50:.0f} | {1000 * p99:.0f} | "
-                           f"{p99 / p50:.2f} |")
+    stall_lines = stall_table(stalls)
     env = (f"Python {platform.python_version()}, torch {torch.__version__}, "
            f"transformers {__import__('transformers').__version__}; {platform.machine()}, "
            f"{__import__('os').cpu_count()} CPU cores; SmolLM2-135M-Instruct fp32, greedy")
@@ -224,6 +245,8 @@ def main() -> None:
         "in-process on the same prompts in the same run and decodes every row to the longest; only requested "
         "tokens are counted for both. Rounds interleave the modes; medians.", "",
         *lines, "", *ratios, "",
+        "Profile: one decode step in-process, by batch size (the forward alone; nothing else running):", "",
+        *profile, "",
         "Inter-token latency of 16 streaming rows (96 tokens each) while a ~2,000-token prompt arrives 3 s in, with "
         "chunked prefill (default) and with every prompt prefilled in one forward (`prefill_chunk_share=0`):", "",
         *stall_lines, "",

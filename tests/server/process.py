@@ -50,3 +50,29 @@ def server_process(
         if process.poll() is None:
             process.kill()
         process.wait(10)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (children are listed per thread: the engine process is started off the main one)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+            except OSError:
+                continue  # the thread or process just ended
+    return found
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a server process and its engine process (and any other child), together."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total

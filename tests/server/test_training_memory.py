@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .process import server_process
+from .process import server_process, tree_rss_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -23,10 +23,7 @@ EXAMPLES = [{"prompt": "hello " * 880, "completion": f"Sure thing {i}!"} for i i
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    return tree_rss_bytes(pid)  # the server and its engine process, where training runs
 
 
 def test_training_many_long_examples_keeps_rss_bounded(tmp_path) -> None:
