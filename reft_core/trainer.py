@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reft_core import recipe
 from reft_core.config import InterventionConfig
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
@@ -49,10 +50,10 @@ from reft_core.training_memory import kept_contexts
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = 100
-    learning_rate: float = 4e-3
-    batch_size: int = 10
-    seed: int = 42
+    epochs: int = recipe.EPOCHS
+    learning_rate: float = recipe.LEARNING_RATE
+    batch_size: int = recipe.BATCH_SIZE
+    seed: int = recipe.SEED
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 

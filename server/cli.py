@@ -223,11 +223,12 @@ def _train(args: argparse.Namespace) -> int:
     from reft_core.artifact import save_artifact
     from reft_core.config import InterventionConfig
     from reft_core.examples import tokenize_examples
+    from reft_core.recipe import default_layers
     from reft_core.trainer import TrainingConfig, train_intervention
 
     examples = _read_examples(args.examples)
     base = _load(args)
-    layers = tuple(args.layers) if args.layers else (base.num_layers // 4,)
+    layers = tuple(args.layers) if args.layers else default_layers(base.num_layers)
     config = InterventionConfig(layers=layers, rank=args.rank, positions=args.positions, type=args.type,
                                 share_weights=args.share_weights)
     training = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
@@ -257,6 +258,8 @@ def _import_pyreft(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from reft_core import recipe  # torch-free: the train command's defaults
+
     parser = argparse.ArgumentParser(prog="reft-serve", description=__doc__)
     parser.add_argument("--log-level", default="info")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -296,15 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("examples", type=Path, help="JSONL with {prompt, completion} per line")
     train.add_argument("--name", required=True)
     train.add_argument("--output", type=Path, help="artifact path (default: NAME.safetensors)")
-    train.add_argument("--layers", type=int, nargs="+", help="default: one layer a quarter of the way up")
-    train.add_argument("--rank", type=int, default=4)
-    train.add_argument("--positions", default="l1")
-    train.add_argument("--type", default="loreft", choices=["loreft", "direft", "noreft"])
-    train.add_argument("--share-weights", action="store_true")
-    train.add_argument("--epochs", type=int, default=100)
-    train.add_argument("--lr", type=float, default=4e-3)
-    train.add_argument("--batch-size", type=int, default=10)
-    train.add_argument("--seed", type=int, default=42)
+    # defaults: the one recipe (reft_core/recipe.py), the same as the HTTP API's
+    train.add_argument("--layers", type=int, nargs="+", help="default: 8/30, 16/30 and 24/30 of the model's depth")
+    train.add_argument("--rank", type=int, default=recipe.RANK)
+    train.add_argument("--positions", default=recipe.POSITIONS)
+    train.add_argument("--type", default=recipe.TYPE, choices=["loreft", "direft", "noreft"])
+    train.add_argument("--share-weights", action="store_true", default=recipe.SHARE_WEIGHTS)
+    train.add_argument("--epochs", type=int, default=recipe.EPOCHS)
+    train.add_argument("--lr", type=float, default=recipe.LEARNING_RATE)
+    train.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
+    train.add_argument("--seed", type=int, default=recipe.SEED)
     train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
     train.add_argument("--server", help="URL of a running reft-serve: train there (the result is servable at once)")
     train.add_argument("--no-wait", action="store_true", help="with --server: print the queued job and exit")

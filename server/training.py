@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionExistsError, InterventionNotFoundError, validate_name
 from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
+from reft_core import recipe
 from reft_core.config import MAX_RANK, InterventionConfig, check_rank
 from reft_core.examples import TokenizedExample, encode_prompt
 from reft_core.frozen_context import ModelDims
@@ -62,20 +63,20 @@ class ExampleIn(BaseModel):
 class InterventionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["loreft", "direft", "noreft"] = "loreft"
-    layers: list[int] | None = None  # default: one middle layer
-    rank: int = Field(4, ge=1, le=MAX_RANK)  # and at most the server's max_intervention_rank (checked at submit)
-    positions: str = "l1"
-    share_weights: bool = False
+    type: Literal["loreft", "direft", "noreft"] = recipe.TYPE
+    layers: list[int] | None = None  # default: the recipe's, relative to the model's depth
+    rank: int = Field(recipe.RANK, ge=1, le=MAX_RANK)  # and at most the server's max_intervention_rank (at submit)
+    positions: str = recipe.POSITIONS
+    share_weights: bool = recipe.SHARE_WEIGHTS
 
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(100, ge=1)
-    learning_rate: float = Field(4e-3, gt=0, le=1)
-    batch_size: int = Field(10, ge=1, le=1024)
-    seed: int = Field(42, ge=0)
+    epochs: int = Field(recipe.EPOCHS, ge=1)
+    learning_rate: float = Field(recipe.LEARNING_RATE, gt=0, le=1)
+    batch_size: int = Field(recipe.BATCH_SIZE, ge=1, le=1024)
+    seed: int = Field(recipe.SEED, ge=0)
 
 
 class TrainingRequest(BaseModel):
@@ -116,7 +117,7 @@ class TrainingManager:
         if body.hyperparameters.epochs > s.max_training_epochs:
             raise APIError(400, f"epochs is limited to {s.max_training_epochs}", param="hyperparameters.epochs")
         spec = body.intervention
-        layers = tuple(spec.layers) if spec.layers else (self.num_layers // 2,)
+        layers = tuple(spec.layers) if spec.layers else recipe.default_layers(self.num_layers)
         config = InterventionConfig(layers=layers, rank=spec.rank, positions=spec.positions, type=spec.type,
                                     share_weights=spec.share_weights)
         config.check_against_model(self.hidden_size, self.num_layers)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import pytest
 
+from reft_core import recipe
 from reft_core.config import InterventionConfig
 from reft_core.examples import tokenize_examples
 from reft_core.trainer import TrainingConfig, TrainingResult, train_intervention
 
 from .emoji import emoji_examples
 
-RECIPE = InterventionConfig(layers=(8, 16, 24), rank=2, positions="f1+l1", share_weights=False)
-TRAINING = TrainingConfig(epochs=20, learning_rate=4e-3, batch_size=10, seed=42)
+# The one default recipe (reft_core/recipe.py): this test is what keeps it a recipe that works on the embedded model.
+RECIPE = InterventionConfig(layers=recipe.default_layers(30), rank=recipe.RANK, positions=recipe.POSITIONS,
+                            share_weights=recipe.SHARE_WEIGHTS)
+TRAINING = TrainingConfig()
 
 
 @pytest.fixture(scope="session")

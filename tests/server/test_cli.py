@@ -123,3 +123,35 @@ def test_any_setting_from_the_environment_or_set_with_flags_winning() -> None:
         setting_overrides(["no_such_limit=3"], {})
     with pytest.raises(SystemExit):
         setting_overrides(["port"], {})
+
+
+def test_one_recipe_locally_on_a_server_and_over_http(model_dir, tmp_path, tiny_base, capsys) -> None:
+    """With no settings given, `reft-serve train` (local and --server) and POST /v1/trainings train the same
+    configuration: the recipe of reft_core/recipe.py, placed relative to the model's depth."""
+    import httpx
+
+    from reft_core import recipe
+    from server.app import create_app
+
+    from .conftest import make_settings
+    from .live import live_server
+
+    examples = tmp_path / "examples.jsonl"
+    rows = [{"prompt": f"hi {i}", "completion": "yo"} for i in range(4)]
+    examples.write_text("\n".join(json.dumps(r) for r in rows))
+    expected = {"layers": list(recipe.default_layers(tiny.LAYERS)), "rank": recipe.RANK,
+                "positions": recipe.POSITIONS, "share_weights": recipe.SHARE_WEIGHTS, "type": recipe.TYPE}
+    output = tmp_path / "local.safetensors"
+    assert main(["train", str(examples), "--name", "local", "--model", str(model_dir), "--epochs", "1",
+                 "--output", str(output)]) == 0
+    local = load_artifact(output).intervention.config.to_dict()
+    with live_server(create_app(make_settings(tmp_path), base_model=tiny_base)) as url:
+        assert main(["train", str(examples), "--name", "remote", "--server", url, "--epochs", "1"]) == 0
+        remote = httpx.get(f"{url}/v1/interventions/remote").json()["config"]
+        job = httpx.post(f"{url}/v1/trainings", json={"name": "plain", "examples": rows}).json()
+    capsys.readouterr()
+    for config in (local, remote, job["spec"]["intervention"]):
+        assert {key: config[key] for key in expected} == expected, config
+    hyper = job["spec"]["hyperparameters"]
+    assert (hyper["epochs"], hyper["learning_rate"], hyper["batch_size"], hyper["seed"]) == (
+        recipe.EPOCHS, recipe.LEARNING_RATE, recipe.BATCH_SIZE, recipe.SEED)
