@@ -242,9 +242,7 @@ class Engine:
         self.runner.reset()
 
     def _closed_reason(self) -> tuple[ErrorKind, str]:
-        if self._failure is not None:
-            return ErrorKind.ENGINE_DEAD, f"the generation engine stopped ({self._failure}); the server must restart"
-        return ErrorKind.SHUTDOWN, SHUTDOWN_ERROR
+        return closed_reason(self._failure)
 
     def _close(self) -> None:
         """The thread is exiting: refuse new work, fail everything still queued or running, end training jobs."""
@@ -548,6 +546,13 @@ class Engine:
         while not self.idle:
             self.step()
             self._apply_commands()
+
+
+def closed_reason(failure: str | None) -> tuple[ErrorKind, str]:
+    """Why requests fail once an engine has stopped: it died (`failure`), or it was stopped on purpose."""
+    if failure is not None:
+        return ErrorKind.ENGINE_DEAD, f"the generation engine stopped ({failure}); the server must restart"
+    return ErrorKind.SHUTDOWN, SHUTDOWN_ERROR
 
 
 def _deliver(sink: EventSink, event: GenerationEvent) -> None:

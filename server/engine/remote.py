@@ -32,7 +32,7 @@ from typing import Any
 
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
-from server.engine.engine import SHUTDOWN_ERROR, Engine, EngineSettings, TrainingTask
+from server.engine.engine import Engine, EngineSettings, TrainingTask, closed_reason
 from server.engine.metrics_relay import MetricsRecorder, replay
 from server.engine.sequence import EventSink
 from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
@@ -216,9 +216,7 @@ class RemoteEngine:
             getattr(task, callback)(*args)
 
     def _closed_reason(self) -> tuple[ErrorKind, str]:
-        if self._failure is not None:
-            return ErrorKind.ENGINE_DEAD, f"the generation engine stopped ({self._failure}); the server must restart"
-        return ErrorKind.SHUTDOWN, SHUTDOWN_ERROR
+        return closed_reason(self._failure)
 
     def _on_exit(self) -> None:
         """The child is gone: whatever was pending fails now (once)."""
