@@ -58,10 +58,15 @@ class Tally:
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The server's resident memory with its engine process (psutil ships with accelerate, a core dependency)."""
+    import psutil
+
+    try:
+        server = psutil.Process(pid)
+        members = [server, *server.children(recursive=True)]
+        return sum(p.memory_info().rss for p in members) / (1 << 20)
+    except psutil.Error:
+        return float("nan")
 
 
 def setup(url: str, fingerprint, hidden: int) -> dict[str, object]:  # noqa: ANN001
