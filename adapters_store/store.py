@@ -208,23 +208,24 @@ class ArtifactStore:
 
     def promote(self, name: str, version: int, tenant: str = "default") -> InterventionRecord:
         """Make a retained version current again (one pointer update; requests already running keep theirs)."""
-        validate_name(name)
-        validate_tenant(tenant)
-        if not _in_range(version):
-            raise InterventionNotFoundError(name, version, tenant=tenant)
-        self._check_writable()
+        self._check_version_write(name, version, tenant)
         with self._write_lock, self._writing():
             return self.index.promote(tenant, name, version)
 
     def delete_version(self, name: str, version: int, tenant: str = "default") -> None:
         """Remove one non-current version (VersionIsCurrentError for the current one), then its file if unshared."""
+        self._check_version_write(name, version, tenant)
+        with self._write_lock, self._writing():
+            self._collect(self.index.delete_version(tenant, name, version))
+
+    def _check_version_write(self, name: str, version: int, tenant: str) -> None:
+        """What a write to one version needs before taking the lock: valid names, a version that can exist (an
+        out-of-range number is simply not found), and a writable store."""
         validate_name(name)
         validate_tenant(tenant)
         if not _in_range(version):
             raise InterventionNotFoundError(name, version, tenant=tenant)
         self._check_writable()
-        with self._write_lock, self._writing():
-            self._collect(self.index.delete_version(tenant, name, version))
 
     def gc(self) -> int:
         """Remove artifact files no record references, and temp files of interrupted writes; return the count."""

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,11 +249,7 @@ class Engine:
         with self._submit_lock:
             self._closed = True
         kind, error = self._closed_reason()
-        while True:  # submits that raced the close
-            try:
-                command, payload = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for command, payload in self._pending_commands():  # submits that raced the close
             if command == "submit":
                 request, sink = payload
                 _deliver(sink, GenerationEvent(text="", token_ids=(), finish_reason=FinishReason.ERROR, error=error,
@@ -294,12 +290,16 @@ class Engine:
         self.metrics.running_rows.set(len(self.scheduler.running))
         self.metrics.resident_interventions.set(self.slots.resident)
 
-    def _apply_commands(self) -> None:
+    def _pending_commands(self) -> Iterator[tuple[str, Any]]:
+        """The commands queued by other threads, oldest first, until the queue is empty."""
         while True:
             try:
-                kind, payload = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _apply_commands(self) -> None:
+        for kind, payload in self._pending_commands():
             if kind == "submit":
                 request, sink = payload
                 seq = Sequence.create(self._next_seq_id, request, sink, self.tokenizer, self._device)

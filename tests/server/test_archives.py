@@ -17,6 +17,7 @@ from reft_core.pyreft_import import import_pyreft
 from server.archives import unpack_archive
 from server.errors import APIError, classify
 from server.settings import Settings
+from tests.builders import zip_of
 from tests.reft_core.test_pyreft_import import loreft_states, write_pyreft_dir
 
 SETTINGS = Settings(max_archive_members=256, max_archive_unpacked_bytes=512 * 1024)
@@ -91,18 +92,10 @@ def pyreft_files(tmp_path_factory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
-def zip_archive(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 MUTATIONS = st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8)
 
 
-@pytest.mark.parametrize("build", [zip_archive, tar_gz], ids=["zip", "tar.gz"])
+@pytest.mark.parametrize("build", [zip_of, tar_gz], ids=["zip", "tar.gz"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=MUTATIONS, cut=st.none() | st.floats(0, 1))
 def test_mutated_archives_import_or_give_the_typed_error(pyreft_files, build, mutations, cut) -> None:

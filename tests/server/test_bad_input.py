@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 from reft_core.artifact import MANIFEST_KEY
 from reft_core.config import InterventionConfig
 from server.app import create_app
+from tests.builders import zip_of
 from tests.reft_core.test_pyreft_import import loreft_states, write_pyreft_dir
 
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
@@ -84,14 +85,6 @@ def wrong_shape(tensors: dict) -> None:
 def wrong_dtype(tensors: dict) -> None:
     key = first_key(tensors)
     tensors[key] = tensors[key].to(torch.int32)
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 class _Exploit:

@@ -22,11 +22,6 @@ RUNNING_PROMPT = [60, 61, 62]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny.tiny_llama()
-
-
-@pytest.fixture(scope="module")
 def personas():
     return [
         random_intervention(InterventionConfig(layers=(0, 3), rank=2, positions="f3+l3"), seed=1, scale=3.0),

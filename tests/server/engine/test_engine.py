@@ -24,16 +24,6 @@ PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [60, 61], [7, 7, 7, 100, 3, 1, 2, 3, 4, 5, 6
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny.tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def personas():
     return [
         random_intervention(InterventionConfig(layers=(1,), rank=4, positions="l1"), seed=1, scale=3.0),

@@ -22,7 +22,6 @@ from server.engine.sampler import RowSampling, sample
 from server.engine.types import (
     ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
-from tests import tiny
 from tests.reft_core.conftest import random_intervention
 
 PROMPTS = [[5, 9, 17, 3], [60, 61, 62], [7, 7, 100, 3, 1], [1, 2, 3]]
@@ -85,16 +84,6 @@ def test_a_seeded_row_does_not_depend_on_its_batch_mates() -> None:
 
 
 # -- the engine loop ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny.tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.tiny_tokenizer()
-
 
 def request(i: int, *, intervention=None, max_tokens: int = 6, **params) -> GenerationRequest:
     ref = InterventionRef(f"p{i}", f"key{i}", intervention) if intervention is not None else None
