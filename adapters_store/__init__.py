@@ -1,8 +1,9 @@
 """adapters_store: where interventions live between requests and across restarts (SQLite index + files).
 
 `ArtifactStore` is the one entry point: it validates artifacts with `reft_core.artifact` before writing, stores
-them content-addressed under its root, and keeps the version history in a SQLite index. Imports go one way: this
-package uses `reft_core` and knows nothing of HTTP or the server.
+them content-addressed under its root, and keeps the version history in a SQLite index. Its `training_files`
+(`TrainingFileStore`) holds the tenants' uploaded fine-tuning files in the same index, under the same quota.
+Imports go one way: this package uses `reft_core` and knows nothing of HTTP or the server.
 """
 
 from adapters_store.errors import (
@@ -14,6 +15,7 @@ from adapters_store.errors import (
     QuotaExceededError,
     StoreError,
     StoreWriteError,
+    TrainingFileNotFoundError,
     VersionIsCurrentError,
 )
 from adapters_store.records import (
@@ -25,6 +27,7 @@ from adapters_store.records import (
     validate_tenant,
 )
 from adapters_store.store import ArtifactStore, StoreStats
+from adapters_store.training_files import TrainingFileRecord, TrainingFileStore
 
 __all__ = [
     "MAX_VERSION",
@@ -41,6 +44,9 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "StoreWriteError",
+    "TrainingFileNotFoundError",
+    "TrainingFileRecord",
+    "TrainingFileStore",
     "VersionIsCurrentError",
     "validate_name",
     "validate_tenant",

@@ -6,6 +6,11 @@ Artifact validation errors are not wrapped: `reft_core.errors.ArtifactError` sub
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def _describe(name: str, tenant: str) -> str:
     return f"intervention '{name}'" + (f" of tenant '{tenant}'" if tenant != "default" else "")
@@ -38,6 +43,14 @@ class VersionIsCurrentError(StoreError):
         self.name, self.version, self.tenant = name, version, tenant
 
 
+class TrainingFileNotFoundError(StoreError):
+    """No training file with that id for this tenant (another tenant's file is reported the same way)."""
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"file '{file_id:.80}' does not exist")
+        self.file_id = file_id
+
+
 class InvalidNameError(StoreError, ValueError):
     """A name (or tenant) outside `[a-z0-9][a-z0-9._-]{0,63}`, or one containing `..`."""
 
@@ -56,3 +69,14 @@ class StoreWriteError(StoreError):
 
 class QuotaExceededError(StoreError):
     """A write would take the tenant past its storage quota (interventions or bytes); nothing was stored."""
+
+
+@contextmanager
+def write_errors(where: str) -> Iterator[None]:
+    """Turn OS and SQLite write failures into StoreWriteError; the caller's state is unchanged by then."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "full" in str(exc)
+        reason = "disk full" if full else str(exc)
+        raise StoreWriteError(f"could not write to the store at {where} ({reason}); nothing stored was changed") from exc

@@ -12,6 +12,10 @@ Versions: `current` holds one row per name, so a name has exactly one current ve
 an old version moves that pointer in one UPDATE (no new row, no new bytes). `current.latest` is the highest version
 number ever given to the name, so deleting the newest (non-current) version never lets its number be reused: a
 client pinned to `name@3` can never silently get another artifact.
+
+The same database holds the tenants' uploaded training files (`training_files`, owned by
+adapters_store/training_files.py through `transaction()` and `reading()`), so that their bytes and the artifacts'
+count against one quota, checked in one transaction.
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ from adapters_store.errors import (
 )
 from adapters_store.records import InterventionRecord, StorageQuota
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# uploaded training files (OpenAI's /v1/files): their SQL lives in adapters_store/training_files.py; the table is
+# here so a file and an artifact count against one tenant quota, checked in one transaction
+TRAINING_FILES_TABLE = """CREATE TABLE IF NOT EXISTS training_files (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, content BLOB NOT NULL)"""
 _CREATE = (
     """CREATE TABLE versions (
         tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
@@ -47,6 +56,7 @@ _CREATE = (
     """CREATE TABLE current (
         tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, public INTEGER NOT NULL DEFAULT 0,
         latest INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, name))""",
+    TRAINING_FILES_TABLE,
 )
 # statements that take schema version N to N+1
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -54,6 +64,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE current ADD COLUMN latest INTEGER NOT NULL DEFAULT 0",  # version numbers are never reused
         "UPDATE current SET latest = (SELECT MAX(version) FROM versions v "
         "WHERE v.tenant = current.tenant AND v.name = current.name)"),
+    3: (TRAINING_FILES_TABLE,),  # fine-tuning files, counted in the tenant's bytes
 }
 _COLUMNS = (
     "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
@@ -159,11 +170,18 @@ class Index:
 
     def _usage(self, tenant: str) -> tuple[int, int]:
         count = self._db.execute("SELECT COUNT(*) FROM current WHERE tenant=?", (tenant,)).fetchone()[0]
-        # every retained version counts, not just the current one: old versions occupy the disk too
+        # every retained version counts, not just the current one: old versions occupy the disk too; and so do the
+        # tenant's uploaded training files
         size = self._db.execute(
-            "SELECT COALESCE(SUM(size_bytes), 0) FROM versions WHERE tenant=?", (tenant,)
+            "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM versions WHERE tenant=?) + "
+            "(SELECT COALESCE(SUM(size_bytes), 0) FROM training_files WHERE tenant=?)", (tenant, tenant)
         ).fetchone()[0]
         return int(count), int(size)
+
+    def usage_in(self, transaction: sqlite3.Connection, tenant: str) -> tuple[int, int]:
+        """`usage` inside a `transaction()` (its lock is already held)."""
+        assert transaction is self._db
+        return self._usage(tenant)
 
     def check_write(self, request: WriteRequest) -> None:
         """Raise what `add_version` would raise for the name's state or the tenant's quota (a read, no write)."""
@@ -231,7 +249,8 @@ class Index:
         if after > quota.max_bytes:
             raise QuotaExceededError(
                 f"storing {request.size_bytes} more bytes would bring the tenant's stored versions to {after} bytes; "
-                f"its limit is {quota.max_bytes} (every retained version counts: delete interventions to free space)"
+                f"its limit is {quota.max_bytes} (every retained version counts, training files too: delete "
+                "interventions or files to free space)"
             )
 
     @staticmethod
@@ -315,6 +334,19 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # -- for the other tables in this database (adapters_store/training_files.py) ----------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the index database (BEGIN IMMEDIATE, under the lock), for another table's owner."""
+        with self._transaction():
+            yield self._db
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock, for reads of another table."""
+        with self._lock:
+            yield self._db
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @contextmanager

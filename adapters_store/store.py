@@ -18,13 +18,11 @@ nothing else.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,9 +32,11 @@ from adapters_store.errors import (
     InterventionNotFoundError,
     StoreError,
     StoreWriteError,
+    write_errors,
 )
 from adapters_store.files import ArtifactFiles, sha256_hex
 from adapters_store.index import Index, WriteRequest
+from adapters_store.training_files import TrainingFileStore
 from adapters_store.records import (
     MAX_VERSION,
     InterventionRecord,
@@ -75,6 +75,7 @@ class ArtifactStore:
             pass  # a read-only root that already exists still serves reads
         writable = self.root.is_dir() and os.access(self.root, os.W_OK)
         self.index = Index(self.root / INDEX_FILE, writable=writable)
+        self.training_files = TrainingFileStore(self.index, str(self.root))  # fine-tuning uploads, same quota
 
     @property
     def read_only(self) -> bool:
@@ -256,16 +257,8 @@ class ArtifactStore:
         if self.read_only:
             raise StoreWriteError(f"the store at {self.root} is read-only: serving works, writes are refused")
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """Turn OS and SQLite write failures into StoreWriteError; the caller's state is unchanged by then."""
-        try:
-            yield
-        except (OSError, sqlite3.OperationalError) as exc:
-            full = getattr(exc, "errno", None) == errno.ENOSPC or "full" in str(exc)
-            reason = "disk full" if full else str(exc)
-            message = f"could not write to the store at {self.root} ({reason}); nothing stored was changed"
-            raise StoreWriteError(message) from exc
+    def _writing(self) -> AbstractContextManager[None]:
+        return write_errors(str(self.root))
 
 
 def _in_range(version: int) -> bool:
