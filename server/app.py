@@ -33,7 +33,7 @@ from server.limits import BodySizeLimit
 from server.metrics import Metrics
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
-from server.routes import admin, completions, health, interventions, models, trainings, versions
+from server.routes import admin, completions, files, fine_tuning, health, interventions, models, trainings, versions
 from server.settings import Settings
 from server.training import TrainingManager
 
@@ -154,7 +154,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, settings=settings)
     app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)  # outermost: first
-    for module in (completions, models, interventions, versions, trainings, admin, health):
+    for module in (completions, models, interventions, versions, trainings, files, fine_tuning, admin, health):
         app.include_router(module.router)
     if not settings.auth_enabled and settings.auth == "auto":
         log.info("auth is off: bound to a loopback address (every caller is the admin of tenant 'default')")

@@ -43,6 +43,7 @@ def rate_limited(message: str, retry_after_s: float, code: str) -> APIError:
 ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (store_errors.InterventionNotFoundError, 404, "not_found_error", "intervention_not_found"),
     (JobNotFoundError, 404, "not_found_error", "training_job_not_found"),
+    (store_errors.TrainingFileNotFoundError, 404, "not_found_error", "file_not_found"),
     (tenant_errors.TenantNotFoundError, 404, "not_found_error", "tenant_not_found"),
     (tenant_errors.KeyNotFoundError, 404, "not_found_error", "api_key_not_found"),
     (tenant_errors.TenantExistsError, 409, "conflict_error", "tenant_exists"),

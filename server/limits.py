@@ -1,7 +1,7 @@
 """Request body size caps, enforced while the body streams in (before any parsing or buffering of the excess).
 
 Uploads (artifacts, pyreft archives, JSONL examples) may be up to `max_upload_bytes` plus room for the multipart
-framing and form fields; every other body is capped at `max_request_bytes`. A declared Content-Length over the cap
+framing and form fields, training files (`POST /v1/files`) up to `max_file_bytes` plus that room; every other body is capped at `max_request_bytes`. A declared Content-Length over the cap
 is refused before reading anything; a body that streams past it (chunked, or a lying header) is cut off there.
 """
 
@@ -14,6 +14,7 @@ from server.errors import APIError, send_error
 from server.settings import Settings
 
 UPLOAD_ROUTES = re.compile(r"^/v1/(interventions(/[^/]+)?|trainings/upload)/?$")
+FILE_ROUTE = "/v1/files"
 MULTIPART_ROOM = 1 << 20  # form fields and multipart boundaries around the file
 
 
@@ -28,7 +29,10 @@ class BodySizeLimit:
         self.settings = settings
 
     def _limit(self, scope: dict[str, Any]) -> int:
-        if scope.get("method") in ("POST", "PUT") and UPLOAD_ROUTES.match(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope.get("method") == "POST" and path.rstrip("/") == FILE_ROUTE:
+            return self.settings.max_file_bytes + MULTIPART_ROOM
+        if scope.get("method") in ("POST", "PUT") and UPLOAD_ROUTES.match(path):
             return self.settings.max_upload_bytes + MULTIPART_ROOM
         return self.settings.max_request_bytes
 

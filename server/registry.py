@@ -114,6 +114,25 @@ class InterventionRegistry:
             return Target(self.resolve(tenant, wanted.name))  # the cached path
         return Target(self._ref(self.get_visible(tenant, wanted.name, wanted.owner, wanted.version)))
 
+    def record(self, model: str, tenant: str) -> InterventionRecord | None:
+        """What a `model` string names, without decoding it: None for the base model, else the record the tenant
+        may see (the pinned version, or the current one). Raises like `lookup`."""
+        if model == self.base_model_id:
+            return None
+        wanted = parse_model(model, tenant)
+        return self.get_visible(tenant, wanted.name, wanted.owner, wanted.version)
+
+    def delete_model(self, model: str, tenant: str) -> None:
+        """Delete what a `model` string names, if the tenant owns it: `name` (every version) or `name@N` (that
+        version, never the current one). Another tenant's name is not found, public or not."""
+        wanted = parse_model(model, tenant)
+        if wanted.owner != tenant:
+            raise InterventionNotFoundError(wanted.name, wanted.version, tenant=wanted.owner)
+        if wanted.version is None:
+            self.delete(tenant, wanted.name)
+        else:
+            self.delete_version(tenant, wanted.name, wanted.version)
+
     def resolve(self, tenant: str, name: str) -> InterventionRef:
         """The current version of the tenant's `name`, decoded (raises InterventionNotFoundError if unknown)."""
         with self._lock:
@@ -172,7 +191,8 @@ class InterventionRegistry:
             self._writes += 1
             self._current.pop((tenant, name), None)
 
-    def _quota(self, tenant: str) -> StorageQuota:
+    def quota(self, tenant: str) -> StorageQuota:
+        """The tenant's storage quota (its overrides, else the server's defaults): artifacts and training files."""
         limits = self._limits(tenant)
         return StorageQuota(max_interventions=self.settings.limit("max_interventions_per_tenant", limits),
                             max_bytes=self.settings.limit("max_bytes_per_tenant", limits))
@@ -199,7 +219,7 @@ class InterventionRegistry:
         try:  # the store checks the quota in the write's own transaction: concurrent uploads cannot overshoot it
             return self.store.put(
                 name, payload, description=description, replace=replace, source=source, tenant=tenant,
-                quota=self._quota(tenant), max_rank=self.settings.max_intervention_rank, upsert=upsert,
+                quota=self.quota(tenant), max_rank=self.settings.max_intervention_rank, upsert=upsert,
             )
         finally:
             self._forget(tenant, name)  # the next request resolves the new version

@@ -78,6 +78,9 @@ class Settings(BaseModel):
     max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt accepted, in tokens")
     max_stop_sequences: int = 4
     max_upload_bytes: int = Field(64 << 20, ge=1024, description="largest artifact or archive upload")
+    max_file_bytes: int = Field(
+        16 << 20, ge=1024, description="largest training file (POST /v1/files); its bytes count in the tenant's quota"
+    )
     max_archive_unpacked_bytes: int = Field(256 << 20, description="pyreft archive size once unpacked")
     max_archive_members: int = 256
     max_versions_per_intervention: int = Field(

@@ -108,8 +108,13 @@ class TrainingManager:
             log.warning("marked interrupted training job failed", extra={"job": job.id, "intervention": job.name})
 
     # -- requests (each acts on one tenant's jobs; another tenant's job is a 404) ------------------------------------
-    async def submit(self, body: TrainingRequest, tenant: str = "default", max_for_tenant: int | None = None) -> JobRecord:
-        """Validate and queue; `max_for_tenant` caps the tenant's queued + running jobs (None: no cap)."""
+    async def submit(
+        self, body: TrainingRequest, tenant: str = "default", max_for_tenant: int | None = None,
+        fine_tuning: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """Validate and queue; `max_for_tenant` caps the tenant's queued + running jobs (None: no cap).
+        `fine_tuning`: what a `POST /v1/fine_tuning/jobs` asked (files, suffix, ...), kept in the job's spec for
+        that API's view of the job (server/fine_tuning.py)."""
         validate_name(body.name)
         s = self.settings
         if len(body.examples) > s.max_training_examples:
@@ -142,7 +147,9 @@ class TrainingManager:
             job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
                                   "examples": len(examples), "description": body.description,
-                                  "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes}})
+                                  "tokens": sum(len(e.input_ids) for e in examples),  # per epoch
+                                  "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes},
+                                  **({"fine_tuning": fine_tuning} if fine_tuning is not None else {})})
             self._live[job.id] = job
         try:
             await run_in_threadpool(self.jobs.save, job)

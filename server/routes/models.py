@@ -1,16 +1,19 @@
-"""`GET /v1/models`: the base model, the caller's interventions, and public ones as `tenant/name`."""
+"""`/v1/models`: the base model, the caller's interventions and public ones as `tenant/name`; one model by its
+`model` string (`GET`), and deleting one of the caller's own (`DELETE`, OpenAI's way to delete a fine-tuned model).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import InterventionRecord
-
+from adapters_store import InterventionNotFoundError, InterventionRecord, InvalidNameError
 from server.auth import Principal, principal
 from server.dependencies import Services, services
+from server.errors import APIError
 from server.schemas import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -23,18 +26,50 @@ def _created(iso: str, fallback: int) -> int:
         return fallback
 
 
+def _card(svc: Services, record: InterventionRecord, model_id: str) -> ModelCard:
+    return ModelCard(id=model_id, created=_created(record.created_at, svc.created), owned_by=record.tenant,
+                     parent=svc.model_id, root=svc.model_id)
+
+
+def _base_card(svc: Services) -> ModelCard:
+    return ModelCard(id=svc.model_id, created=svc.created, root=svc.model_id)
+
+
+def _not_found(model: str) -> APIError:
+    # the same 404 as a generation request naming an unknown model: never says whether another tenant has it
+    return APIError(404, f"The model '{model:.200}' does not exist", type="not_found_error", param="model",
+                    code="model_not_found")
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(who: Principal = Depends(principal), svc: Services = Depends(services)) -> ModelList:
     """List the base model and every intervention the caller may use."""
     own = await run_in_threadpool(svc.store.list, who.tenant)
     shared = [r for r in await run_in_threadpool(svc.store.list_public) if r.tenant != who.tenant]
-    cards = [ModelCard(id=svc.model_id, created=svc.created, root=svc.model_id)]
-    cards += [
-        ModelCard(id=model_name(r, who.tenant), created=_created(r.created_at, svc.created), parent=svc.model_id,
-                  root=svc.model_id)
-        for r in own + shared
-    ]
-    return ModelList(data=cards)
+    return ModelList(data=[_base_card(svc)] + [_card(svc, r, model_name(r, who.tenant)) for r in own + shared])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def retrieve_model(model: str, who: Principal = Depends(principal), svc: Services = Depends(services)) -> ModelCard:
+    """One model the caller may use, by its `model` string (base id, `name`, `owner/name`, with `@N` a version)."""
+    try:
+        record = await run_in_threadpool(svc.registry.record, model, who.tenant)
+    except (InterventionNotFoundError, InvalidNameError):
+        raise _not_found(model) from None
+    return _base_card(svc) if record is None else _card(svc, record, model)
+
+
+@router.delete("/models/{model:path}")
+async def delete_model(model: str, who: Principal = Depends(principal), svc: Services = Depends(services)) -> dict[str, Any]:
+    """Delete one of your interventions (`name`: every version; `name@N`: that non-current version)."""
+    if model == svc.model_id:
+        raise APIError(403, "the base model cannot be deleted", type="permission_error", param="model",
+                       code="model_not_deletable")
+    try:
+        await run_in_threadpool(svc.registry.delete_model, model, who.tenant)
+    except (InterventionNotFoundError, InvalidNameError):
+        raise _not_found(model) from None
+    return {"id": model, "object": "model", "deleted": True}
 
 
 def model_name(record: InterventionRecord, tenant: str) -> str:

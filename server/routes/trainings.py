@@ -15,7 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Principal, principal
 from server.dependencies import services
 from server.errors import APIError
-from server.training import ExampleIn, TrainingManager, TrainingRequest
+from server.jsonl import parse_examples
+from server.training import TrainingManager, TrainingRequest
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
 
@@ -62,7 +63,7 @@ async def create_training_from_file(
         raise APIError(413, f"upload is larger than the {limit} byte limit", code="payload_too_large", param="file")
     fields: dict[str, Any] = {"name": name, "chat_template": chat_template, "description": description,
                               "replace": replace,
-                              "examples": _parse_jsonl(payload, trainings.settings.max_training_examples)}
+                              "examples": parse_examples(payload, trainings.settings.max_training_examples)}
     for key, text in (("intervention", intervention), ("hyperparameters", hyperparameters)):
         if text:
             fields[key] = _json_object(text, key)
@@ -81,32 +82,6 @@ def _json_object(text: str, param: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise APIError(400, f"{param} must be a JSON object", param=param, code="invalid_value")
     return value
-
-
-def _parse_jsonl(payload: bytes, max_examples: int) -> list[ExampleIn]:
-    """Examples from JSONL (blank lines skipped); errors name the line, as editors number them."""
-    try:
-        text = payload.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise APIError(400, "the examples file is not UTF-8 text", param="file", code="invalid_encoding") from None
-    examples: list[ExampleIn] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if len(examples) == max_examples:
-            raise APIError(400, f"the file has more than {max_examples} examples; the limit is {max_examples}",
-                           param="file", code="too_many_examples")
-        try:
-            examples.append(ExampleIn.model_validate_json(line))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            reason = f"{where}: {first['msg']}" if where else first["msg"]
-            raise APIError(400, f"line {number} of the examples file: {reason}", param="file",
-                           code="invalid_example") from None
-    if not examples:
-        raise APIError(400, "the examples file has no examples", param="file", code="empty_file")
-    return examples
 
 
 @router.get("")
