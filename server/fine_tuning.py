@@ -15,9 +15,10 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 from adapters_store import InvalidNameError, validate_name
 from adapters_store.jobs import JobRecord
@@ -33,12 +34,30 @@ STATUS = {"queued": "queued", "running": "running", "succeeded": "succeeded", "f
           "cancelled": "cancelled"}  # ours -> OpenAI's (files are validated before a job exists: no validating_files)
 
 
+def _auto_or(kind: type[int] | type[float], low: float, high: float) -> Any:
+    """A hyperparameter that is "auto" or a number of `kind` in (low, high] for floats, [low, high] for integers;
+    one error at the field (a plain union would report each member's failure separately)."""
+    def check(value: object) -> object:
+        if value == "auto":
+            return value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and kind is float:
+            if low < value <= high:  # type: ignore[operator]
+                return float(value)  # type: ignore[arg-type]
+        elif number and isinstance(value, int) and low <= value <= high:
+            return value
+        bounds = f"from {int(low)} to {int(high)}" if kind is int else f"above {low:g} and at most {high:g}"
+        raise PydanticCustomError("auto_or_number", f'must be "auto" or {"an integer" if kind is int else "a number"} '
+                                  f"{bounds}")
+    return Annotated[Union[Auto, kind], PlainValidator(check, json_schema_input_type=Union[Auto, kind])]
+
+
 class SupervisedHyperparameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    n_epochs: Auto | Annotated[int, Field(strict=True, ge=1)] = "auto"
-    batch_size: Auto | Annotated[int, Field(strict=True, ge=1, le=1024)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=MAX_LR_MULTIPLIER)] = "auto"
+    n_epochs: _auto_or(int, 1, 1_000_000) = "auto"  # the server's max_training_epochs applies at submission
+    batch_size: _auto_or(int, 1, 1024) = "auto"
+    learning_rate_multiplier: _auto_or(float, 0, MAX_LR_MULTIPLIER) = "auto"
 
 
 class SupervisedMethod(BaseModel):
