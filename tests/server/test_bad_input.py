@@ -35,13 +35,14 @@ CHAT = [{"role": "user", "content": "hi"}]
 PWNED = Path("/tmp/reft-serve-pwned-marker")
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RANK = 4
+MAX_FILE_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tiny_base) -> Iterator[TestClient]:
     settings = make_settings(tmp_path_factory.mktemp("bad"), max_request_bytes=MAX_REQUEST_BYTES,
                              max_upload_bytes=256 * 1024, max_archive_unpacked_bytes=512 * 1024,
-                             max_intervention_rank=MAX_RANK)
+                             max_intervention_rank=MAX_RANK, max_file_bytes=MAX_FILE_BYTES)
     with TestClient(create_app(settings, base_model=tiny_base)) as test_client:
         test_client.base = tiny_base  # type: ignore[attr-defined]
         yield test_client
@@ -210,6 +211,17 @@ def archive_upload(make: Callable[[Path], bytes] | Callable[[], bytes], takes_tm
 
 
 INVALID = "invalid_request_error"
+GOOD_JSONL = b'{"prompt": "a", "completion": "b"}\n'
+
+
+def training_file(payload: bytes, purpose: str = "fine-tune") -> dict:
+    return {"data": {"purpose": purpose}, "files": {"file": ("train.jsonl", payload)}}
+
+
+def fine_tune(**fields) -> dict:
+    return {"json": {"model": MODEL_ID, "training_file": "file-nope", **fields}}
+
+
 CASES = [
     # generation: types, missing fields, ranges
     ("model-int", "POST", "/v1/chat/completions", {"json": {"model": 5, "messages": CHAT}}, 400, INVALID),
@@ -352,6 +364,69 @@ CASES = [
     ("training-jsonl-garbage", "POST", "/v1/trainings/upload",
      {"data": {"name": "t"}, "files": {"file": ("e.jsonl", b"\x00\x01garbage")}}, 400, INVALID),
     ("training-unknown-job", "GET", "/v1/trainings/ftjob-nope", {}, 404, "not_found_error"),
+    # training files (OpenAI's /v1/files)
+    ("file-purpose-wrong", "POST", "/v1/files", training_file(GOOD_JSONL, purpose="assistants"), 400, INVALID),
+    ("file-purpose-missing", "POST", "/v1/files", {"files": {"file": ("t.jsonl", GOOD_JSONL)}}, 400, INVALID),
+    ("file-missing", "POST", "/v1/files", {"data": {"purpose": "fine-tune"}}, 400, INVALID),
+    ("file-bad-line", "POST", "/v1/files", training_file(GOOD_JSONL + b'{"prompt": "a"}\n'), 400, INVALID),
+    ("file-not-json", "POST", "/v1/files", training_file(b"prompt,completion\na,b\n"), 400, INVALID),
+    ("file-not-utf8", "POST", "/v1/files", training_file(b"\xff\xfe\x00garbage"), 400, INVALID),
+    ("file-empty", "POST", "/v1/files", training_file(b""), 400, INVALID),
+    ("file-blank-lines-only", "POST", "/v1/files", training_file(b"\n\n  \n"), 400, INVALID),
+    ("file-messages-without-answer", "POST", "/v1/files",
+     training_file(b'{"messages": [{"role": "user", "content": "hi"}]}\n'), 400, INVALID),
+    ("file-too-many-examples", "POST", "/v1/files", training_file(b'{"prompt":"a","completion":"b"}\n' * 1001), 400,
+     INVALID),
+    ("file-too-large", "POST", "/v1/files", training_file(GOOD_JSONL * (MAX_FILE_BYTES // len(GOOD_JSONL) + 1)), 413,
+     INVALID),
+    ("file-unknown", "GET", "/v1/files/file-nope", {}, 404, "not_found_error"),
+    ("file-unknown-content", "GET", "/v1/files/file-nope/content", {}, 404, "not_found_error"),
+    ("file-unknown-delete", "DELETE", "/v1/files/file-nope", {}, 404, "not_found_error"),
+    ("files-limit-zero", "GET", "/v1/files?limit=0", {}, 400, INVALID),
+    ("files-order-sideways", "GET", "/v1/files?order=sideways", {}, 400, INVALID),
+    ("files-after-unknown", "GET", "/v1/files?after=file-nope", {}, 400, INVALID),
+    # fine-tuning jobs (every refusal before a job exists; the file refusals name the parameter)
+    ("ft-model-not-base", "POST", "/v1/fine_tuning/jobs", fine_tune(model="gpt-4o-mini"), 400, INVALID),
+    ("ft-model-missing", "POST", "/v1/fine_tuning/jobs", {"json": {"training_file": "file-nope"}}, 400, INVALID),
+    ("ft-training-file-missing", "POST", "/v1/fine_tuning/jobs", {"json": {"model": MODEL_ID}}, 400, INVALID),
+    ("ft-training-file-unknown", "POST", "/v1/fine_tuning/jobs", fine_tune(), 400, INVALID),
+    ("ft-validation-file-unknown", "POST", "/v1/fine_tuning/jobs", fine_tune(validation_file="file-nope"), 400,
+     INVALID),
+    ("ft-suffix-not-a-name", "POST", "/v1/fine_tuning/jobs", fine_tune(suffix="../Evil Name"), 400, INVALID),
+    ("ft-method-dpo", "POST", "/v1/fine_tuning/jobs", fine_tune(method={"type": "dpo"}), 400, INVALID),
+    ("ft-epochs-zero", "POST", "/v1/fine_tuning/jobs", fine_tune(hyperparameters={"n_epochs": 0}), 400, INVALID),
+    ("ft-epochs-sometimes", "POST", "/v1/fine_tuning/jobs", fine_tune(hyperparameters={"n_epochs": "sometimes"}), 400,
+     INVALID),
+    ("ft-batch-size-float", "POST", "/v1/fine_tuning/jobs",
+     fine_tune(method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 1.5}}}), 400, INVALID),
+    ("ft-lr-multiplier-huge", "POST", "/v1/fine_tuning/jobs",
+     fine_tune(hyperparameters={"learning_rate_multiplier": 1e9}), 400, INVALID),
+    ("ft-hyperparameters-twice", "POST", "/v1/fine_tuning/jobs",
+     fine_tune(hyperparameters={"n_epochs": 1},
+               method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}), 400, INVALID),
+    ("ft-seed-negative", "POST", "/v1/fine_tuning/jobs", fine_tune(seed=-1), 400, INVALID),
+    ("ft-rank-zero", "POST", "/v1/fine_tuning/jobs", fine_tune(rank=0), 400, INVALID),
+    ("ft-layers-empty", "POST", "/v1/fine_tuning/jobs", fine_tune(layers=[]), 400, INVALID),
+    ("ft-metadata-not-strings", "POST", "/v1/fine_tuning/jobs", fine_tune(metadata={"a": 1}), 400, INVALID),
+    ("ft-body-not-json", "POST", "/v1/fine_tuning/jobs",
+     {"content": b"model=x", "headers": {"content-type": "application/json"}}, 400, INVALID),
+    ("ft-jobs-limit-zero", "GET", "/v1/fine_tuning/jobs?limit=0", {}, 400, INVALID),
+    ("ft-jobs-limit-huge", "GET", "/v1/fine_tuning/jobs?limit=101", {}, 400, INVALID),
+    ("ft-jobs-after-unknown", "GET", "/v1/fine_tuning/jobs?after=ftjob-nope", {}, 400, INVALID),
+    ("ft-job-unknown", "GET", "/v1/fine_tuning/jobs/ftjob-nope", {}, 404, "not_found_error"),
+    ("ft-cancel-unknown", "POST", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404, "not_found_error"),
+    ("ft-events-unknown", "GET", "/v1/fine_tuning/jobs/ftjob-nope/events", {}, 404, "not_found_error"),
+    ("ft-events-limit-text", "GET", "/v1/fine_tuning/jobs/ftjob-nope/events?limit=many", {}, 400, INVALID),
+    ("ft-cancel-wrong-method", "GET", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 405, INVALID),
+    # one model by its `model` string
+    ("model-retrieve-unknown", "GET", "/v1/models/nope", {}, 404, "not_found_error"),
+    ("model-retrieve-version-zero", "GET", "/v1/models/nope@0", {}, 404, "not_found_error"),
+    ("model-retrieve-deep-path", "GET", "/v1/models/a/b/c", {}, 404, "not_found_error"),
+    ("model-retrieve-uppercase", "GET", "/v1/models/Nope", {}, 404, "not_found_error"),
+    ("model-delete-unknown", "DELETE", "/v1/models/nope", {}, 404, "not_found_error"),
+    ("model-delete-version-unknown", "DELETE", "/v1/models/nope@1", {}, 404, "not_found_error"),
+    ("model-delete-other-tenant", "DELETE", "/v1/models/acme/nope", {}, 404, "not_found_error"),
+    ("model-delete-base", "DELETE", f"/v1/models/{MODEL_ID}", {}, 403, "permission_error"),
     ("unknown-route", "GET", "/v1/nothing-here", {}, 404, "not_found_error"),
     ("wrong-method", "DELETE", "/v1/chat/completions", {}, 405, INVALID),
 ]
@@ -376,6 +451,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(
     # nothing was stored or queued by a refused request, and the server still works
     assert client.get("/v1/interventions").json()["data"] == []
     assert client.get("/v1/trainings").json()["data"] == []
+    assert client.get("/v1/files").json()["data"] == []
     assert client.get("/health").json() == {"status": "ok"}
     reply = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "max_tokens": 2})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
