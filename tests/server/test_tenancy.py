@@ -15,6 +15,7 @@ from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
 ADMIN = {"Authorization": "Bearer admin-secret"}
 EXAMPLES = [{"prompt": f"q{i}", "completion": "yes"} for i in range(2)]
 SMALL_JOB = {"intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 1000, "batch_size": 1}}
+JSONL = b'{"prompt": "q0", "completion": "yes"}\n'
 
 
 def auth(key: str) -> dict[str, str]:
@@ -48,7 +49,11 @@ def world(tmp_path_factory, tiny_base) -> Iterator[dict]:
         assert public.status_code == 200 and public.json()["public"]
         job = client.post("/v1/trainings", json={"name": "slow", "examples": EXAMPLES, **SMALL_JOB}, headers=auth(acme))
         assert job.status_code == 202
-        yield {"client": client, "acme": acme, "globex": globex, "job": job.json()["id"], "base": tiny_base}
+        uploaded = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", JSONL)},
+                               headers=auth(acme))
+        assert uploaded.status_code == 200
+        yield {"client": client, "acme": acme, "globex": globex, "job": job.json()["id"], "base": tiny_base,
+               "file": uploaded.json()["id"]}
         client.delete(f"/v1/trainings/{job.json()['id']}", headers=auth(acme))
 
 
@@ -115,6 +120,33 @@ MATRIX = [
     ("globex", "PUT", "/v1/interventions/shared", "artifact", 404),
     ("globex", "PUT", "/v1/interventions/secret", "artifact", 404),
     ("acme", "PUT", "/v1/interventions/secret", "artifact", 200),
+    # training files and fine-tuning jobs ({file} is acme's file): acme's own, then globex as if they did not exist
+    ("acme", "GET", "/v1/files/{file}", None, 200),
+    ("acme", "GET", "/v1/files/{file}/content", None, 200),
+    ("acme", "GET", "/v1/files", None, 200),
+    ("acme", "GET", "/v1/fine_tuning/jobs/{job}", None, 200),
+    ("acme", "GET", "/v1/fine_tuning/jobs/{job}/events", None, 200),
+    ("acme", "GET", "/v1/fine_tuning/jobs", None, 200),
+    ("acme", "GET", "/v1/models/secret", None, 200),
+    ("acme", "GET", "/v1/models/acme/secret@1", None, 200),
+    ("globex", "GET", "/v1/files/{file}", None, 404),
+    ("globex", "GET", "/v1/files/{file}/content", None, 404),
+    ("globex", "DELETE", "/v1/files/{file}", None, 404),
+    ("globex", "GET", "/v1/files?after={file}", None, 400),  # not a cursor in globex's list
+    ("globex", "POST", "/v1/fine_tuning/jobs", {"model": MODEL_ID, "training_file": "{file}"}, 400),  # as if missing
+    ("globex", "GET", "/v1/fine_tuning/jobs/{job}", None, 404),
+    ("globex", "POST", "/v1/fine_tuning/jobs/{job}/cancel", None, 404),
+    ("globex", "GET", "/v1/fine_tuning/jobs/{job}/events", None, 404),
+    ("globex", "GET", "/v1/fine_tuning/jobs?after={job}", None, 400),
+    ("globex", "GET", "/v1/models/secret", None, 404),
+    ("globex", "GET", "/v1/models/acme/secret", None, 404),
+    ("globex", "GET", "/v1/models/acme/secret@1", None, 404),
+    ("globex", "DELETE", "/v1/models/acme/secret", None, 404),
+    ("globex", "DELETE", "/v1/models/secret", None, 404),
+    ("globex", "GET", "/v1/models/acme/shared", None, 200),  # public: visible ...
+    ("globex", "GET", "/v1/models/acme/shared@1", None, 200),
+    ("globex", "DELETE", "/v1/models/acme/shared", None, 404),  # ... but not theirs to delete
+    ("globex", "DELETE", "/v1/models/acme/shared@1", None, 404),
     # tenant keys on admin endpoints
     ("globex", "GET", "/v1/admin/tenants", None, 403),
     ("globex", "POST", "/v1/admin/tenants/globex/keys", None, 403),
@@ -132,6 +164,12 @@ ENDPOINTS = [
     ("PUT", "/v1/admin/tenants/acme/interventions/secret/public", {"public": True}),
     ("GET", "/v1/interventions/secret/versions", None), ("POST", "/v1/interventions/secret/versions/1/promote", None),
     ("DELETE", "/v1/interventions/secret/versions/1", None),
+    ("POST", "/v1/files", "jsonl-file"), ("GET", "/v1/files", None), ("GET", "/v1/files/{file}", None),
+    ("GET", "/v1/files/{file}/content", None), ("DELETE", "/v1/files/{file}", None),
+    ("POST", "/v1/fine_tuning/jobs", {"model": MODEL_ID, "training_file": "{file}"}), ("GET", "/v1/fine_tuning/jobs", None),
+    ("GET", "/v1/fine_tuning/jobs/{job}", None), ("POST", "/v1/fine_tuning/jobs/{job}/cancel", None),
+    ("GET", "/v1/fine_tuning/jobs/{job}/events", None), ("GET", "/v1/models/secret", None),
+    ("DELETE", "/v1/models/secret", None),
 ]
 MATRIX += [(caller, m, p, b, 401) for caller in ("nobody", "badkey") for m, p, b in ENDPOINTS]
 
@@ -146,7 +184,11 @@ def test_isolation_matrix(world, caller, method, path, body, status) -> None:
         kwargs = {"data": {"name": "secret"}, "files": {"file": ("a.safetensors", artifact_bytes(world["base"], persona(9)))}}
     elif body == "jsonl":
         kwargs = {"data": {"name": "x"}, "files": {"file": ("e.jsonl", b'{"prompt": "a", "completion": "b"}')}}
-    response = client.request(method, path.format(job=world["job"]), headers=headers, **kwargs)
+    elif body == "jsonl-file":
+        kwargs = {"data": {"purpose": "fine-tune"}, "files": {"file": ("e.jsonl", JSONL)}}
+    elif isinstance(body, dict) and body.get("training_file") == "{file}":
+        kwargs = {"json": {**body, "training_file": world["file"]}}
+    response = client.request(method, path.format(job=world["job"], file=world["file"]), headers=headers, **kwargs)
     assert response.status_code == status, (response.status_code, response.text[:300])
     if status >= 400:
         error = response.json()["error"]
@@ -196,6 +238,11 @@ def test_listings_show_own_and_public_only(world) -> None:
     assert models == {MODEL_ID, "acme/shared"}
     assert client.get("/v1/trainings", headers=auth(world["globex"])).json()["data"] == []
     assert [j["id"] for j in client.get("/v1/trainings", headers=auth(world["acme"])).json()["data"]] == [world["job"]]
+    assert client.get("/v1/files", headers=auth(world["globex"])).json()["data"] == []
+    assert world["file"] in {f["id"] for f in client.get("/v1/files", headers=auth(world["acme"])).json()["data"]}
+    assert client.get("/v1/fine_tuning/jobs", headers=auth(world["globex"])).json()["data"] == []
+    fine_tuning = client.get("/v1/fine_tuning/jobs", headers=auth(world["acme"])).json()["data"]
+    assert [j["id"] for j in fine_tuning] == [world["job"]] and fine_tuning[0]["training_file"] is None  # native job
 
 
 def test_same_name_in_two_tenants_are_two_interventions(world) -> None:
