@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-import torch
 
 from reft_core import recipe
 from reft_core.artifact import decode_artifact
@@ -110,11 +109,8 @@ def test_the_sdk_trains_a_persona_then_chats_with_it(server, tiny_base) -> None:
             "hyperparameters": {"epochs": 3, "batch_size": 2, "learning_rate": recipe.LEARNING_RATE * 25, "seed": 3}}
     twin = native(server, "acme", "POST", "/v1/trainings", json=body).json()
     assert finished(client, twin["id"]).status == "succeeded"
-    twin_artifact = native(server, "acme", "GET", "/v1/interventions/okbot-native/artifact").content
-    twin_persona = decode_artifact(twin_artifact, base_model=tiny_base.fingerprint).intervention
-    assert twin_persona.config == persona.config and persona.units.keys() == twin_persona.units.keys()
-    for unit in persona.units:  # the digest differs only by the job id in the training metadata
-        assert all(map(torch.equal, persona.units[unit].as_tuple(), twin_persona.units[unit].as_tuple()))
+    digests = [native(server, "acme", "GET", f"/v1/interventions/{n}").json()["digest"] for n in ("okbot", "okbot-native")]
+    assert digests[0] == digests[1]
 
     card = client.models.retrieve("okbot")
     assert (card.id, card.object, card.owned_by) == ("okbot", "model", "acme")
