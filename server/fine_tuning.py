@@ -188,7 +188,7 @@ def job_object(job: JobRecord, base_model_id: str) -> dict[str, Any]:
 Event = tuple[int, str, str, str, "dict[str, Any] | None"]  # (created_at, level, type, message, data)
 
 
-def job_events(job: JobRecord) -> list[dict[str, Any]]:
+def openai_events(job: JobRecord) -> list[dict[str, Any]]:
     """The job's events, oldest first, derived from its record. Ids are `ftevent-<job>-<n>`, n counting from the
     first: the record only grows, so an event keeps its id. A metrics event's time is approximate: the record
     keeps the time of the latest step only, so step k is placed at k/latest of the elapsed time."""

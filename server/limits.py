@@ -1,8 +1,9 @@
 """Request body size caps, enforced while the body streams in (before any parsing or buffering of the excess).
 
 Uploads (artifacts, pyreft archives, JSONL examples) may be up to `max_upload_bytes` plus room for the multipart
-framing and form fields, training files (`POST /v1/files`) up to `max_file_bytes` plus that room; every other body is capped at `max_request_bytes`. A declared Content-Length over the cap
-is refused before reading anything; a body that streams past it (chunked, or a lying header) is cut off there.
+framing and form fields, training files (`POST /v1/files`) up to `max_file_bytes` plus that room; every other body
+is capped at `max_request_bytes`. A declared Content-Length over the cap is refused before reading anything; a body
+that streams past it (chunked, or a lying header) is cut off there.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ Lists are newest first with OpenAI's cursor pagination. Another tenant's job is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -25,7 +25,7 @@ from server.fine_tuning import (
     FineTuningJobCreate,
     fine_tuning_spec,
     intervention_name,
-    job_events,
+    openai_events,
     job_object,
     training_request,
 )
@@ -90,24 +90,19 @@ async def retrieve_job(
 
 @router.post("/{job_id}/cancel")
 async def cancel_job(
-    job_id: str, request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    job_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> dict[str, Any]:
     """Cancel a queued or running job; answers with the job once it has stopped (a finished job, unchanged)."""
     job = await run_in_threadpool(svc.training.cancel, job_id, who.tenant)
-    if job.status in ACTIVE:
-        job = await _settled(svc, job)
-    return job_object(job, svc.model_id)
+    return job_object(await _settled(svc, job), svc.model_id)
 
 
 async def _settled(svc: Services, job: JobRecord) -> JobRecord:
-    """The job once it leaves queued/running, or as it is after CANCEL_WAIT_S."""
-    async def follow() -> None:
-        nonlocal job
-        async for update in svc.training.events(job.id, job.tenant):
-            job = update
-
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(follow(), CANCEL_WAIT_S)
+    """The job once it leaves queued/running, or as it is after CANCEL_WAIT_S (polled: the record is in memory)."""
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while job.status in ACTIVE and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        job = await run_in_threadpool(svc.training.get, job.id, job.tenant)
     return job
 
 
@@ -118,6 +113,6 @@ async def list_events(
 ) -> dict[str, Any]:
     """The job's events, newest first: messages, and a `metrics` event per step (`step`, `train_loss`)."""
     job = await run_in_threadpool(svc.training.get, job_id, who.tenant)
-    events = list(reversed(job_events(job)))
+    events = list(reversed(openai_events(job)))
     page, has_more = cursor_page(events, lambda event: event["id"], after, limit)
     return list_body(page, has_more)

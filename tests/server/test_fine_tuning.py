@@ -17,7 +17,7 @@ from server.fine_tuning import (
     STATUS,
     FineTuningJobCreate,
     intervention_name,
-    job_events,
+    openai_events,
     job_object,
     training_request,
 )
@@ -130,8 +130,8 @@ def test_job_object_fields_and_types() -> None:
 @given(first=st.integers(0, 4), second=st.integers(0, 4))
 def test_events_keep_their_ids_as_the_job_grows(first: int, second: int) -> None:
     earlier, later = sorted((first, second))
-    before = job_events(job("running", earlier))
-    after = job_events(job("running", later))
+    before = openai_events(job("running", earlier))
+    after = openai_events(job("running", later))
     key = [(e["id"], e["type"], e["message"], e["data"]) for e in before]
     assert key == [(e["id"], e["type"], e["message"], e["data"]) for e in after[:len(before)]]
     metrics = [e for e in after if e["type"] == "metrics"]
@@ -141,7 +141,8 @@ def test_events_keep_their_ids_as_the_job_grows(first: int, second: int) -> None
 
 def test_a_finished_job_ends_its_events() -> None:
     finished = "2026-01-01T00:00:09.000+00:00"
-    assert job_events(job("succeeded", 4, finished_at=finished))[-1]["message"] == "The job has successfully completed"
-    assert job_events(job("cancelled", 1, finished_at=finished))[-1]["message"] == "Fine-tuning job cancelled"
-    failed = job_events(job("failed", 1, finished_at=finished, error="boom"))[-1]
+    done = openai_events(job("succeeded", 4, finished_at=finished))
+    assert done[-1]["message"] == "The job has successfully completed"
+    assert openai_events(job("cancelled", 1, finished_at=finished))[-1]["message"] == "Fine-tuning job cancelled"
+    failed = openai_events(job("failed", 1, finished_at=finished, error="boom"))[-1]
     assert failed["level"] == "error" and "boom" in failed["message"]
