@@ -1,4 +1,4 @@
-"""OpenAI's fine-tuning API driven by the official `openai` SDK, unmodified, against a real `reft-serve` process on
+"""OpenAI's fine-tuning API driven by the official `openai` SDK, unmodified, against a real server on loopback on
 the tiny model: upload a file, train, follow events, page jobs, chat with the result, cancel, bad files, tenants,
 quotas, models retrieve/delete. Raw HTTP appears only to check results against the native API and the library."""
 
@@ -14,8 +14,10 @@ import pytest
 
 from reft_core import recipe
 from reft_core.artifact import decode_artifact
-from tests.server.process import server_process
+from server.app import create_app
 
+from .conftest import MODEL_ID, make_settings
+from .live import live_server
 from .test_api import CHAT, reference
 
 ADMIN_KEY = "ft-admin-secret"
@@ -36,19 +38,14 @@ def new_tenant(url: str, name: str, **limits: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir) -> Iterator[dict]:
-    data = tmp_path_factory.mktemp("fine-tuning")
-    key_file = data / "admin.key"
-    key_file.write_text(ADMIN_KEY)
-    with pytest.MonkeyPatch.context() as patch:
-        # one intra-op thread: on a busy shared machine, tiny steps with two threads are ~15x slower (contention)
-        patch.setenv("OMP_NUM_THREADS", "1")
-        with server_process(tiny_model_dir, data, "--auth", "on", "--admin-key-file", str(key_file),
-                            "--set", "engine_process=false", "--set", "max_trainings_per_tenant=8") as (_, url):
-            base = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"][0]
-            keys = {t: new_tenant(url, t) for t in ("acme", "globex", "initech")}
-            keys["small"] = new_tenant(url, "small", max_bytes_per_tenant=80)
-            yield {"url": url, "keys": keys, "base": base["id"]}
+def server(tmp_path_factory, tiny_base) -> Iterator[dict]:
+    """A real uvicorn server on loopback around the app on the tiny model (in this process: no second start-up)."""
+    settings = make_settings(tmp_path_factory.mktemp("fine-tuning"), auth="on", admin_key=ADMIN_KEY,
+                             max_trainings_per_tenant=8)
+    with live_server(create_app(settings, base_model=tiny_base)) as url:
+        keys = {t: new_tenant(url, t) for t in ("acme", "globex", "initech")}
+        keys["small"] = new_tenant(url, "small", max_bytes_per_tenant=80)
+        yield {"url": url, "keys": keys, "base": MODEL_ID}
 
 
 def sdk(server: dict, tenant: str) -> openai.OpenAI:
