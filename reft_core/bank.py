@@ -163,7 +163,7 @@ class InterventionBank:
                 absolute = (row.offset + p for p in config.positions_for(unit.group, row.prompt_len))
                 part.extend((unit.layer, p, entry) for p in absolute if start <= p and (end is None or p < end))
             for layer, p, entry in part:
-                yield layer, edited.get((layer, p), 0), p - start, entry
+                yield layer, edited.get((layer, p), 0) if edited else 0, p - start, entry
             if row.then:  # a single intervention never edits one position twice: nothing to count
                 for layer, p in {(layer, p) for layer, p, _ in part}:
                     edited[(layer, p)] = edited.get((layer, p), 0) + 1
