@@ -5,8 +5,8 @@ Each intervened layer keeps three tables in the folded form of `reft_core.functi
 b: [units, r_max]) with two unit entries per slot (the prefix and suffix edits of a non-shared `f+l` config; one-
 group configs use entry 0). Memory follows what is resident: a layer has tables only while some resident
 intervention edits it, a table's rank is the largest resident rank at that layer (it shrinks when that one
-leaves), and its slot capacity grows by doubling up to the highest slot in use (and halves once three quarters of
-it are unused). A prefill batch is planned once (which absolute position of which row gets which unit entry, per
+leaves), and its slot capacity grows by doubling up to the highest slot in use (and is cut back once three
+quarters of it are unused). A prefill batch is planned once (which absolute position of which row gets which unit entry, per
 layer) and then every intervened layer costs one gather, two batched matmuls and one scatter-add, with no Python
 loop over rows. Smaller ranks are zero-padded to r_max, which is exact.
 
@@ -230,9 +230,9 @@ class InterventionBank:
 
     def _shrink_layer(self, layer: int) -> None:
         """After a slot left: drop the layer's tables if nothing resident edits it, else cut them to the largest
-        rank still resident there (the rows beyond it are zeros for every remaining entry), and halve the entries
-        once three quarters of them lie above the highest slot still using the layer (the quarter keeps a slot
-        that comes and goes at the boundary from resizing every time)."""
+        rank still resident there (the rows beyond it are zeros for every remaining entry), and once three quarters
+        of its entries lie above the highest slot still using the layer, cut them to twice what that slot needs
+        (the headroom keeps a slot that comes and goes at the boundary from resizing every time)."""
         users = [slot for slot, config in self._configs.items() if layer in config.layers]
         if not users:
             del self._A[layer], self._C[layer], self._b[layer]
@@ -240,7 +240,7 @@ class InterventionBank:
         entries, _ = self._shape(layer)
         needed = (max(users) + 1) * GROUPS_PER_SLOT
         if needed <= entries // 4:
-            entries = max(needed, entries // 2)
+            entries = 2 * needed
         shape = (entries, max(self._configs[slot].rank for slot in users))
         if shape != self._shape(layer):
             self._resize_layer(layer, *shape)
