@@ -6,9 +6,9 @@ b: [units, r_max]) with two unit entries per slot (the prefix and suffix edits o
 group configs use entry 0). Memory follows what is resident: a layer has tables only while some resident
 intervention edits it, a table's rank is the largest resident rank at that layer (it shrinks when that one
 leaves), and its slot capacity grows by doubling up to the highest slot in use (and is cut back once three
-quarters of it are unused). A prefill batch is planned once (which absolute position of which row gets which unit entry, per
-layer) and then every intervened layer costs one gather, two batched matmuls and one scatter-add, with no Python
-loop over rows. Smaller ranks are zero-padded to r_max, which is exact.
+quarters of it are unused). A prefill batch is planned once (which absolute position of which row gets which unit
+entry, per layer) and then every intervened layer costs one gather, two batched matmuls and one scatter-add, with
+no Python loop over rows. Smaller ranks are zero-padded to r_max, which is exact.
 
 A composed row (`a+b`, several slots in order) applies its interventions one after another: where two of them edit
 the same layer and position, the later one sees the earlier one's output. The plan puts each such repeated edit
@@ -203,7 +203,8 @@ class InterventionBank:
         assert slot not in self._configs, "only an empty slot's load can be projected"
         shapes = {layer: self._shape(layer) for layer in self._A}
         entries = (slot + 1) * GROUPS_PER_SLOT
-        shapes |= {layer: self._fitted(layer, entries, intervention.config.rank) for layer in intervention.config.layers}
+        rank = intervention.config.rank
+        shapes |= {layer: self._fitted(layer, entries, rank) for layer in intervention.config.layers}
         return sum(e * r * (2 * self.hidden_size + 1) for e, r in shapes.values()) * self._itemsize
 
     def layer_rank(self, layer: int) -> int:

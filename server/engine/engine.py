@@ -375,7 +375,8 @@ class Engine:
         """Prefill admitted rows in one forward (they join the batch) and emit their first tokens."""
         started = time.perf_counter()
         try:
-            logits = self.runner.prefill([PrefillRow.for_slots(s.seq_id, s.request.prompt_ids, s.slots) for s in seqs])
+            rows = [PrefillRow.for_slots(s.seq_id, s.request.prompt_ids, s.slots) for s in seqs]
+            logits = self.runner.prefill(rows)
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
             self._fail_forward(exc, seqs, "prefill")
             return

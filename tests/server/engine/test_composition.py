@@ -125,7 +125,7 @@ def test_residency_is_all_or_nothing_and_never_evicts_what_runs(personas) -> Non
     bank.load = failing_load
     with pytest.raises(RuntimeError):
         slots.acquire_all([("a", a), ("b", b)])
-    assert slots.pinned == 0 and slots.resident == 1  # `a` is unpinned again (c made room for b, whose slot was cleared)
+    assert slots.pinned == 0 and slots.resident == 1  # `a` is unpinned again; c made room for b, whose slot was cleared
 
 
 def test_composed_requests_alone_over_the_byte_bound_still_run(model, tokenizer, personas) -> None:
