@@ -18,8 +18,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapters_store import ArtifactStore
-from adapters_store.jobs import JobStore
-from adapters_store.tenants import TenantStore
+from adapters_store.jobs import open_jobs
+from adapters_store.tenants import TenantStore, open_tenants
 from reft_core.base_model import BaseModel, load_base_model, load_tokenizer, model_id_for, resolve_model_dir
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
@@ -87,7 +87,8 @@ def build_services(
     settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention)
+    store = ArtifactStore(settings.state_location("store"), fingerprint,
+                          keep_versions=settings.max_versions_per_intervention)
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
         removed = store.gc()
         if removed:
@@ -97,7 +98,7 @@ def build_services(
                                     base_model_id=model_id)
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
     training = TrainingManager(
-        engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims,
+        engine, registry, tokenizer, open_jobs(settings.state_location("jobs")), settings, dims,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
@@ -107,7 +108,7 @@ def build_services(
 
 def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
     metrics = Metrics()
-    tenants = TenantStore(settings.data_dir)
+    tenants = open_tenants(settings.state_location(""))
     rate_limiter = RateLimiter()
 
     def load() -> None:
@@ -136,6 +137,11 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
             services: Services | None = app.state.services
             if services is not None:
                 services.engine.stop()
+            if settings.postgres_store:  # return the connections (a local store's files need no closing)
+                if services is not None:
+                    services.store.close()
+                    services.training.jobs.close()
+                tenants.close()
 
     app = FastAPI(
         title="reft-serve",

@@ -12,9 +12,13 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from server.logging_setup import configure_logging
 from server.settings import Settings, default_data_dir
+
+if TYPE_CHECKING:
+    from adapters_store.backend import StoreBackend
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
         max_running=args.max_running, resident_interventions=args.resident_interventions,
         training_share=args.training_share, auth=args.auth, admin_key=_admin_key(args),
-        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout, store=args.store,
+        limits_store=args.limits_store,
     )
     given = {name: value for name, value in flags.items() if value is not None}  # flags left out: settings default
     settings = Settings(**(setting_overrides(args.set, os.environ) | given))
@@ -108,10 +113,10 @@ def _admin_key(args: argparse.Namespace) -> str | None:
 
 def _admin(args: argparse.Namespace) -> int:
     """Tenants, keys and public flags, directly on the data directory (works with or without a running server)."""
-    from adapters_store.index import Index
-    from adapters_store.tenants import TenantStore
+    from adapters_store.tenants import open_tenants
 
-    tenants = TenantStore(args.data_dir)
+    location = args.store if args.store is not None else args.data_dir
+    tenants = open_tenants(location)
     if args.action == "create-tenant":
         limits = {k: v for k, v in (("requests_per_minute", args.requests_per_minute),
                                     ("tokens_per_minute", args.tokens_per_minute)) if v is not None}
@@ -127,12 +132,24 @@ def _admin(args: argparse.Namespace) -> int:
             keys = [k.to_dict() for k in tenants.list_keys(tenant.name)]
             print(json.dumps({**tenant.to_dict(), "keys": keys}))
     elif args.action == "set-public":
-        index = Index(args.data_dir / "store" / "index.sqlite3", writable=True)
+        backend = _store_backend(location)
         tenant, _, name = args.name.partition("/")
-        if not name or not index.set_public(tenant, name, not args.private):
+        if not name or not backend.set_public(tenant, name, not args.private):
             raise SystemExit(f"no intervention {args.name!r} (give it as tenant/name)")
         print(json.dumps({"intervention": args.name, "public": not args.private}))
     return 0
+
+
+def _store_backend(location: Path | str) -> StoreBackend:
+    """The artifact store's backend alone: admin commands need no model (records are not re-validated)."""
+    from adapters_store.backend import is_postgres_url, sqlite_path
+    from adapters_store.local import LocalBackend
+
+    if is_postgres_url(location):
+        from adapters_store.postgres.artifacts import PostgresBackend
+
+        return PostgresBackend(str(location))
+    return LocalBackend(sqlite_path(location) / "store")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - BaseModel import is deferred (torch is slow to import)
@@ -270,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--data-dir", type=Path, help=f"artifact store location (default {default_data_dir()})")
+    serve.add_argument("--store", help="sqlite:///dir or postgresql://user@host/db: where interventions, tenants, "
+                       "keys and jobs live; replicas sharing one PostgreSQL database serve one registry "
+                       "(default: --data-dir)")
+    serve.add_argument("--limits-store", help="redis://host:port/db: per-tenant rate limits shared by replicas "
+                       "(default: in memory, per process)")
     serve.add_argument("--max-running", type=int, help="rows in the running batch (default 64)")
     serve.add_argument("--resident-interventions", type=int, help="interventions kept in the bank (default 256)")
     serve.add_argument("--training-share", type=float,
@@ -322,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("name", nargs="?", default="",
                      help="tenant (create-tenant, create-key), key id (revoke-key), tenant/name (set-public)")
     adm.add_argument("--data-dir", type=Path, default=default_data_dir())
+    adm.add_argument("--store", help="sqlite:///dir or postgresql://...: the store a server uses (default: --data-dir)")
     adm.add_argument("--requests-per-minute", type=int, help="create-tenant: override the server default")
     adm.add_argument("--tokens-per-minute", type=int, help="create-tenant: override the server default")
     adm.add_argument("--private", action="store_true", help="set-public: make it private again")

@@ -93,7 +93,8 @@ class PostgresJobStore:
             rows = cur.execute(f"SELECT {_FIELDS} FROM jobs WHERE status IN ('queued', 'running') "
                                "AND lease_until < now() FOR UPDATE SKIP LOCKED").fetchall()
             failed = [replace(job, status="failed", finished_at=now(),
-                              error=f"the replica running this job stopped while it was {job.status}; submit it again")
+                              error=f"the replica running this job stopped or restarted while it was {job.status}; "
+                                    "submit it again")
                       for job in map(_record, rows)]
             for job in failed:
                 cur.execute("UPDATE jobs SET status=%s, finished_at=%s, error=%s, owner=NULL, lease_until=NULL "
@@ -106,7 +107,7 @@ class PostgresJobStore:
         self.db.close()
 
     def _renew_forever(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        while not self._stop.wait(max(self.lease_s / 3, 0.05)):
             with self._lock:
                 running = sorted(self._running)
             if not running:
