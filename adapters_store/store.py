@@ -16,7 +16,7 @@ unavailable (with the reason) and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -228,6 +228,15 @@ class ArtifactStore:
     def list_names(self) -> list[tuple[str, str]]:
         """(tenant, name) of every intervention, all tenants."""
         return self.backend.list_names()
+
+    def subscribe(self, on_change: Callable[[str, str], None], on_reset: Callable[[], None]) -> bool:
+        """Hear of other processes' writes: `on_change(tenant, name)` per changed name, `on_reset()` when changes
+        may have been missed. False when the backend has no other writers to hear of (the local store)."""
+        subscribe = getattr(self.backend, "subscribe", None)
+        if subscribe is None:
+            return False
+        subscribe(on_change, on_reset)
+        return True
 
     def close(self) -> None:
         self.backend.close()

@@ -31,7 +31,7 @@ from server.errors import install_error_handlers
 from server.generation import GenerationService
 from server.limits import BodySizeLimit
 from server.metrics import Metrics
-from server.quotas import RateLimiter
+from server.quotas import Limiter, RateLimiter
 from server.registry import InterventionRegistry
 from server.routes import admin, completions, health, interventions, models, trainings, versions
 from server.settings import Settings
@@ -84,7 +84,7 @@ def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -
 
 
 def build_services(
-    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
+    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: Limiter
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
     store = ArtifactStore(settings.state_location("store"), fingerprint,
@@ -106,10 +106,21 @@ def build_services(
     )
 
 
+def make_rate_limiter(settings: Settings, metrics: Metrics) -> Limiter:
+    """Per-process buckets, or buckets in Redis shared by every replica (`limits_store`)."""
+    if settings.limits_store is None:
+        return RateLimiter()
+    from server.shared_limits import RedisRateLimiter  # redis is an optional dependency
+
+    metrics.registry.register(metrics.limits_store_up)  # only a server with a limits store reports it
+    return RedisRateLimiter(settings.limits_store, metrics.limits_store_up, prefix=settings.limits_store_prefix,
+                            fail_closed=settings.limits_fail_closed)
+
+
 def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
     metrics = Metrics()
     tenants = open_tenants(settings.state_location(""))
-    rate_limiter = RateLimiter()
+    rate_limiter = make_rate_limiter(settings, metrics)
 
     def load() -> None:
         started = time.perf_counter()

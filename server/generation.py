@@ -27,7 +27,7 @@ from server.engine.types import (
     ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
 from server.errors import APIError, rate_limited
-from server.quotas import RateLimiter
+from server.quotas import Limiter, RateLimiter
 from server.registry import InterventionRegistry
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
@@ -83,14 +83,14 @@ class Caller:
 class GenerationService:
     def __init__(
         self, engine: EngineHandle, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: Limiter | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.registry = registry
         self.settings = settings
         self.model_id = model_id
-        self.rate_limiter = rate_limiter or RateLimiter()
+        self.rate_limiter: Limiter = rate_limiter or RateLimiter()
         self._dispatchers: dict[asyncio.AbstractEventLoop, LoopDispatcher] = {}
         self._in_flight = 0  # submitted and not finished
         self._preparing = 0  # admitted and still tokenizing / validating

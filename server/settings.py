@@ -41,6 +41,7 @@ class Settings(BaseModel):
     limits_store: str | None = Field(
         None, description="redis://... to share the per-tenant rate limits between replicas (default: in memory)"
     )
+    limits_store_prefix: str = Field("reft:limits:", description="prefix of the rate-limit keys in Redis")
     limits_fail_closed: bool = Field(
         False, description="with limits_store: refuse requests (503) while Redis is unreachable, instead of "
         "falling back to per-process buckets",

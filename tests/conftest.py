@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from reft_core.base_model import BaseModel, load_base_model
-from tests.shared_services import ScratchDatabase, scratch_database
+from tests.shared_services import ScratchDatabase, redis_prefix, scratch_database
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,9 @@ def smollm2() -> BaseModel:
 def postgres() -> Iterator[ScratchDatabase]:
     """A PostgreSQL database for this test session (dropped at its end)."""
     yield from scratch_database()
+
+
+@pytest.fixture(scope="session")
+def redis_keys() -> Iterator[str]:
+    """A Redis key prefix for this test session (its keys deleted at its end)."""
+    yield from redis_prefix()

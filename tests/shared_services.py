@@ -61,3 +61,18 @@ def scratch_database() -> Iterator[ScratchDatabase]:
         yield database
     finally:
         database.drop()
+
+
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of our own in the test Redis; its keys are deleted at the end."""
+    import redis
+
+    prefix = f"reft_test_{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

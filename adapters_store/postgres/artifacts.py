@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ import psycopg
 from adapters_store.backend import MakeRecord, WriteRequest, admit
 from adapters_store.errors import InterventionNotFoundError, VersionIsCurrentError
 from adapters_store.index import to_record, to_row
+from adapters_store.postgres.changes import ChangeListener
 from adapters_store.postgres.db import Cursor, Database
 from adapters_store.records import InterventionRecord
 
@@ -61,6 +63,7 @@ class PostgresBackend:
         self.db = Database(url, max_connections=max_connections)
         self.location = self.db.location
         self.read_only = False
+        self._listeners: list[ChangeListener] = []
         try:
             self.db.migrate("artifacts", _MIGRATIONS)
             with self.db.transaction() as cur:
@@ -187,7 +190,16 @@ class PostgresBackend:
                 "(SELECT 1 FROM versions v WHERE v.file_sha256 = b.file_sha256)").fetchall()}
             return _remove_unused_blobs(cur, unused)
 
+    def subscribe(self, on_change: Callable[[str, str], None], on_reset: Callable[[], None]) -> ChangeListener:
+        """Call `on_change(tenant, name)` when any replica changes that name, `on_reset()` when changes may have been
+        missed (see `ChangeListener`); stops at `close`."""
+        listener = ChangeListener(self.db.url, self.channel, on_change, on_reset)
+        self._listeners.append(listener)
+        return listener
+
     def close(self) -> None:
+        for listener in self._listeners:
+            listener.close()
         self.db.close()
 
     # -- helpers ---------------------------------------------------------------------------------------------------
