@@ -280,6 +280,22 @@ class Index:
             self._db.execute("DELETE FROM versions WHERE tenant=? AND name=?", (tenant, name))
         return files
 
+    def latest(self, tenant: str, name: str) -> int:
+        """The highest version number ever given to the name (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT latest FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def import_name(self, records: list[InterventionRecord], current: int, public: bool, latest: int) -> None:
+        """Insert a name's versions as they were elsewhere (numbers, pointer, flag kept): `reft-serve admin migrate`."""
+        tenant, name = records[0].tenant, records[0].name
+        with self._transaction():
+            for record in records:
+                placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
+                self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", to_row(record))
+            self._db.execute("INSERT INTO current (tenant, name, version, public, latest) VALUES (?, ?, ?, ?, ?)",
+                             (tenant, name, current, int(public), latest))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -124,6 +124,16 @@ class LocalBackend:
                 path.unlink(missing_ok=True)
         return len(stale)
 
+    def latest(self, tenant: str, name: str) -> int:
+        return self.index.latest(tenant, name)
+
+    def import_name(self, versions: list[tuple[InterventionRecord, bytes]], current: int, public: bool,
+                    latest: int) -> None:
+        with self._write_lock, self._writing():
+            for record, payload in versions:
+                assert self.files.write(payload) == record.file_sha256
+            self.index.import_name([record for record, _ in versions], current, public, latest)
+
     def close(self) -> None:
         self.index.close()
 

@@ -115,6 +115,8 @@ def _admin(args: argparse.Namespace) -> int:
     """Tenants, keys and public flags, directly on the data directory (works with or without a running server)."""
     from adapters_store.tenants import open_tenants
 
+    if args.action == "migrate":
+        return _migrate(args)
     location = args.store if args.store is not None else args.data_dir
     tenants = open_tenants(location)
     if args.action == "create-tenant":
@@ -137,6 +139,18 @@ def _admin(args: argparse.Namespace) -> int:
         if not name or not backend.set_public(tenant, name, not args.private):
             raise SystemExit(f"no intervention {args.name!r} (give it as tenant/name)")
         print(json.dumps({"intervention": args.name, "public": not args.private}))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Copy tenants, keys, every intervention version and jobs from --from to --to, verifying every digest."""
+    from dataclasses import asdict
+
+    from adapters_store.migrate import migrate
+
+    if not args.source or not args.destination:
+        raise SystemExit("admin migrate needs --from URL and --to URL (sqlite:///dir or postgresql://...)")
+    print(json.dumps({"migrated": asdict(migrate(args.source, args.destination)), "verified": True}))
     return 0
 
 
@@ -340,11 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     adm = commands.add_parser("admin", help="manage tenants, API keys and public interventions on a data directory")
-    adm.add_argument("action", choices=["create-tenant", "create-key", "revoke-key", "list", "set-public"])
+    adm.add_argument("action", choices=["create-tenant", "create-key", "revoke-key", "list", "set-public", "migrate"])
     adm.add_argument("name", nargs="?", default="",
                      help="tenant (create-tenant, create-key), key id (revoke-key), tenant/name (set-public)")
     adm.add_argument("--data-dir", type=Path, default=default_data_dir())
     adm.add_argument("--store", help="sqlite:///dir or postgresql://...: the store a server uses (default: --data-dir)")
+    adm.add_argument("--from", dest="source", help="migrate: the store to copy (sqlite:///dir or postgresql://...)")
+    adm.add_argument("--to", dest="destination", help="migrate: the store to copy into (created if missing)")
     adm.add_argument("--requests-per-minute", type=int, help="create-tenant: override the server default")
     adm.add_argument("--tokens-per-minute", type=int, help="create-tenant: override the server default")
     adm.add_argument("--private", action="store_true", help="set-public: make it private again")

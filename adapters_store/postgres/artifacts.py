@@ -190,6 +190,24 @@ class PostgresBackend:
                 "(SELECT 1 FROM versions v WHERE v.file_sha256 = b.file_sha256)").fetchall()}
             return _remove_unused_blobs(cur, unused)
 
+    def latest(self, tenant: str, name: str) -> int:
+        with self.db.transaction() as cur:
+            row = cur.execute(f"SELECT latest FROM current WHERE {_KEY}", (tenant, name)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def import_name(self, versions: list[tuple[InterventionRecord, bytes]], current: int, public: bool,
+                    latest: int) -> None:
+        """Insert a name's versions as they were elsewhere (numbers, pointer, flag kept): `reft-serve admin migrate`."""
+        tenant, name = versions[0][0].tenant, versions[0][0].name
+        with self.db.transaction(lock=f"tenant:{tenant}") as cur:
+            for record, payload in versions:
+                cur.execute("INSERT INTO blobs VALUES (%s, %s) ON CONFLICT (file_sha256) DO NOTHING",
+                            (record.file_sha256, payload))
+                cur.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})", to_row(record))
+            cur.execute("INSERT INTO current (tenant, name, version, public, latest) VALUES (%s, %s, %s, %s, %s)",
+                        (tenant, name, current, public, latest))
+            self._notify(cur, tenant, name)
+
     def subscribe(self, on_change: Callable[[str, str], None], on_reset: Callable[[], None]) -> ChangeListener:
         """Call `on_change(tenant, name)` when any replica changes that name, `on_reset()` when changes may have been
         missed (see `ChangeListener`); stops at `close`."""
