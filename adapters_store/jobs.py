@@ -104,14 +104,15 @@ class JobStore:
             return [_record(row) for row in self._db.execute("SELECT * FROM jobs").fetchall()]
 
 
-def open_jobs(location: Path | str) -> JobStore:
+def open_jobs(location: Path | str, *, lease_s: float | None = None) -> JobStore:
     """Jobs in a directory (`jobs.sqlite3`), or in the PostgreSQL database of a `postgresql://` store URL."""
     from adapters_store.backend import is_postgres_url, sqlite_path
 
     if is_postgres_url(location):
         from adapters_store.postgres.jobs import PostgresJobStore
 
-        return PostgresJobStore(str(location))  # type: ignore[return-value]  # same methods, duck-typed
+        lease = {} if lease_s is None else {"lease_s": lease_s}
+        return PostgresJobStore(str(location), **lease)  # type: ignore[return-value]  # same methods, duck-typed
     return JobStore(sqlite_path(location))
 
 

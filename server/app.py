@@ -98,7 +98,8 @@ def build_services(
                                     base_model_id=model_id)
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
     training = TrainingManager(
-        engine, registry, tokenizer, open_jobs(settings.state_location("jobs")), settings, dims,
+        engine, registry, tokenizer, open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s),
+        settings, dims,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,

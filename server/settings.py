@@ -41,6 +41,10 @@ class Settings(BaseModel):
     limits_store: str | None = Field(
         None, description="redis://... to share the per-tenant rate limits between replicas (default: in memory)"
     )
+    job_lease_s: float = Field(
+        15.0, gt=0, description="with a PostgreSQL store: a training job whose replica has not renewed its lease for "
+        "this long is failed (the replica died)",
+    )
     limits_store_prefix: str = Field("reft:limits:", description="prefix of the rate-limit keys in Redis")
     limits_fail_closed: bool = Field(
         False, description="with limits_store: refuse requests (503) while Redis is unreachable, instead of "

@@ -2,8 +2,8 @@
 
 `save` of a queued or running job records this replica as its owner with a lease of `LEASE_S`; a background
 thread renews the leases of the jobs this replica still runs every `LEASE_S / 3`. A replica that dies stops
-renewing, so its jobs' leases expire; `recover_interrupted` (every replica runs it at start) fails only jobs whose
-lease has expired, never a job another live replica is running. Examples are not stored (only counted), so an
+renewing, so its jobs' leases expire; `recover_interrupted` (every replica runs it at start, and on every renewal
+tick) fails only jobs whose lease has expired, never a job another live replica is running. Examples are not stored (only counted), so an
 orphaned job cannot be re-run elsewhere: it is failed with the reason and can be submitted again.
 """
 
@@ -107,15 +107,17 @@ class PostgresJobStore:
         self.db.close()
 
     def _renew_forever(self) -> None:
+        """Renew our leases, and fail other replicas' jobs whose leases ran out (their replica died)."""
         while not self._stop.wait(max(self.lease_s / 3, 0.05)):
             with self._lock:
                 running = sorted(self._running)
-            if not running:
-                continue
             try:
-                with self.db.transaction() as cur:
-                    cur.execute("UPDATE jobs SET lease_until = now() + make_interval(secs => %s) WHERE id = ANY(%s) "
-                                "AND owner=%s", (self.lease_s, running, self.owner))
+                if running:
+                    with self.db.transaction() as cur:
+                        cur.execute("UPDATE jobs SET lease_until = now() + make_interval(secs => %s) "
+                                    "WHERE id = ANY(%s) AND owner=%s", (self.lease_s, running, self.owner))
+                for job in self.recover_interrupted():
+                    log.warning("failed a training job whose replica stopped", extra={"job": job.id})
             except StoreError as exc:  # the database is away: keep trying; the lease may lapse meanwhile
                 log.warning("could not renew training job leases", extra={"reason": str(exc)})
 
