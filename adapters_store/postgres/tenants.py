@@ -1,17 +1,25 @@
 """Tenants and API keys on PostgreSQL: the same rules as `adapters_store.tenants` (keys stored as hashes of their
 secrets, compared in constant time), shared by every replica. A revoked key is refused by every replica at its
-next request: authentication reads the key's row each time (one indexed lookup), nothing caches it."""
+next request: authentication reads the key's row each time (one indexed lookup).
+
+While the database is unreachable (a restart), a key this process accepted before, and its tenant's limits, keep
+their last answer, so clients with cached personas keep generating; nothing can be revoked meanwhile anyway, and
+the first answer after the database is back replaces it. Keys never seen are refused with 503 in that time."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import psycopg
 
+from adapters_store.errors import StoreUnavailableError
 from adapters_store.postgres.db import Database
 from adapters_store.records import validate_tenant
 from adapters_store.tenants import (
@@ -35,6 +43,30 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 _KEY_COLUMNS = "id, tenant, created_at, revoked_at"
+_REMEMBERED = 10_000  # keys (and tenants) whose last answer is kept for outages
+
+
+class LastAnswers:
+    """A bounded map from a key's hash (or a tenant's name) to the last answer the database gave for it."""
+
+    def __init__(self) -> None:
+        self._answers: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, key: str, answer: Any) -> None:
+        with self._lock:
+            self._answers[key] = answer
+            self._answers.move_to_end(key)
+            while len(self._answers) > _REMEMBERED:
+                self._answers.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._answers.pop(key, None)
+
+    def recall(self, key: str) -> Any:
+        with self._lock:
+            return self._answers.get(key)
 
 
 class PostgresTenantStore:
@@ -42,6 +74,7 @@ class PostgresTenantStore:
 
     def __init__(self, url: str) -> None:
         self.db = Database(url, max_connections=4)
+        self._keys, self._tenants = LastAnswers(), LastAnswers()  # for outages only (see the module's docstring)
         try:
             self.db.migrate("tenants", _MIGRATIONS)
         except BaseException:
@@ -58,11 +91,20 @@ class PostgresTenantStore:
         return tenant
 
     def get_tenant(self, name: str) -> Tenant:
-        with self.db.transaction() as cur:
-            row = cur.execute("SELECT name, created_at, limits FROM tenants WHERE name=%s", (name,)).fetchone()
+        try:
+            with self.db.transaction() as cur:
+                row = cur.execute("SELECT name, created_at, limits FROM tenants WHERE name=%s", (name,)).fetchone()
+        except StoreUnavailableError:
+            known: Tenant | None = self._tenants.recall(name)
+            if known is None:
+                raise
+            return known
         if row is None:
+            self._tenants.forget(name)
             raise TenantNotFoundError(name)
-        return Tenant(row[0], row[1], json.loads(row[2]))
+        tenant = Tenant(row[0], row[1], json.loads(row[2]))
+        self._tenants.remember(name, tenant)
+        return tenant
 
     def list_tenants(self) -> list[Tenant]:
         with self.db.transaction() as cur:
@@ -121,11 +163,20 @@ class PostgresTenantStore:
         if parts is None:
             return None
         key_id, secret = parts
-        with self.db.transaction() as cur:
-            row = cur.execute("SELECT tenant, secret_sha256 FROM api_keys WHERE id=%s AND revoked_at IS NULL",
-                              (key_id,)).fetchone()
+        presented = hashlib.sha256(key.encode()).hexdigest()
+        try:
+            with self.db.transaction() as cur:
+                row = cur.execute("SELECT tenant, secret_sha256 FROM api_keys WHERE id=%s AND revoked_at IS NULL",
+                                  (key_id,)).fetchone()
+        except StoreUnavailableError:
+            known: str | None = self._keys.recall(presented)
+            if known is None:
+                raise
+            return known
         stored = row[1] if row is not None else key_digest("")  # compare anyway: same work for unknown ids
-        return row[0] if hmac.compare_digest(key_digest(secret), stored) and row is not None else None
+        tenant = row[0] if hmac.compare_digest(key_digest(secret), stored) and row is not None else None
+        (self._keys.forget(presented) if tenant is None else self._keys.remember(presented, tenant))
+        return tenant
 
     def close(self) -> None:
         self.db.close()

@@ -147,3 +147,30 @@ def test_concurrent_uploads_on_both_replicas_never_pass_the_quota(replicas) -> N
         thread.join()
     assert sorted(statuses) == [201] * 5 + [403] * 7
     assert len(b.get("/v1/interventions", headers=auth(key)).json()["data"]) == 5
+
+
+def test_a_database_outage_keeps_cached_personas_serving_and_refuses_writes(replicas, monkeypatch) -> None:
+    """What a PostgreSQL restart looks like to a replica: known keys and cached personas keep generating, writes
+    and names never seen get 503 store_unavailable, and everything works again once the database is back."""
+    import psycopg
+
+    a, _ = replicas
+    key = new_key(a, "acme")
+    assert put(a, key, "p", 1) == 201
+    before = chat(a, key, "p")["choices"][0]["message"]
+    registry = a.app.state.services.registry  # the write's own notification may drop the first resolve's entry:
+    within(2.0, lambda: chat(a, key, "p")["choices"][0]["message"] == before
+           and registry.lookup_cached("p", "acme") is not None)  # cached
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise psycopg.OperationalError("connection refused (the database is restarting)")
+
+    for database in (a.app.state.services.store.backend.db, a.app.state.tenants.db):
+        monkeypatch.setattr(database.pool, "connection", refused)
+    assert chat(a, key, "p")["choices"][0]["message"] == before
+    response = a.post("/v1/interventions", data={"name": "q"}, files={"file": ("a.safetensors", ARTIFACTS[2])},
+                      headers=auth(key))
+    assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+    assert a.get("/v1/models", headers=auth("rs-unknown.secret")).status_code == 503  # cannot tell: not 401
+    monkeypatch.undo()
+    assert put(a, key, "q", 2) == 201 and chat(a, key, "q")
