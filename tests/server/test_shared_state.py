@@ -125,7 +125,8 @@ def test_a_request_limit_holds_across_replicas(replicas) -> None:
     a, b = replicas
     key = new_key(a, "tiny", requests_per_minute=6)
     statuses = [(a if i % 2 else b).get("/v1/models", headers=auth(key)).status_code for i in range(18)]
-    assert statuses.count(200) == 6 and statuses.count(429) == 12
+    # one minute's allowance (6) as the burst; the bucket refills one request per 10 s while these run
+    assert 6 <= statuses.count(200) <= 7 and statuses.count(429) == 18 - statuses.count(200)
     for client in (a, b):
         assert "reft_limits_store_up 1.0" in client.get("/metrics").text
 
