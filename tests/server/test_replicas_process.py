@@ -7,6 +7,7 @@ SIGKILLed replica is failed with the reason by the survivors while the stored pe
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -38,7 +39,8 @@ def cluster(tiny_model_dir, tmp_path_factory, postgres, redis_keys) -> Iterator[
     key_file.write_text(ADMIN_KEY)
     common = ["--store", url, "--limits-store", REDIS_URL, "--auth", "on", "--admin-key-file", str(key_file),
               "--set", f"limits_store_prefix={redis_keys}replicas:", "--set", "job_lease_s=2",
-              "--set", "max_interventions_per_tenant=5"]
+              "--set", "max_interventions_per_tenant=5",
+              "--set", "engine_process=false"]  # the engine on a thread: half the processes to start (test time)
     managers = [server_process(tiny_model_dir, data_dir / name, *common, ready_timeout=240) for name in "abc"]
     with ExitStack() as stack, ThreadPoolExecutor(3) as pool:  # start together: each start is mostly waiting
         futures = [pool.submit(manager.__enter__) for manager in managers]
@@ -111,9 +113,11 @@ def test_upload_replace_and_revoke_reach_every_replica(cluster, tiny_base) -> No
 def test_a_request_limit_holds_across_replicas(cluster) -> None:
     urls = [url for _, url in cluster]
     key = new_key(urls[0], "limited", requests_per_minute=10)
+    start = time.monotonic()
     statuses = [httpx.get(f"{urls[i % 3]}/v1/models", headers=auth(key)).status_code for i in range(60)]
-    # the bucket holds one minute's allowance (10) and refills 1 per 6 s while the 60 requests run
-    assert 10 <= statuses.count(200) <= 11 and statuses.count(429) == 60 - statuses.count(200)
+    refilled = math.ceil((time.monotonic() - start) * 10 / 60)  # the bucket refills 1 per 6 s meanwhile
+    # one minute's allowance (10) as the burst, plus what refilled: not 3 x 10
+    assert 10 <= statuses.count(200) <= 10 + refilled and statuses.count(429) == 60 - statuses.count(200)
 
 
 def test_concurrent_uploads_across_replicas_never_pass_the_quota(cluster, tiny_base) -> None:
