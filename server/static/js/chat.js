@@ -119,10 +119,11 @@ export class Chat {
   async answer(column, text, settings, signal) {
     const model = column.input.value.trim();
     column.messages.append(el("div", { class: "msg user" }, text));
-    const bubble = el("div", { class: "msg assistant", dataset: { state: "streaming" } });
+    const answerText = el("span", { class: "text" });
+    const bubble = el("div", { class: "msg assistant", dataset: { state: "streaming" } }, answerText);
     column.messages.append(bubble);
     if (!model) {
-      this.fail(bubble, new Error("Pick a model for this column."));
+      this.fail(bubble, answerText, new Error("Pick a model for this column."));
       return;
     }
     const messages = [...column.history, { role: "user", content: text }];
@@ -139,7 +140,7 @@ export class Chat {
         const choice = (chunk.choices || [])[0] || {};
         if (choice.delta && choice.delta.content) {
           content += choice.delta.content;
-          bubble.textContent = content;
+          answerText.textContent = content;
           column.messages.scrollTop = column.messages.scrollHeight;
         }
         finish = choice.finish_reason || finish;
@@ -154,13 +155,13 @@ export class Chat {
         bubble.append(el("span", { class: "meta" }, "(stopped)"));
         column.history = [...messages, { role: "assistant", content }];
       } else {
-        this.fail(bubble, error);
+        this.fail(bubble, answerText, error);
       }
     }
   }
 
-  fail(bubble, error) {
+  fail(bubble, answerText, error) {
     bubble.dataset.state = "error";
-    bubble.textContent = error.message;
+    answerText.textContent = error.message;
   }
 }

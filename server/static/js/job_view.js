@@ -102,6 +102,7 @@ export class JobView {
     this.canvas.setAttribute("aria-label", last === null ? "Loss plot: no steps yet"
       : `Loss plot: ${series.train.length} steps, latest training loss ${formatLoss(last)}`);
     this.canvas.dataset.points = String(series.train.length);
+    document.getElementById("legend-validation").hidden = !series.validation.length;
     drawLossPlot(this.canvas, series);
   }
 

@@ -57,8 +57,8 @@ function drawAxes(ctx, { low, high, xHigh, x, y, width, height, grid, text }) {
   for (const value of ticks(0, xHigh, 6).filter(Number.isInteger)) {
     ctx.fillText(String(value), x(value), height - PAD.bottom + 6);
   }
-  ctx.textAlign = "right";
-  ctx.fillText("step", width - PAD.right, height - 14);
+  ctx.textAlign = "left";
+  ctx.fillText("step", 4, height - PAD.bottom + 6);
 }
 
 function drawLine(ctx, points, colour, dash, dots = false) {
