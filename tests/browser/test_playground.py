@@ -17,8 +17,9 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.keys import Keys
 
 from reft_core.config import InterventionConfig
-from tests.builders import artifact_for
+from tests.builders import artifact_for, zip_of
 from tests.e2e.emoji import DATA as EMOJI_EXAMPLES
+from tests.reft_core.test_pyreft_import import loreft_states, write_pyreft_dir
 from tests.server.process import ROOT
 
 from .conftest import ARTIFACTS, Playground
@@ -227,6 +228,39 @@ def test_upload_version_and_delete_an_artifact(page: Page, playground, smollm2, 
             assert playground.api.get("/v1/interventions/uploaded").status_code == 200
     page.wait(lambda: not page.find_all('tr[data-id="uploaded"]'), "the row to go")
     assert playground.api.get("/v1/interventions/uploaded").status_code == 404
+    # a zipped pyreft save, with the positions pyreft does not record
+    states, _ = loreft_states(InterventionConfig(layers=(8,), rank=2, positions="l1"), seed=3,
+                              hidden=smollm2.fingerprint.hidden_size)
+    saved = write_pyreft_dir(tmp_path / "pyreft", [8], 2, states)
+    archive = tmp_path / "persona.zip"
+    archive.write_bytes(zip_of({p.name: p.read_bytes() for p in saved.iterdir()}))
+    page.fill("#upload-name", "zipped")
+    page.fill("#upload-positions", "l1")
+    if page.find("#upload-replace").is_selected():
+        page.find("#upload-replace").click()
+    page.find("#upload-file").send_keys(str(archive))
+    page.find("#upload").click()
+    page.wait(lambda: page.find("#upload-status").text == "uploaded zipped (version 1)", "the pyreft upload")
+    row = page.find('tr[data-id="zipped"]')
+    assert [page.text(td) for td in page.find_all("td", row)][2] == "loreft · rank 2 · layers 8 · l1"
+    assert playground.api.get("/v1/interventions/zipped").json()["source"] == "pyreft-import"
+
+
+def test_a_running_training_can_be_cancelled(page: Page, playground) -> None:
+    page.open("train")
+    page.fill("#train-name", "endless")
+    page.find('input[value="form"]').click()
+    page.fill(".example-prompt", "hello")
+    page.fill(".example-completion", "👋")
+    page.fill("#epochs", "1000")
+    page.find("#start-training").click()
+    page.wait(lambda: page.find("#cancel-training").is_displayed(), "the job to show")
+    page.find("#cancel-training").click()
+    assert page.wait(lambda: page.find("#job").get_attribute("data-status") in ("cancelled", "succeeded", "failed")
+                     and page.find("#job").get_attribute("data-status"), "the job to stop", timeout=120) == "cancelled"
+    job = next(j for j in playground.api.get("/v1/trainings").json()["data"] if j["name"] == "endless")
+    assert job["status"] == "cancelled" and not page.find("#cancel-training").is_displayed()
+    assert playground.api.get("/v1/interventions/endless").status_code == 404
 
 
 def test_api_errors_show_the_apis_own_message(page: Page, playground, tmp_path) -> None:
@@ -236,6 +270,7 @@ def test_api_errors_show_the_apis_own_message(page: Page, playground, tmp_path) 
                                              files={"file": ("broken.safetensors", bad.read_bytes())}))
     page.open("manage")
     page.fill("#upload-name", "broken")
+    page.fill("#upload-positions", "")  # what an earlier test may have left in the form
     if page.find("#upload-replace").is_selected():
         page.find("#upload-replace").click()
     page.find("#upload-file").send_keys(str(bad))
@@ -261,6 +296,13 @@ def test_labels_keyboard_dark_mode_and_a_phone_width(page: Page) -> None:
                        && !(e.tagName === 'BUTTON' && e.textContent.trim()))
         .map((e) => e.outerHTML)""")
     assert unnamed == []  # every control has a label a screen reader can read
+    # the base model and up to three personas: four columns at most, one at least
+    while not page.find("#add-column").get_property("disabled"):
+        page.find("#add-column").click()
+    assert len(columns(page)) == 4
+    for remove in page.find_all('#columns button[aria-label="Remove this column"]')[2:]:
+        remove.click()
+    assert len(columns(page)) == 2 and page.find("#add-column").is_enabled()
     # tabs follow the arrow keys
     page.find("#tab-chat").send_keys(Keys.ARROW_RIGHT)
     assert page.find("#tab-train").get_attribute("aria-selected") == "true" and page.find("#train-panel").is_displayed()
