@@ -1,5 +1,6 @@
 """Browser tests of the playground page: one real `reft-serve serve` process on the embedded SmolLM2 (auth on, a
-tenant key in the page) and one headless Chromium per test session, shared by every browser test.
+tenant key in the page) and one headless Chromium, shared by every browser test and closed after the last one
+(package scope: the rest of the suite does not carry their memory).
 
 The browser is Debian's `chromium` + `chromium-driver` (`.ci/run` installs them). Without them these tests skip
 locally, saying so, and fail where the browser is required (`CI` set, or REFT_REQUIRE_BROWSER=1). A failing test
@@ -37,7 +38,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def driver() -> Iterator[WebDriver]:
     missing = missing_browser()
     if missing:
@@ -51,7 +52,7 @@ def driver() -> Iterator[WebDriver]:
     browser.quit()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playground(tmp_path_factory, driver) -> Iterator[Playground]:  # noqa: ARG001 - no server without a browser
     root = tmp_path_factory.mktemp("playground")
     key_file = root / "admin.key"
@@ -67,7 +68,7 @@ def playground(tmp_path_factory, driver) -> Iterator[Playground]:  # noqa: ARG00
                 yield Playground(url, key, api, admin)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def page(driver, playground) -> Page:
     return Page(driver, playground.url, playground.key)
 

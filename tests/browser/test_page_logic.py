@@ -24,6 +24,7 @@ def jobs(draw) -> dict:
     status = draw(st.sampled_from(["succeeded", "failed", "cancelled"]))
     steps = total if status == "succeeded" else draw(st.integers(0, total))
     return {"epochs": epochs, "per_epoch": per_epoch, "total": total, "status": status, "steps": steps,
+            "snapshot": draw(st.sampled_from(["nested", "flat", "job"])),
             "losses": draw(st.lists(LOSS, min_size=steps, max_size=steps)),
             "validation": draw(st.one_of(st.none(), st.lists(LOSS, min_size=epochs, max_size=epochs)))}
 
@@ -49,7 +50,8 @@ def record_stream(job: dict) -> list[dict]:
 def delta_stream(job: dict) -> list[dict]:
     """The second format: a snapshot, then typed deltas."""
     first = record_stream(job)[1]
-    events = [{"type": "snapshot", "job": first}]
+    events = [{"nested": {"type": "snapshot", "job": first}, "flat": {"type": "snapshot", **first},
+               "job": {"type": "job", **first}}[job["snapshot"]]]
     for step, loss in enumerate(job["losses"], start=1):
         epoch = (step - 1) // job["per_epoch"] + 1
         events.append({"type": "step", **progress(job, step, epoch, loss)})
@@ -96,7 +98,7 @@ def test_both_event_formats_fold_to_the_same_state(page: Page, job: dict) -> Non
 def test_an_unknown_event_type_changes_nothing(page: Page) -> None:
     page.open()
     job = {"epochs": 1, "per_epoch": 2, "total": 2, "status": "succeeded", "steps": 2, "losses": [2.0, 1.0],
-           "validation": None}
+           "validation": None, "snapshot": "nested"}
     plain = page.import_module("/playground/js/training_state.js", FOLD, record_stream(job))
     noisy = record_stream(job)
     noisy.insert(2, {"type": "heartbeat", "status": "failed", "losses": []})

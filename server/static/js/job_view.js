@@ -40,7 +40,10 @@ export class JobView {
         for await (const event of readEvents(response, parser)) {
           if (parser.lastId) lastId = parser.lastId;
           if (event.data === "[DONE]") break;
-          this.update(JSON.parse(event.data));
+          const data = JSON.parse(event.data);
+          // a server may name the type in the SSE `event:` field instead of the data
+          if (event.event !== "message" && data && data.type === undefined) data.type = event.event;
+          this.update(data);
         }
       } catch (error) {
         if (controller.signal.aborted) return;

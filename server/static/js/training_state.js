@@ -2,7 +2,8 @@
 //
 // Two event formats arrive and both are understood: the whole job record in every event (no `type` field), and
 // typed deltas: {"type": "step", "step", "loss", ...progress}, {"type": "epoch", "epoch", "validation_loss"},
-// {"type": "status", "status", ...}, {"type": "snapshot", ...record or job: record}, {"type": "evaluation", ...}.
+// {"type": "status", "status", ...}, {"type": "snapshot", ...record or job: record}, {"type": "evaluation", ...}
+// (a type may also come as the SSE event name: see job_view.js).
 // A type this page does not know is ignored rather than guessed at. Folding either format over the same job gives
 // the same state (tested in a real browser), so the page never needs to know which server it talks to.
 
@@ -20,7 +21,7 @@ export function applyEvent(state, event) {
   if (event === null || typeof event !== "object") return state;
   switch (event.type) {
     case undefined: return applyRecord(state, event);
-    case "snapshot": return applyRecord(state, event.job || event.record || event);
+    case "snapshot": case "job": case "record": return applyRecord(state, event.job || event.record || event);
     case "step": return applyStep(state, event);
     case "epoch": return applyEpoch(state, event);
     case "status": return applyStatus(state, event);
