@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from contextlib import asynccontextmanager
@@ -58,6 +58,17 @@ class StartedEngine:
     fingerprint: ModelFingerprint
     dims: ModelDims
     base_model_id: str  # the id clients use for the bare model (unless settings.model_id overrides it)
+    capacity: int | None = None  # requests running or queued at once; None: settings' max_running + max_waiting
+    training_unavailable: str | None = None  # why this engine cannot train (POST /v1/trainings answers 501)
+
+
+# Starts the engine for the app factory's loader (the default is `start_engine`; Ray Serve passes its own).
+EngineStarter = Callable[[Settings, Metrics], StartedEngine]
+
+
+def open_artifact_store(settings: Settings, fingerprint: ModelFingerprint) -> ArtifactStore:
+    """The store the settings select (the API process and every engine replica open it the same way)."""
+    return ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention)
 
 
 def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -> StartedEngine:
@@ -87,7 +98,7 @@ def build_services(
     settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention)
+    store = open_artifact_store(settings, fingerprint)
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
         removed = store.gc()
         if removed:
@@ -95,9 +106,11 @@ def build_services(
     model_id = settings.model_id or started.base_model_id
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
                                     base_model_id=model_id)
-    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
+    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
+                                   capacity=started.capacity)
     training = TrainingManager(
         engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims,
+        unavailable=started.training_unavailable,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
@@ -105,7 +118,10 @@ def build_services(
     )
 
 
-def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, base_model: BaseModel | None = None, start: EngineStarter | None = None
+) -> FastAPI:
+    """`start`: how the engine starts (default: `start_engine`, a thread or a process of its own)."""
     metrics = Metrics()
     tenants = TenantStore(settings.data_dir)
     rate_limiter = RateLimiter()
@@ -114,7 +130,8 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
         started = time.perf_counter()
         started_engine: StartedEngine | None = None
         try:
-            started_engine = start_engine(settings, base_model, metrics)
+            started_engine = (start(settings, metrics) if start is not None
+                              else start_engine(settings, base_model, metrics))
             app.state.services = build_services(settings, started_engine, tenants, rate_limiter)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")
