@@ -295,7 +295,9 @@ def build_app(settings: Settings, options: RayOptions) -> Any:
     engine = serve.deployment(
         EngineReplica, name=ENGINE, num_replicas=options.replicas,
         max_ongoing_requests=capacity,
-        max_queued_requests=capacity,  # beyond this the handle refuses (BackPressureError -> 429), never piles up
+        # requests waiting at the ingress's handle for a replica with room (a burst being assigned, or every replica
+        # restarting): the ingress admits at most this many in all, so this bound is a safety net (-> 429)
+        max_queued_requests=options.replicas * capacity,
         health_check_period_s=options.health_check_period_s,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
     ).bind(settings)
