@@ -267,7 +267,8 @@ def start_ray_engine(settings: Settings, metrics: Metrics, handle: DeploymentHan
     """The ingress's `EngineStarter`: the tokenizer here, the model facts from an engine replica (which loaded it)."""
     tokenizer = load_tokenizer(resolve_model_dir(settings.model, settings.model_cache_dir))
     info: ModelInfo = handle.info.remote().result(timeout_s=600)
-    engine = RayEngine(handle, info, metrics, options.app_name, options.replicas)
+    app_name = serve.get_replica_context().app_name  # as deployed (`serve deploy` may name it otherwise)
+    engine = RayEngine(handle, info, metrics, app_name, options.replicas)
     return StartedEngine(engine, tokenizer, info.fingerprint, info.dims, model_id_for(settings.model),
                          capacity=options.replicas * replica_capacity(settings),
                          training_unavailable=TRAINING_UNAVAILABLE)
@@ -311,11 +312,16 @@ def build_app(settings: Settings, options: RayOptions) -> Any:
 
 def build(args: dict[str, Any]) -> Any:
     """Application builder for `serve deploy` / KubeRay: `args` holds `Settings` fields plus `replicas`,
-    `replica_cpus`, `replica_gpus` (see docs/ray.md)."""
-    fields = dict(args)
+    `replica_cpus`, `replica_gpus` (see docs/ray.md); `REFT_SERVE_<FIELD>` variables apply as for `reft-serve serve`
+    (the args win), and the admin key comes from $REFT_SERVE_ADMIN_KEY only, never from the config file."""
+    from server.cli import setting_overrides
+
+    fields = setting_overrides([], os.environ) | dict(args)
     options = RayOptions(**{name: fields.pop(name) for name in ("replicas", "replica_cpus", "replica_gpus")
                             if name in fields})
-    return build_app(Settings(**fields), options)
+    fields.pop("admin_key", None)
+    admin_key = os.environ.get("REFT_SERVE_ADMIN_KEY") or None
+    return build_app(Settings(**fields, admin_key=admin_key), options)
 
 
 def run(settings: Settings, options: RayOptions) -> int:

@@ -310,3 +310,33 @@ def _alive(pid: int, created: float) -> bool:
         return process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _serve_configs() -> list[dict]:
+    """The Serve config file and the KubeRay example's serveConfigV2 in docs/ray.md."""
+    import yaml
+
+    configs = [yaml.safe_load((ROOT / "docker" / "ray-serve.yaml").read_text())]
+    doc = (ROOT / "docs" / "ray.md").read_text()
+    ray_service = yaml.safe_load(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
+    configs.append(yaml.safe_load(ray_service["spec"]["serveConfigV2"]))
+    return configs
+
+
+@pytest.mark.parametrize("config", _serve_configs(), ids=["serve-config", "kuberay-example"])
+def test_the_documented_serve_configs_build(config: dict, monkeypatch) -> None:
+    from importlib import import_module
+
+    monkeypatch.setenv("REFT_SERVE_ADMIN_KEY", "sk-admin-from-env")
+    [app_config] = config["applications"]
+    module, _, name = app_config["import_path"].partition(":")
+    builder = getattr(import_module(module), name)
+    app = builder(app_config["args"])
+    settings, engine, options = app._bound_deployment.init_args  # Ingress(settings, engine handle, options)
+    assert options.replicas == app_config["args"]["replicas"]
+    assert options.replica_gpus == app_config["args"].get("replica_gpus", 0)
+    assert str(settings.data_dir) == app_config["args"]["data_dir"] and settings.auth == "on"
+    assert settings.admin_key.get_secret_value() == "sk-admin-from-env"
+    engine_config = engine._bound_deployment._deployment_config
+    assert engine_config.num_replicas == options.replicas
+    assert engine_config.max_ongoing_requests == settings.max_running + settings.max_waiting_requests
