@@ -150,8 +150,9 @@ class RayEngine:
     """The `EngineHandle` the ingress's app holds: each request is a streamed call to the engine deployment."""
 
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: Metrics, app_name: str,
-                 replicas: int) -> None:
+                 replicas: int, health_poll_s: float = HEALTH_POLL_S) -> None:
         self._handle, self.info, self._app_name, self._replicas = handle, info, app_name, replicas
+        self._health_poll_s = health_poll_s
         self._calls: dict[str, tuple[asyncio.Task[None], list[Any]]] = {}  # request id -> pump task, its stream
         self._draining = False
         self._healthy = replicas  # replaced by the monitor's first reading
@@ -247,7 +248,7 @@ class RayEngine:
 
     # -- health -------------------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stop.wait(HEALTH_POLL_S):
+        while not self._stop.wait(self._health_poll_s):
             try:
                 deployments = serve.status().applications[self._app_name].deployments
                 self._healthy = int(deployments[ENGINE].replica_states.get("RUNNING", 0))

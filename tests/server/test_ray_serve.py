@@ -340,3 +340,98 @@ def test_the_documented_serve_configs_build(config: dict, monkeypatch) -> None:
     engine_config = engine._bound_deployment._deployment_config
     assert engine_config.num_replicas == options.replicas
     assert engine_config.max_ongoing_requests == settings.max_running + settings.max_waiting_requests
+
+
+class _FakeStream:
+    """Stands in for Ray's DeploymentResponseGenerator: yields `items`, then raises `error` if given."""
+
+    def __init__(self, items: list, error: Exception | None) -> None:
+        self.items, self.error, self.cancelled = items, error, False
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        for item in self.items:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeHandle:
+    def __init__(self, items: list, error: Exception | None = None) -> None:
+        self.items, self.error, self.calls = items, error, []
+        self.generate = self
+
+    def options(self, **options):
+        self.calls.append(options)
+        return self
+
+    def remote(self, request):
+        self.calls.append(request)
+        return _FakeStream(self.items, self.error)
+
+
+def _pump(handle: _FakeHandle, request) -> list:
+    """Run one request through a RayEngine on `handle`; return the events its sink got."""
+    import asyncio
+
+    from server.engine.remote import ModelInfo
+    from server.metrics import Metrics
+    from server.ray_serve import RayEngine
+
+    info = ModelInfo(None, None, 256, "cpu", "float32")  # type: ignore[arg-type]
+    engine = RayEngine(handle, info, Metrics(), "reft-serve", 2, health_poll_s=3600)  # type: ignore[arg-type]
+    events: list = []
+
+    async def run() -> None:
+        engine.submit(request, events.append)
+        while not events or events[-1].finish_reason is None:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 5))
+    finally:
+        engine.stop()
+    return events
+
+
+@pytest.mark.parametrize("failure", ["none", "replica_died", "backpressure"])
+def test_ray_engine_streams_by_digest_and_turns_replica_failures_into_request_errors(failure: str) -> None:
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
+    from server.generation import error_for
+
+    token = GenerationEvent(text="a", token_ids=(5,))
+    final = GenerationEvent(text="b", token_ids=(6,), finish_reason=FinishReason.LENGTH)
+    items: list = [("replica-1", 3), [token]]
+    error = {"none": None, "replica_died": ActorDiedError(), "backpressure": BackPressureError(
+        num_queued_requests=9, max_queued_requests=8)}[failure]
+    if failure == "none":
+        items.append([final])
+    elif failure == "backpressure":
+        items = []
+    handle = _FakeHandle(items, error)
+    request = GenerationRequest("r1", (1, 2), SamplingParams(max_tokens=2),
+                                InterventionRef("p", "sha256:abc", intervention=object()))
+    events = _pump(handle, request)
+    options, sent = handle.calls
+    assert options == {"stream": True, "multiplexed_model_id": "sha256:abc"}
+    assert sent.intervention.key == "sha256:abc" and sent.intervention.intervention is None  # only the digest
+    if failure == "none":
+        assert events == [token, final]
+        return
+    assert events[:-1] == ([token] if failure == "replica_died" else [])
+    error_event = events[-1]
+    assert error_event.finish_reason is FinishReason.ERROR
+    api_error = error_for(error_event)
+    if failure == "replica_died":
+        assert (api_error.status, api_error.code) == (503, "engine_unavailable")
+        assert "engine replica" in api_error.message
+    else:
+        assert (api_error.status, api_error.code, api_error.headers) == (429, "server_busy", {"Retry-After": "1"})
