@@ -45,6 +45,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         max_running=settings.max_running,
         max_prefill_tokens=settings.max_prefill_tokens,
         resident_interventions=settings.resident_interventions,
+        max_resident_bank_bytes=settings.max_resident_bank_bytes,
         training_share=settings.training_share,
         prefill_chunk_share=settings.prefill_chunk_share,
         kv_cache_budget_bytes=settings.kv_cache_budget_bytes,
