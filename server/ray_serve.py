@@ -41,7 +41,9 @@ from server.app import StartedEngine, create_app, engine_settings, open_artifact
 from server.engine.engine import Engine, TrainingTask
 from server.engine.remote import ModelInfo
 from server.engine.sequence import EventSink
-from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
+from server.engine.types import (
+    ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef,
+)
 from server.generation import LoopDispatcher
 from server.metrics import Metrics
 from server.settings import Settings
@@ -111,17 +113,16 @@ class EngineReplica:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Any]:
         """Yields (replica id, loads so far) first, then lists of events until the final one. Closing the stream
         early (the client left, or the ingress cancelled) cancels the request in the engine."""
-        ref = request.intervention
-        if ref is not None:
+        if request.intervention is not None:
             try:
-                intervention = await self._intervention(serve.get_multiplexed_model_id() or ref.key)
+                loaded = [replace(part, intervention=await self._intervention(part.key)) for part in request.parts]
             except Exception as exc:  # noqa: BLE001 - e.g. deleted since the ingress resolved it: fail this request
                 yield self._replica, self._loads
                 yield [GenerationEvent(text="", token_ids=(), finish_reason=FinishReason.ERROR,
                                        error=f"the intervention could not be loaded: {exc}",
                                        error_kind=ErrorKind.INTERNAL, prompt_tokens=len(request.prompt_ids))]
                 return
-            request = replace(request, intervention=replace(ref, intervention=intervention))
+            request = replace(request, intervention=_with_parts(request.intervention, loaded))
         yield self._replica, self._loads
         dispatcher = LoopDispatcher(asyncio.get_running_loop())
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -214,11 +215,11 @@ class RayEngine:
 
     # -- streaming ----------------------------------------------------------------------------------------------------
     async def _pump(self, request: GenerationRequest, sink: EventSink, stream: list[Any]) -> None:
-        ref = request.intervention
         options: dict[str, Any] = {"stream": True}
-        if ref is not None:  # the replica loads the intervention by digest: only the digest crosses
-            options["multiplexed_model_id"] = ref.key
-            request = replace(request, intervention=replace(ref, intervention=None))
+        if request.intervention is not None:  # the replica loads each part by digest: only digests cross
+            options["multiplexed_model_id"] = request.parts[0].key  # a composition is routed by its first part
+            bare = [replace(part, intervention=None) for part in request.parts]
+            request = replace(request, intervention=_with_parts(request.intervention, bare))
         finished = False
         try:
             response = self._handle.options(**options).generate.remote(request)
@@ -256,6 +257,11 @@ class RayEngine:
                 log.warning("could not read the engine replicas' status", extra={"error": repr(exc)})
                 continue
             self._healthy_gauge.set(self._healthy)
+
+
+def _with_parts(ref: InterventionRef | ComposedRef, parts: list[InterventionRef]) -> InterventionRef | ComposedRef:
+    """`ref` with its parts replaced (weights dropped for the wire, or loaded on the replica)."""
+    return ComposedRef(tuple(parts)) if isinstance(ref, ComposedRef) else parts[0]
 
 
 def _failed(request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationEvent:
