@@ -53,6 +53,9 @@ class LocalBackend:
     def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None:
         return self.index.version(tenant, name, version)
 
+    def by_digest(self, digest: str) -> InterventionRecord | None:
+        return self.index.by_digest(digest)
+
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
         return self.index.history(tenant, name)
 

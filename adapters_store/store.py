@@ -141,6 +141,15 @@ class ArtifactStore:
     def load(self, record: InterventionRecord) -> Artifact:
         return decode_artifact(self.read_artifact(record), base_model=self.base_model)
 
+    def load_digest(self, digest: str) -> Artifact:
+        """The artifact with this content digest, whichever name and version holds it (for engines that are handed
+        a digest, not a name: Ray Serve replicas). Raises ArtifactUnavailableError when no version has it (deleted
+        since it was resolved)."""
+        record = self.backend.by_digest(digest)
+        if record is None:
+            raise ArtifactUnavailableError(f"no stored version has the artifact {digest} (deleted meanwhile?)")
+        return self.load(record)
+
     def stats(self) -> StoreStats:
         interventions, versions, size = self.backend.counts()
         return StoreStats(interventions=interventions, versions=versions, bytes=size)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -60,6 +60,18 @@ class StartedEngine:
     fingerprint: ModelFingerprint
     dims: ModelDims
     base_model_id: str  # the id clients use for the bare model (unless settings.model_id overrides it)
+    capacity: int | None = None  # requests running or queued at once; None: settings' max_running + max_waiting
+    training_unavailable: str | None = None  # why this engine cannot train (POST /v1/trainings answers 501)
+
+
+# Starts the engine for the app factory's loader (the default is `start_engine`; Ray Serve passes its own).
+EngineStarter = Callable[[Settings, Metrics], StartedEngine]
+
+
+def open_artifact_store(settings: Settings, fingerprint: ModelFingerprint) -> ArtifactStore:
+    """The store the settings select (the API process and every engine replica open it the same way)."""
+    return ArtifactStore(settings.state_location("store"), fingerprint,
+                         keep_versions=settings.max_versions_per_intervention)
 
 
 def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -> StartedEngine:
@@ -89,8 +101,7 @@ def build_services(
     settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: Limiter
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = ArtifactStore(settings.state_location("store"), fingerprint,
-                          keep_versions=settings.max_versions_per_intervention)
+    store = open_artifact_store(settings, fingerprint)
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
         removed = store.gc()
         if removed:
@@ -98,10 +109,11 @@ def build_services(
     model_id = settings.model_id or started.base_model_id
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
                                     base_model_id=model_id)
-    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
+    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
+                                   capacity=started.capacity)
     training = TrainingManager(
         engine, registry, tokenizer, open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s),
-        settings, dims,
+        settings, dims, unavailable=started.training_unavailable,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
@@ -120,7 +132,10 @@ def make_rate_limiter(settings: Settings, metrics: Metrics) -> Limiter:
                             fail_closed=settings.limits_fail_closed)
 
 
-def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, base_model: BaseModel | None = None, start: EngineStarter | None = None
+) -> FastAPI:
+    """`start`: how the engine starts (default: `start_engine`, a thread or a process of its own)."""
     metrics = Metrics()
     tenants = open_tenants(settings.state_location(""))
     rate_limiter = make_rate_limiter(settings, metrics)
@@ -129,7 +144,8 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
         started = time.perf_counter()
         started_engine: StartedEngine | None = None
         try:
-            started_engine = start_engine(settings, base_model, metrics)
+            started_engine = (start(settings, metrics) if start is not None
+                              else start_engine(settings, base_model, metrics))
             app.state.services = build_services(settings, started_engine, tenants, rate_limiter)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")

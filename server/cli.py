@@ -44,6 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     given = {name: value for name, value in flags.items() if value is not None}  # flags left out: settings default
     settings = Settings(**(setting_overrides(args.set, os.environ) | given))
+    if args.ray:
+        return _serve_on_ray(args, settings)
     app = create_app(settings)
     _reserve_descriptors(settings.max_connections)
     # The guarded protocol bounds connections, header bytes and the time a request may take to arrive
@@ -53,6 +55,16 @@ def _serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     _run_draining(config, app.state.drain)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from server import ray_serve
+    except ImportError as exc:
+        raise SystemExit(f"--ray needs the ray extra: pip install 'reft-serve[ray]' ({exc})") from None
+    gpus = args.replica_gpus if args.replica_gpus is not None else float((settings.device or "").startswith("cuda"))
+    options = ray_serve.RayOptions(replicas=args.replicas, replica_cpus=args.replica_cpus, replica_gpus=gpus)
+    return ray_serve.run(settings, options)
 
 
 DESCRIPTOR_RESERVE = 256  # model and store files, SQLite, threads' wakeup pipes: what is not a connection
@@ -320,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any server setting, e.g. --set requests_per_minute=120 (see README; also "
                             "REFT_SERVE_<FIELD> in the environment)")
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.add_argument("--ray", action="store_true",
+                       help="run on Ray Serve: this app as the ingress, --replicas engine replicas (joins "
+                            "$RAY_ADDRESS, else starts a local cluster; needs the ray extra, see docs/ray.md)")
+    serve.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (default 1)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs per engine replica (default 1)")
+    serve.add_argument("--replica-gpus", type=float,
+                       help="--ray: GPUs per engine replica (default 1 with --device cuda, else 0)")
     serve.set_defaults(run=_serve)
 
     gen = commands.add_parser("generate", help="generate once, optionally with an intervention artifact")

@@ -43,6 +43,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             latest INTEGER NOT NULL, PRIMARY KEY (tenant, name))""",
         "CREATE INDEX current_public ON current (tenant, name) WHERE public",
     ),
+    ("CREATE INDEX versions_digest ON versions (digest)",),  # engine replicas load by digest (Ray Serve)
 )
 _COLUMNS = ("name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
             "description, tags, training")
@@ -78,6 +79,9 @@ class PostgresBackend:
 
     def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None:
         return self._one(f"{_VERSIONS} WHERE {_KEY} AND version=%s", (tenant, name, version))
+
+    def by_digest(self, digest: str) -> InterventionRecord | None:
+        return self._one(f"{_VERSIONS} WHERE digest=%s LIMIT 1", (digest,))
 
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
         with self.db.transaction() as cur:  # one transaction: the list and the pointer agree

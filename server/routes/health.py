@@ -30,7 +30,8 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
     if svc is None or not svc.engine.running:
         failure = svc.engine.failure if svc is not None else None
-        reason = failure or getattr(request.app.state, "load_error", None) or "loading"
+        load_error = getattr(request.app.state, "load_error", None)
+        reason = failure or load_error or ("loading" if svc is None else "no generation engine is running")
         return JSONResponse({"status": "not_ready", "reason": str(reason)}, status_code=503)
     return JSONResponse({"status": "ready", "model": svc.model_id})
 

@@ -182,3 +182,17 @@ def test_public_flag_survives_new_versions_and_usage_counts_one_tenant(store: Ar
     assert not store.set_public("shared", False, tenant="acme").public and store.list_public() == []
     with pytest.raises(InterventionNotFoundError):
         store.set_public("shared", True)  # the default tenant has no such name
+
+
+def test_load_digest_finds_any_version_holding_the_artifact(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    """What an engine replica handed only a digest reads (Ray Serve): any tenant, name or version with it."""
+    from adapters_store import ArtifactUnavailableError
+
+    first = store.put("a", make_payload(fingerprint, 1), tenant="acme")
+    second = store.put("a", make_payload(fingerprint, 2), tenant="acme", replace=True)
+    for record in (first, second):  # the old version too: a request pinned to it may still be routed
+        artifact = store.load_digest(record.digest)
+        assert artifact.digest == record.digest and artifact.intervention.config.to_dict() == record.config
+    store.delete("a", "acme")
+    with pytest.raises(ArtifactUnavailableError, match="deleted"):
+        store.load_digest(second.digest)
