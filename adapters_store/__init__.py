@@ -1,9 +1,11 @@
-"""adapters_store: where interventions live between requests and across restarts (SQLite index + files).
+"""adapters_store: where interventions, tenants and jobs live between requests and across restarts.
 
-`ArtifactStore` is the one entry point: it validates artifacts with `reft_core.artifact` before writing, stores
-them content-addressed under its root, and keeps the version history in a SQLite index. Its `training_files`
-(`TrainingFileStore`) holds the tenants' uploaded fine-tuning files in the same index, under the same quota.
-Imports go one way: this package uses `reft_core` and knows nothing of HTTP or the server.
+`ArtifactStore` is the one entry point for interventions: it validates artifacts with `reft_core.artifact` before
+writing and keeps every version on a backend: a directory (SQLite index + content-addressed files, the default) or
+a PostgreSQL database shared by replicas (`adapters_store.postgres`, needs the `[shared]` extra). Its
+`training_files` (`TrainingFileStore`) keeps the tenants' uploaded fine-tuning files on the same backend, under the
+same quota. `open_tenants` and `open_jobs` pick the same place for tenants/keys and training jobs. Imports go one
+way: this package uses `reft_core` and knows nothing of HTTP or the server.
 """
 
 from adapters_store.errors import (
@@ -14,6 +16,7 @@ from adapters_store.errors import (
     InvalidNameError,
     QuotaExceededError,
     StoreError,
+    StoreUnavailableError,
     StoreWriteError,
     TrainingFileNotFoundError,
     VersionIsCurrentError,
@@ -23,11 +26,12 @@ from adapters_store.records import (
     SOURCES,
     InterventionRecord,
     StorageQuota,
+    TrainingFileRecord,
     validate_name,
     validate_tenant,
 )
 from adapters_store.store import ArtifactStore, StoreStats
-from adapters_store.training_files import TrainingFileRecord, TrainingFileStore
+from adapters_store.training_files import TrainingFileStore
 
 __all__ = [
     "MAX_VERSION",
@@ -43,6 +47,7 @@ __all__ = [
     "StorageQuota",
     "StoreError",
     "StoreStats",
+    "StoreUnavailableError",
     "StoreWriteError",
     "TrainingFileNotFoundError",
     "TrainingFileRecord",

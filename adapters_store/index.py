@@ -13,9 +13,9 @@ an old version moves that pointer in one UPDATE (no new row, no new bytes). `cur
 number ever given to the name, so deleting the newest (non-current) version never lets its number be reused: a
 client pinned to `name@3` can never silently get another artifact.
 
-The same database holds the tenants' uploaded training files (`training_files`, owned by
-adapters_store/training_files.py through `transaction()` and `reading()`), so that their bytes and the artifacts'
-count against one quota, checked in one transaction.
+The same database holds the tenants' uploaded training files (`training_files`: id, metadata and the bytes in
+the row; files are small), so that their bytes and the artifacts' count against one quota, checked in one
+transaction.
 """
 
 from __future__ import annotations
@@ -26,23 +26,17 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from adapters_store.errors import (
-    InterventionExistsError,
-    InterventionNotFoundError,
-    QuotaExceededError,
-    StoreError,
-    VersionIsCurrentError,
-)
-from adapters_store.records import InterventionRecord, StorageQuota
+from adapters_store.backend import WriteRequest, admit, admit_file
+from adapters_store.errors import InterventionNotFoundError, StoreError, VersionIsCurrentError
+from adapters_store.records import InterventionRecord, StorageQuota, TrainingFileRecord
 
 SCHEMA_VERSION = 4
-# uploaded training files (OpenAI's /v1/files): their SQL lives in adapters_store/training_files.py; the table is
-# here so a file and an artifact count against one tenant quota, checked in one transaction
+# uploaded training files (OpenAI's /v1/files), in this database so a file and an artifact count against one
+# tenant quota, checked in one transaction
 TRAINING_FILES_TABLE = """CREATE TABLE IF NOT EXISTS training_files (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
     size_bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, content BLOB NOT NULL)"""
@@ -70,6 +64,7 @@ _COLUMNS = (
     "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
     "description, tags, training"
 )
+_FILE_COLUMNS = "id, tenant, filename, purpose, size_bytes, created_at"  # TrainingFileRecord's fields, in order
 _CURRENT = f"SELECT {_COLUMNS}, public FROM versions JOIN current USING (tenant, name, version)"
 # any version of a name, with the name's public flag (it belongs to the name, not to one version)
 _VERSIONS = (f"SELECT {_COLUMNS}, (SELECT public FROM current c WHERE c.tenant = versions.tenant "
@@ -78,23 +73,7 @@ _VERSIONS = (f"SELECT {_COLUMNS}, (SELECT public FROM current c WHERE c.tenant =
 Row = tuple[Any, ...]
 
 
-@dataclass(frozen=True)
-class WriteRequest:
-    """One new version to admit: the name, whether it replaces, its size, and the limits that apply to it."""
-
-    tenant: str
-    name: str
-    replace: bool  # False: the name must be new; True: it must exist (PUT)
-    size_bytes: int
-    quota: StorageQuota | None = None  # None: unlimited (the library default; the server always passes one)
-    keep_versions: int | None = None  # newest versions kept per name, the new one included; None: all
-    upsert: bool = False  # the name may be new or existing (overrides `replace`): "replace": true in the API
-
-    def __post_init__(self) -> None:
-        assert self.keep_versions is None or self.keep_versions >= 1, self.keep_versions
-
-
-def _to_record(row: Row) -> InterventionRecord:
+def to_record(row: Row) -> InterventionRecord:
     """A `versions` row, optionally followed by `current.public`."""
     (name, version, tenant, digest, file_sha, size, base_id, config, created, source, description, tags, training) = row[:13]
     return InterventionRecord(
@@ -105,7 +84,7 @@ def _to_record(row: Row) -> InterventionRecord:
     )
 
 
-def _to_row(record: InterventionRecord) -> Row:
+def to_row(record: InterventionRecord) -> Row:
     return (
         record.name, record.version, record.tenant, record.digest, record.file_sha256, record.size_bytes,
         record.base_model_id, json.dumps(record.config), record.created_at, record.source, record.description,
@@ -133,13 +112,19 @@ class Index:
     def current(self, tenant: str, name: str) -> InterventionRecord | None:
         with self._lock:
             row = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        return None if row is None else _to_record(row)
+        return None if row is None else to_record(row)
 
     def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None:
         with self._lock:
             row = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? AND version=?",
                                    (tenant, name, version)).fetchone()
-        return None if row is None else _to_record(row)
+        return None if row is None else to_record(row)
+
+    def by_digest(self, digest: str) -> InterventionRecord | None:
+        """Any version whose artifact has this content digest (every such version has the same weights)."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM versions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+        return to_record(row) if row else None
 
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
         """Every retained version of the name, newest first, and the current version number (None: no such name).
@@ -151,17 +136,22 @@ class Index:
                 return None
             rows = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? ORDER BY version DESC",
                                     (tenant, name)).fetchall()
-        return [_to_record(row) for row in rows], int(current[0])
+        return [to_record(row) for row in rows], int(current[0])
 
     def list_current(self, tenant: str) -> list[InterventionRecord]:
         with self._lock:
             rows = self._db.execute(f"{_CURRENT} WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
-        return [_to_record(row) for row in rows]
+        return [to_record(row) for row in rows]
+
+    def list_names(self) -> list[tuple[str, str]]:
+        """(tenant, name) of every name with a current version."""
+        with self._lock:
+            return [(row[0], row[1]) for row in self._db.execute("SELECT tenant, name FROM current ORDER BY 1, 2")]
 
     def list_public(self) -> list[InterventionRecord]:
         with self._lock:
             rows = self._db.execute(f"{_CURRENT} WHERE public=1 ORDER BY tenant, name").fetchall()
-        return [_to_record(row) for row in rows]
+        return [to_record(row) for row in rows]
 
     def usage(self, tenant: str) -> tuple[int, int]:
         """(current interventions, bytes of every retained version) of one tenant: what its quotas count."""
@@ -177,11 +167,6 @@ class Index:
             "(SELECT COALESCE(SUM(size_bytes), 0) FROM training_files WHERE tenant=?)", (tenant, tenant)
         ).fetchone()[0]
         return int(count), int(size)
-
-    def usage_in(self, transaction: sqlite3.Connection, tenant: str) -> tuple[int, int]:
-        """`usage` inside a `transaction()` (its lock is already held)."""
-        assert transaction is self._db
-        return self._usage(tenant)
 
     def check_write(self, request: WriteRequest) -> None:
         """Raise what `add_version` would raise for the name's state or the tenant's quota (a read, no write)."""
@@ -225,33 +210,17 @@ class Index:
                 "SELECT MAX(COALESCE((SELECT latest FROM current WHERE tenant=? AND name=?), 0), "
                 "COALESCE((SELECT MAX(version) FROM versions WHERE tenant=? AND name=?), 0))", (tenant, name) * 2
             ).fetchone()[0]
-            record = make(int(latest) + 1, None if previous is None else _to_record(previous))
+            record = make(int(latest) + 1, None if previous is None else to_record(previous))
             self._insert(record)
             dropped = self._prune(request)
             public = self._db.execute("SELECT public FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
         return dataclasses.replace(record, public=bool(public[0])), dropped
 
     def _admit(self, request: WriteRequest) -> None:
-        tenant, name, quota = request.tenant, request.name, request.quota
+        tenant, name = request.tenant, request.name
         exists = self._db.execute("SELECT 1 FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        if exists is None and request.replace and not request.upsert:
-            raise InterventionNotFoundError(name, tenant=tenant)
-        if exists is not None and not request.replace and not request.upsert:
-            raise InterventionExistsError(name, tenant=tenant)
-        if quota is None:
-            return
-        count, used = self._usage(tenant)
-        if exists is None and count >= quota.max_interventions:
-            raise QuotaExceededError(
-                f"the tenant stores {count} interventions; its limit is {quota.max_interventions}"
-            )
-        after = used + request.size_bytes - self._pruned_bytes(request)
-        if after > quota.max_bytes:
-            raise QuotaExceededError(
-                f"storing {request.size_bytes} more bytes would bring the tenant's stored versions to {after} bytes; "
-                f"its limit is {quota.max_bytes} (every retained version counts, training files too: delete "
-                "interventions or files to free space)"
-            )
+        usage = None if request.quota is None else self._usage(tenant)
+        admit(request, exists is not None, usage, lambda: self._pruned_bytes(request))
 
     @staticmethod
     def _outside_retention(keep: int) -> str:
@@ -279,7 +248,7 @@ class Index:
 
     def _insert(self, record: InterventionRecord) -> None:
         placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
-        self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", _to_row(record))
+        self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", to_row(record))
         current = (record.tenant, record.name, record.version)
         # a new version keeps the name's public flag
         self._db.execute("INSERT INTO current (tenant, name, version, latest) VALUES (?, ?, ?, ?) "
@@ -292,7 +261,7 @@ class Index:
             self._retained(tenant, name, version)
             self._db.execute("UPDATE current SET version=? WHERE tenant=? AND name=?", (version, tenant, name))
             row = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        return _to_record(row)
+        return to_record(row)
 
     def delete_version(self, tenant: str, name: str, version: int) -> set[str]:
         """Remove one non-current version; return its file (the caller removes it if nothing else references it)."""
@@ -331,22 +300,61 @@ class Index:
             self._db.execute("DELETE FROM versions WHERE tenant=? AND name=?", (tenant, name))
         return files
 
+    def latest(self, tenant: str, name: str) -> int:
+        """The highest version number ever given to the name (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT latest FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def import_name(self, records: list[InterventionRecord], current: int, public: bool, latest: int) -> None:
+        """Insert a name's versions as they were elsewhere (numbers, pointer, flag kept): `reft-serve admin migrate`."""
+        tenant, name = records[0].tenant, records[0].name
+        with self._transaction():
+            for record in records:
+                placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
+                self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", to_row(record))
+            self._db.execute("INSERT INTO current (tenant, name, version, public, latest) VALUES (?, ?, ?, ?, ?)",
+                             (tenant, name, current, int(public), latest))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    # -- for the other tables in this database (adapters_store/training_files.py) ----------------------------------
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction on the index database (BEGIN IMMEDIATE, under the lock), for another table's owner."""
+    # -- training files --------------------------------------------------------------------------------------------
+    def put_file(self, record: TrainingFileRecord, content: bytes, quota: StorageQuota | None) -> None:
+        """Insert the file, after checking the tenant's bytes against `quota` in the same transaction."""
         with self._transaction():
-            yield self._db
+            if quota is not None:
+                admit_file(record.size_bytes, self._usage(record.tenant), quota)
+            self._db.execute(f"INSERT INTO training_files ({_FILE_COLUMNS}, content) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             dataclasses.astuple(record) + (content,))
 
-    @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection, under the lock, for reads of another table."""
+    def file(self, tenant: str, file_id: str) -> TrainingFileRecord | None:
         with self._lock:
-            yield self._db
+            row = self._db.execute(f"SELECT {_FILE_COLUMNS} FROM training_files WHERE tenant=? AND id=?",
+                                   (tenant, file_id)).fetchone()
+        return None if row is None else TrainingFileRecord(*row)
+
+    def read_file(self, tenant: str, file_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT content FROM training_files WHERE tenant=? AND id=?",
+                                   (tenant, file_id)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_files(self, tenant: str, purpose: str | None) -> list[TrainingFileRecord]:
+        """The tenant's files, newest first (ties in the same second: the later upload first)."""
+        query = f"SELECT {_FILE_COLUMNS} FROM training_files WHERE tenant=?"
+        params: tuple[str, ...] = (tenant,)
+        if purpose is not None:
+            query, params = query + " AND purpose=?", (tenant, purpose)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_at DESC, rowid DESC", params).fetchall()
+        return [TrainingFileRecord(*row) for row in rows]
+
+    def delete_file(self, tenant: str, file_id: str) -> bool:
+        with self._transaction():
+            return bool(self._db.execute("DELETE FROM training_files WHERE tenant=? AND id=?",
+                                         (tenant, file_id)).rowcount)
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @contextmanager

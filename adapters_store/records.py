@@ -87,3 +87,15 @@ class InterventionRecord:
         data.pop("file_sha256")
         data["id"] = self.name
         return data
+
+
+@dataclass(frozen=True)
+class TrainingFileRecord:
+    """One uploaded training file (OpenAI's `/v1/files`); its bytes are stored beside it by the backend."""
+
+    id: str  # "file-<24 hex>"
+    tenant: str
+    filename: str
+    purpose: str
+    size_bytes: int
+    created_at: int  # unix seconds, as OpenAI's file objects have it

@@ -1,5 +1,7 @@
-"""Training files in the store: round trip, tenant scoping, one bytes quota with artifacts (also under concurrent
-uploads), the schema-3 migration that adds the table, and a read-only store."""
+"""Training files in the store, on both backends (the `store` / `new_location` fixtures): round trip, tenant
+scoping, one bytes quota with artifacts (also under concurrent uploads, and across replicas on PostgreSQL); and the
+migrations that add the table (SQLite schema 3 -> 4, the PostgreSQL artifacts schema 2 -> 3), and a read-only
+local store."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters_store import (
@@ -20,7 +22,9 @@ from adapters_store import (
     StoreWriteError,
     TrainingFileNotFoundError,
 )
-from tests.adapters_store.conftest import make_payload
+from adapters_store.postgres.artifacts import _MIGRATIONS as POSTGRES_MIGRATIONS
+from reft_core.fingerprint import ModelFingerprint
+from tests.adapters_store.conftest import NewLocation, make_payload
 
 LINE = b'{"prompt": "a", "completion": "b"}\n'
 
@@ -58,11 +62,14 @@ def test_bad_metadata_is_refused(store: ArtifactStore, purpose: str, filename: s
     assert store.training_files.list("default") == []
 
 
-@settings(max_examples=15, deadline=None)
+# the location factory makes a fresh store per example (a directory, or a PostgreSQL schema)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(1, 400), min_size=1, max_size=8), limit=st.integers(200, 1500))
-def test_files_and_artifacts_share_one_bytes_quota(tmp_path_factory, fingerprint, sizes: list[int], limit: int) -> None:
+def test_files_and_artifacts_share_one_bytes_quota(
+    new_location: NewLocation, fingerprint: ModelFingerprint, sizes: list[int], limit: int
+) -> None:
     """Whatever the order of uploads, what is stored never exceeds the quota, and each refusal was necessary."""
-    store = ArtifactStore(tmp_path_factory.mktemp("quota"), fingerprint)
+    store = ArtifactStore(new_location(), fingerprint)
     artifact = make_payload(fingerprint, 1)
     quota = StorageQuota(max_interventions=10, max_bytes=limit + len(artifact))
     store.put("p", artifact, quota=quota)
@@ -98,7 +105,66 @@ def test_concurrent_uploads_cannot_overshoot_the_quota(store: ArtifactStore) -> 
     assert len(stored) == 10 and store.usage("default")[1] == 10 * len(LINE)
 
 
-def test_a_version_3_index_is_migrated(root: Path, fingerprint) -> None:
+def test_stores_on_one_location_share_the_files_and_the_quota(root: Path | str, fingerprint: ModelFingerprint) -> None:
+    """Two store objects on one location (replicas on one database, or two processes on one directory): a file
+    one stores, the other reads and deletes; artifacts and files racing through both never overshoot the quota."""
+    stores = [ArtifactStore(root, fingerprint) for _ in range(2)]
+    record = stores[0].training_files.put("acme", "a.jsonl", "fine-tune", LINE)
+    assert stores[1].training_files.get("acme", record.id) == record and stores[1].training_files.list("acme") == [record]
+    stores[1].training_files.delete("acme", record.id)
+    assert stores[0].training_files.list("acme") == []
+    payloads = [make_payload(fingerprint, seed) for seed in range(4)]
+    quota = StorageQuota(max_interventions=10, max_bytes=2 * len(payloads[0]) + 2 * len(LINE))
+    start = threading.Barrier(8)
+
+    def write(index: int) -> None:
+        start.wait()
+        store = stores[index % 2]
+        try:
+            if index < 4:
+                store.put(f"p{index}", payloads[index], tenant="acme", quota=quota)
+            else:
+                store.training_files.put("acme", "f.jsonl", "fine-tune", LINE * 2, quota)
+        except QuotaExceededError:
+            pass
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    artifacts, files = stores[0].list("acme"), stores[1].training_files.list("acme")
+    used = sum(a.size_bytes for a in artifacts) + sum(f.size_bytes for f in files)
+    assert stores[1].usage("acme") == (len(artifacts), used) and used <= quota.max_bytes
+    assert artifacts or files  # the first write always fits
+    for store in stores:
+        store.close()
+
+
+def test_a_postgres_artifacts_schema_2_is_migrated(postgres, fingerprint: ModelFingerprint) -> None:
+    url = postgres.new_schema()
+    try:
+        store = ArtifactStore(url, fingerprint)
+        kept = store.put("old", make_payload(fingerprint, 1))
+        with store.backend.db.transaction() as cur:  # type: ignore[attr-defined]  # the schema as version 2 had it
+            cur.execute("DROP TABLE training_files")
+            cur.execute("UPDATE schema_versions SET version=2 WHERE component='artifacts'")
+        store.close()
+        reopened = ArtifactStore(url, fingerprint)
+        assert reopened.get("old") == kept
+        record = reopened.training_files.put("default", "a.jsonl", "fine-tune", LINE)
+        assert reopened.training_files.read("default", record.id) == LINE
+        assert reopened.usage("default") == (1, kept.size_bytes + len(LINE))
+        with reopened.backend.db.transaction() as cur:  # type: ignore[attr-defined]
+            row = cur.execute("SELECT version FROM schema_versions WHERE component='artifacts'").fetchone()
+        assert row == (len(POSTGRES_MIGRATIONS),) == (3,)
+        reopened.close()
+    finally:
+        postgres.close_connections(url)
+
+
+def test_a_version_3_index_is_migrated(local_root: Path, fingerprint: ModelFingerprint) -> None:
+    root = local_root
     store = ArtifactStore(root, fingerprint)
     kept = store.put("old", make_payload(fingerprint, 1))
     store.close()
@@ -112,7 +178,10 @@ def test_a_version_3_index_is_migrated(root: Path, fingerprint) -> None:
     assert reopened.usage("default") == (1, kept.size_bytes + len(LINE))
 
 
-def test_a_read_only_store_serves_files_and_refuses_writes(root: Path, fingerprint, monkeypatch) -> None:
+def test_a_read_only_store_serves_files_and_refuses_writes(
+    local_root: Path, fingerprint: ModelFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = local_root
     store = ArtifactStore(root, fingerprint)
     record = store.training_files.put("default", "a.jsonl", "fine-tune", LINE)
     store.close()

@@ -443,6 +443,13 @@ CASES = [
     ("model-delete-version-unknown", "DELETE", "/v1/models/nope@1", {}, 404, "not_found_error"),
     ("model-delete-other-tenant", "DELETE", "/v1/models/acme/nope", {}, 404, "not_found_error"),
     ("model-delete-base", "DELETE", f"/v1/models/{MODEL_ID}", {}, 403, "permission_error"),
+    # the playground's static files: only what is under server/static, and errors in the API's shape
+    ("playground-missing-file", "GET", "/playground/js/nothing.js", {}, 404, "not_found_error"),
+    ("playground-dotdot", "GET", "/playground/%2e%2e/app.py", {}, 404, "not_found_error"),
+    ("playground-encoded-slashes", "GET", "/playground/js%2f..%2f..%2fapp.py", {}, 404, "not_found_error"),
+    ("playground-absolute", "GET", "/playground//etc/passwd", {}, 404, "not_found_error"),
+    ("playground-post", "POST", "/playground/index.html", {"content": b"x"}, 405, INVALID),
+    ("root-post", "POST", "/", {"content": b"x"}, 405, INVALID),
     ("unknown-route", "GET", "/v1/nothing-here", {}, 404, "not_found_error"),
     ("wrong-method", "DELETE", "/v1/chat/completions", {}, 405, INVALID),
 ]

@@ -179,6 +179,9 @@ ENDPOINTS = [
     ("DELETE", "/v1/models/secret", None),
 ]
 MATRIX += [(caller, m, p, b, 401) for caller in ("nobody", "badkey") for m, p, b in ENDPOINTS]
+# the playground's files hold no data (everything it shows comes from /v1 with the user's key): open to anyone
+MATRIX += [(caller, "GET", path, None, 200) for caller in ("nobody", "badkey", "globex")
+           for path in ("/", "/playground/", "/playground/js/app.js")]
 
 
 @pytest.mark.parametrize("caller,method,path,body,status", MATRIX)
