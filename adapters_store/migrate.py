@@ -2,7 +2,8 @@
 
 What moves: tenants and their API keys (hashes only: keys keep working, secrets were never stored), every
 intervention with all its retained versions (version numbers, the current pointer, the public flag and the
-highest number ever given are kept, so `name@N` pins mean the same afterwards), and training job records. Every
+highest number ever given are kept, so `name@N` pins mean the same afterwards), uploaded training files (ids and
+upload times kept, so fine-tuning jobs still name them), and training job records. Every
 artifact is checked against its recorded sha256 when read from the source and again when read back from the
 destination; the copy is refused name by name if the destination already holds that name with other content.
 Stop the servers on the source first: writes made during the copy may be missed.
@@ -32,6 +33,7 @@ class MigrationReport:
     keys: int = 0
     interventions: int = 0
     versions: int = 0
+    training_files: int = 0
     jobs: int = 0
     skipped: list[str] = field(default_factory=list)  # names already in the destination with the same content
 
@@ -50,12 +52,15 @@ def _parts(location: Path | str, part: str) -> Path | str:
 
 def migrate(source: Path | str, destination: Path | str) -> MigrationReport:
     report = MigrationReport()
-    _copy_tenants(source, destination, report)
+    tenants = _copy_tenants(source, destination, report)
     src, dst = open_backend(source), open_backend(destination)
     try:
         for tenant, name in src.list_names():
             _copy_name(src, dst, tenant, name, report)
         _verify(src, dst)
+        # files belong to tenants (or to "default", with auth off); a tenant with none is a cheap empty read
+        for tenant in sorted(tenants | {"default"} | {tenant for tenant, _ in src.list_names()}):
+            _copy_files(src, dst, tenant, report)
     finally:
         src.close()
         dst.close()
@@ -63,17 +68,21 @@ def migrate(source: Path | str, destination: Path | str) -> MigrationReport:
     return report
 
 
-def _copy_tenants(source: Path | str, destination: Path | str, report: MigrationReport) -> None:
+def _copy_tenants(source: Path | str, destination: Path | str, report: MigrationReport) -> set[str]:
+    """Copy tenants and key hashes; return the tenants' names."""
     src, dst = open_tenants(_parts(source, "")), open_tenants(_parts(destination, ""))
     try:
+        names = set()
         for tenant in src.list_tenants():
             dst.import_tenant(tenant)
+            names.add(tenant.name)
             report.tenants += 1
         for key_id, tenant_name, created, revoked, secret_sha256 in src.key_hashes():
             dst.import_key(ApiKey(key_id, tenant_name, created, revoked), secret_sha256)
             report.keys += 1
         if sorted(dst.key_hashes()) != sorted(src.key_hashes()):
             raise MigrationError("the destination's API keys differ from the source's (was it written to meanwhile?)")
+        return names
     finally:
         src.close()
         dst.close()
@@ -94,6 +103,23 @@ def _copy_name(src: StoreBackend, dst: StoreBackend, tenant: str, name: str, rep
     dst.import_name(versions, current, history[0].public, max(src.latest(tenant, name), history[0].version))
     report.interventions += 1
     report.versions += len(versions)
+
+
+def _copy_files(src: StoreBackend, dst: StoreBackend, tenant: str, report: MigrationReport) -> None:
+    """Copy the tenant's training files the destination lacks (oldest first, so listing order is kept), then check
+    that every one reads back with the same bytes. Quotas are not applied: the source already held them."""
+    for record in reversed(src.list_files(tenant, None)):
+        content = src.read_file(tenant, record.id)
+        if content is None:
+            continue  # deleted meanwhile
+        existing = dst.file(tenant, record.id)
+        if existing is None:
+            dst.put_file(record, content, None)
+            report.training_files += 1
+        elif existing != record:
+            raise MigrationError(f"training file '{tenant}/{record.id}' already exists in the destination, differing")
+        if dst.read_file(tenant, record.id) != content:
+            raise MigrationError(f"training file '{tenant}/{record.id}' differs in the destination after the copy")
 
 
 def _verify(src: StoreBackend, dst: StoreBackend) -> None:

@@ -155,7 +155,8 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    """Copy tenants, keys, every intervention version and jobs from --from to --to, verifying every digest."""
+    """Copy tenants, keys, every intervention version, training files and jobs from --from to --to, verifying every
+    digest."""
     from dataclasses import asdict
 
     from adapters_store.migrate import migrate

@@ -1,5 +1,5 @@
 """`admin migrate`: a local store copied to PostgreSQL and back keeps every tenant, key, version number, pointer,
-public flag and byte; a corrupt artifact in the source stops the copy with its name."""
+public flag, training file and byte; a corrupt artifact in the source stops the copy with its name."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.store_faults import corrupt_artifact
 
 def fill(data_dir: Path, fingerprint: ModelFingerprint) -> str:
     """A data directory with two tenants, versions with a promote and a deleted newest version, a public name, a
-    revoked key and a job; returns a live key."""
+    revoked key, training files of two tenants and a job; returns a live key."""
     tenants = open_tenants(data_dir)
     tenants.create_tenant("acme", {"requests_per_minute": 7})
     _, key = tenants.create_key("acme")
@@ -32,6 +32,8 @@ def fill(data_dir: Path, fingerprint: ModelFingerprint) -> str:
     store.delete_version("p", 4, tenant="acme")
     store.put("shared", make_payload(fingerprint, 9))
     store.set_public("shared", True)
+    for tenant, content in (("acme", b'{"prompt": "a", "completion": "b"}\n'), ("acme", b"{}\n"), ("default", b"x")):
+        store.training_files.put(tenant, "t.jsonl", "fine-tune", content)
     store.close()
     jobs = open_jobs(data_dir / "jobs")
     jobs.save(JobRecord(id="ftjob-1", name="p", status="succeeded", spec={"examples": 3}, tenant="acme"))
@@ -43,7 +45,10 @@ def snapshot(location: Path | str, fingerprint: ModelFingerprint) -> dict:
     store = ArtifactStore(location if not isinstance(location, Path) else location / "store", fingerprint)
     names = store.list_names()
     state = {"names": names, "history": [store.versions(n, t) for t, n in names],
-             "bytes": {r.file_sha256: store.read_artifact(r) for t, n in names for r in store.versions(n, t)[0]}}
+             "bytes": {r.file_sha256: store.read_artifact(r) for t, n in names for r in store.versions(n, t)[0]},
+             "files": {t: [(f, store.training_files.read(t, f.id)) for f in store.training_files.list(t)]
+                       for t in ("acme", "default")},
+             "usage": [store.usage(t) for t in ("acme", "default")]}
     store.close()
     return state
 
@@ -69,7 +74,8 @@ def test_local_to_postgres_and_back_keeps_everything(tmp_path: Path, postgres, f
     jobs = open_jobs(url)
     assert [j.id for j in jobs.list("acme")] == ["ftjob-1"]
     jobs.close()
-    assert migrate(tmp_path / "a", tmp_path / "b").skipped == ["acme/p", "default/shared"]  # again: nothing changes
+    again = migrate(tmp_path / "a", tmp_path / "b")  # again: nothing changes
+    assert again.skipped == ["acme/p", "default/shared"] and again.training_files == 0
     postgres.close_connections(url)
 
 
