@@ -112,7 +112,7 @@ class Index:
         """Any version whose artifact has this content digest (every such version has the same weights)."""
         with self._lock:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM versions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
-        return _to_record(row) if row else None
+        return to_record(row) if row else None
 
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
         """Every retained version of the name, newest first, and the current version number (None: no such name).
