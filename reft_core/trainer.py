@@ -130,15 +130,22 @@ def epoch_metadata(epochs: Sequence[EpochEnd]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     validation = [e.validation_loss for e in epochs if e.validation_loss is not None]
     last = epochs[-1] if epochs else None
-    kept = last.decision.best_epoch if last is not None and last.decision is not None else len(epochs)
+    summary = auto_stop_summary(last, validated=bool(validation)) if last is not None else None
     if validation:
         out["validation_losses"] = validation
-        out["validation_loss"] = validation[kept - 1] if kept >= 1 else None
-    if last is not None and last.decision is not None:
-        out["auto_stop"] = {"epochs_run": last.epoch, "kept_epoch": kept if validation else last.epoch,
-                            "best_epoch": last.decision.best_epoch, "reason": last.decision.reason,
-                            "monitor": "validation_loss" if validation else "train_loss"}
+        out["validation_loss"] = validation[(summary["kept_epoch"] if summary else len(validation)) - 1]
+    if summary is not None:
+        out["auto_stop"] = summary
     return out
+
+
+def auto_stop_summary(last: EpochEnd, *, validated: bool) -> dict[str, Any] | None:
+    """How an epochs="auto" run ended, from its last epoch (None for a fixed epoch count): the epochs it ran, the
+    epoch whose weights it kept (the best validated one, else the last), and why it stopped."""
+    if last.decision is None:
+        return None
+    return {"epochs_run": last.epoch, "kept_epoch": last.decision.best_epoch if validated else last.epoch,
+            "reason": last.decision.reason, "monitor": "validation_loss" if validated else "train_loss"}
 
 
 class ReftTrainer:

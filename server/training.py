@@ -2,9 +2,10 @@
 
 The engine runs training in short slices between serving steps (see `TrainingTask`), so generation keeps flowing
 while a persona trains. This module owns the job records: their state in memory (guarded by a lock, since
-engine callbacks arrive on the engine thread), their persistence in the job store, and the event streams of
-clients watching a job. A job registers its intervention only on success; a failed or cancelled job registers
-nothing.
+engine callbacks arrive on the engine thread), their persistence in the job store, and each live job's event log
+(training_events.py) with the clients watching it. A job registers its intervention only on success; a failed or
+cancelled job registers nothing. Between the last step and success the job is evaluated (evaluation.py) on a
+worker thread: validation loss, and greedy answers of the persona and the bare model, stored with the version.
 """
 
 from __future__ import annotations
@@ -12,30 +13,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionExistsError, InterventionNotFoundError, validate_name
 from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
 from reft_core import recipe
 from reft_core.config import MAX_RANK, InterventionConfig, check_rank
+from reft_core.artifact import encode_artifact
 from reft_core.examples import TokenizedExample, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
-from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
+from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, auto_stop_summary
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
 from server.engine.remote import EngineHandle
+from server.engine.types import InterventionRef
 from server.errors import APIError
+from server.evaluation import EVAL_MAX_TOKENS, MAX_EVAL_PROMPTS, EvalPrompt, evaluate
 from server.registry import InterventionRegistry
 from server.settings import TRAINING_EXAMPLES_CEILING, Settings
+from server.training_events import (
+    Event, auto_stop_event, epoch_event, evaluation_event, is_final, job_events, status_event, step_event,
+)
 
 log = logging.getLogger("reft_serve.training")
 ACTIVE = ("queued", "running")
@@ -73,7 +81,8 @@ class InterventionSpec(BaseModel):
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(recipe.EPOCHS, ge=1)
+    # a count, or "auto": stop on a plateau of the validation loss (else the training loss), see early_stop.py
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = recipe.EPOCHS
     learning_rate: float = Field(recipe.LEARNING_RATE, gt=0, le=1)
     batch_size: int = Field(recipe.BATCH_SIZE, ge=1, le=1024)
     seed: int = Field(recipe.SEED, ge=0)
@@ -85,6 +94,12 @@ class TrainingRequest(BaseModel):
     name: str
     # max_length is checked on the raw list before its items are validated (the configured limit comes after)
     examples: list[ExampleIn] = Field(min_length=1, max_length=TRAINING_EXAMPLES_CEILING)
+    # held-out examples scored every epoch: given, or a fraction of `examples` chosen by the seed (not both)
+    validation_examples: list[ExampleIn] | None = Field(None, min_length=1, max_length=TRAINING_EXAMPLES_CEILING)
+    validation_split: float | None = Field(None, gt=0, lt=1)
+    # prompts answered by the new persona and the bare model at the end (default: the validation prompts)
+    eval_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=2000)]] | None = Field(
+        None, max_length=MAX_EVAL_PROMPTS)
     intervention: InterventionSpec = InterventionSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
     chat_template: bool = True
@@ -102,7 +117,8 @@ class TrainingManager:
         self.num_layers, self.hidden_size = dims.num_layers, dims.hidden_size
         self._lock = threading.Lock()
         self._live: dict[str, JobRecord] = {}
-        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobRecord]]]] = {}
+        self._logs: dict[str, list[Event]] = {}  # live jobs' events (an ended job's are rebuilt from its record)
+        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[int, Event]]]]] = {}
         self._started: dict[str, float] = {}
         for job in jobs.recover_interrupted():
             log.warning("marked interrupted training job failed", extra={"job": job.id, "intervention": job.name})
@@ -114,8 +130,12 @@ class TrainingManager:
         s = self.settings
         if len(body.examples) > s.max_training_examples:
             raise APIError(400, f"{len(body.examples)} examples; the limit is {s.max_training_examples}", param="examples")
-        if body.hyperparameters.epochs > s.max_training_epochs:
+        epochs = body.hyperparameters.epochs
+        if isinstance(epochs, int) and epochs > s.max_training_epochs:
             raise APIError(400, f"epochs is limited to {s.max_training_epochs}", param="hyperparameters.epochs")
+        if body.validation_examples is not None and len(body.validation_examples) > s.max_training_examples:
+            raise APIError(400, f"{len(body.validation_examples)} validation examples; the limit is "
+                           f"{s.max_training_examples}", param="validation_examples")
         spec = body.intervention
         layers = tuple(spec.layers) if spec.layers else recipe.default_layers(self.num_layers)
         config = InterventionConfig(layers=layers, rank=spec.rank, positions=spec.positions, type=spec.type,
@@ -126,8 +146,12 @@ class TrainingManager:
         training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
         if not body.replace:  # fail before the job runs (the write checks again: a name may appear meanwhile)
             await run_in_threadpool(self._check_new_name, tenant, body.name)
-        examples = await run_in_threadpool(self._tokenize, body)
-        memory = self._admit_memory(config, examples, training.batch_size)
+        train_in, validation_in = split_validation(body)
+        examples = await run_in_threadpool(self._tokenize, train_in, body.chat_template, "examples")
+        validation = await run_in_threadpool(self._tokenize, validation_in, body.chat_template, "validation_examples")
+        prompts = await run_in_threadpool(self._eval_prompts, body, validation_in, validation)
+        memory = self._admit_memory(config, examples + validation, training.batch_size)
+        steps_per_epoch = -(-len(examples) // training.batch_size)
         with self._lock:
             active = [j for j in self._live.values() if j.status in ACTIVE]
             if len(active) >= s.max_queued_trainings:
@@ -141,16 +165,21 @@ class TrainingManager:
                                headers={"Retry-After": "30"})
             job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
-                                  "examples": len(examples), "description": body.description,
+                                  "examples": len(examples), "validation_examples": len(validation),
+                                  "eval_prompts": len(prompts), "steps_per_epoch": steps_per_epoch,
+                                  "planned_steps": steps_per_epoch * training.max_epochs,
+                                  "description": body.description,
                                   "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes}})
             self._live[job.id] = job
+            self._logs[job.id] = [status_event(job)]
         try:
             await run_in_threadpool(self.jobs.save, job)
         except Exception:  # e.g. a read-only data directory: the job was never accepted
             with self._lock:
                 self._live.pop(job.id, None)
+                self._logs.pop(job.id, None)
             raise
-        self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples))
+        self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples, validation, prompts))
         return job
 
     def _admit_memory(self, config: InterventionConfig, examples: list[TokenizedExample], batch_size: int) -> TrainingMemory:
@@ -169,24 +198,40 @@ class TrainingManager:
                            param="examples", code="training_memory_exceeded")
         return memory
 
-    def _tokenize(self, body: TrainingRequest) -> list[TokenizedExample]:
+    def _tokenize(self, examples: list[ExampleIn], chat_template: bool, param: str) -> list[TokenizedExample]:
         tokenized = []
         eos = self.tokenizer.eos_token_id
-        for index, example in enumerate(body.examples):
+        for index, example in enumerate(examples):
             if example.messages is not None:
                 prompt_ids = list(self.tokenizer(self.tokenizer.apply_chat_template(
                     example.messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
                 )["input_ids"])
                 completion = example.messages[-1]["content"]
             else:
-                prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=body.chat_template)
+                prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=chat_template)
                 completion = example.completion or ""
             completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"]) + [eos]
             if len(prompt_ids) + len(completion_ids) > self.settings.max_example_tokens:
                 raise APIError(400, f"example {index} has {len(prompt_ids) + len(completion_ids)} tokens; the limit "
-                               f"is {self.settings.max_example_tokens}", param=f"examples.{index}")
+                               f"is {self.settings.max_example_tokens}", param=f"{param}.{index}")
             tokenized.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids)))
         return tokenized
+
+    def _eval_prompts(self, body: TrainingRequest, validation_in: list[ExampleIn],
+                      validation: list[TokenizedExample]) -> list[EvalPrompt]:
+        """The prompts evaluated at the end: `eval_prompts`, else the first validation prompts, else none."""
+        if body.eval_prompts is None:
+            return [EvalPrompt(_shown_prompt(e), t.prompt_ids)
+                    for e, t in zip(validation_in[:MAX_EVAL_PROMPTS], validation)]
+        prompts = []
+        for index, text in enumerate(body.eval_prompts):
+            ids = encode_prompt(self.tokenizer, text, chat_template=body.chat_template)
+            limit = min(self.settings.max_example_tokens, self.engine.max_context)
+            if len(ids) + EVAL_MAX_TOKENS > limit:
+                raise APIError(400, f"eval prompt {index} has {len(ids)} tokens; with the {EVAL_MAX_TOKENS} tokens "
+                               f"of its answer the limit is {limit}", param=f"eval_prompts.{index}")
+            prompts.append(EvalPrompt(text, tuple(ids)))
+        return prompts
 
     def get(self, job_id: str, tenant: str = "default") -> JobRecord:
         with self._lock:
@@ -208,30 +253,65 @@ class TrainingManager:
             self.engine.cancel_training(job_id)
         return job
 
-    async def events(self, job_id: str, tenant: str = "default") -> AsyncGenerator[JobRecord, None]:
-        """The job now, then every update until it ends."""
-        queue: asyncio.Queue[JobRecord] = asyncio.Queue()
-        entry = (asyncio.get_running_loop(), queue)
+    def snapshot(self, job_id: str, tenant: str = "default") -> tuple[JobRecord, int]:
+        """The job now and the id of the last event it reflects (a watcher continues after it)."""
+        job = self.get(job_id, tenant)
         with self._lock:
-            self._watchers.setdefault(job_id, []).append(entry)
+            log = self._logs.get(job_id)
+            if log is not None:
+                return self._live[job_id], len(log)
+            job = self._live.get(job_id, job)
+        return job, len(job_events(job))
+
+    async def events(self, job_id: str, tenant: str = "default", after: int = 0,
+                     keepalive_s: float | None = None) -> AsyncGenerator[tuple[int, Event] | None, None]:
+        """(id, event) for the job's events after id `after`, then each new one until the job ends; None after
+        `keepalive_s` without one (a keep-alive: the caller sends a comment)."""
+        job = self.get(job_id, tenant)  # 404 for another tenant's job
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        entry = (asyncio.get_running_loop(), queue)
+        with self._lock:  # the backlog and the registration together: no event falls between them
+            log = self._logs.get(job_id)
+            if log is not None:
+                backlog = list(enumerate(log, start=1))[after:]
+                self._watchers.setdefault(job_id, []).append(entry)
+            else:
+                job = self._live.get(job_id, job)
+        if log is None:  # ended: rebuilt from the record, with the ids the live log gave
+            for item in list(enumerate(job_events(job), start=1))[after:]:
+                yield item
+            return
         try:
-            job = self.get(job_id, tenant)
-            while True:
-                yield job
-                if job.status not in ACTIVE:
+            last = after
+            for item in backlog:
+                last = item[0]
+                yield item
+                if is_final(item[1]):
                     return
-                job = await queue.get()
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), keepalive_s)
+                except TimeoutError:
+                    yield None
+                    continue
+                if item[0] <= last:
+                    continue
+                last = item[0]
+                yield item
+                if is_final(item[1]):
+                    return
         finally:
             with self._lock:
                 self._watchers.get(job_id, []).remove(entry)
 
     # -- engine callbacks (engine thread) --------------------------------------------------------------------------
     def _task(self, job_id: str, tenant: str, body: TrainingRequest, config: InterventionConfig,
-              training: TrainingConfig, examples: list[TokenizedExample]) -> TrainingTask:
+              training: TrainingConfig, examples: list[TokenizedExample], validation: list[TokenizedExample],
+              prompts: list[EvalPrompt]) -> TrainingTask:
         # a partial, not a closure: it crosses to the engine process, which calls it with its model
         s = self.settings
         make_trainer = functools.partial(
-            ReftTrainer, config=config, examples=examples, training=training,
+            ReftTrainer, config=config, examples=examples, training=training, validation=validation,
             micro_batch_tokens=s.training_micro_batch_tokens, head_chunk_tokens=s.training_head_chunk_tokens,
             context_budget_bytes=s.training_context_budget_bytes, max_micro_batch_tokens=s.training_max_micro_batch_tokens,
         )
@@ -246,9 +326,19 @@ class TrainingManager:
             remaining = elapsed / p.step * (p.total_steps - p.step)
             progress = {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss,
                         "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2)}
-            with self._lock:
-                losses = [*self._live[job_id].losses, p.loss]
-            self._update(job_id, persist=p.step % 10 == 0, progress=progress, losses=losses)
+            job = self._get_live(job_id)
+            fields: dict[str, Any] = {"progress": progress, "losses": [*job.losses, p.loss]}
+            events = [step_event(p.step, p.epoch, p.loss)]
+            end = p.epoch_end
+            if end is not None:
+                fields["epoch_losses"] = [*job.epoch_losses, end.train_loss]
+                if end.validation_loss is not None:
+                    fields["validation_losses"] = [*job.validation_losses, end.validation_loss]
+                events.append(epoch_event(end.epoch, end.train_loss, end.validation_loss))
+                if end.decision is not None and end.decision.stop:
+                    fields["auto_stop"] = auto_stop_summary(end, validated=end.validation_loss is not None)
+                    events.append(auto_stop_event(fields["auto_stop"]))
+            self._update(job_id, persist=end is not None or p.step % 10 == 0, events=events, **fields)
 
         def on_finish(result: Intervention | None, losses: list[float], error: str | None) -> None:
             if result is None:
@@ -256,16 +346,35 @@ class TrainingManager:
                 self._update(job_id, persist=True, status=status, finished_at=now(),
                              error=None if status == "cancelled" else error)
                 return
-            try:
-                metadata = {**self._get_live(job_id).spec["hyperparameters"], "final_loss": losses[-1],
-                            "steps": len(losses), "job": job_id}
-                record = self._register(tenant, body, result, metadata)
-            except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
-                self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
-                return
-            self._update(job_id, persist=True, status="succeeded", finished_at=now(), result_version=record.version)
+            # evaluating waits on the engine: never on its thread (nor the reader thread that relays its callbacks)
+            threading.Thread(target=self._complete, args=(job_id, tenant, body, result, losses, prompts),
+                             name=f"reft-eval-{job_id}", daemon=True).start()
 
         return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
+
+    def _complete(self, job_id: str, tenant: str, body: TrainingRequest, result: Intervention, losses: list[float],
+                  prompts: list[EvalPrompt]) -> None:
+        """Evaluate the trained intervention, store it as a new version with its evaluation, end the job."""
+        job = self._get_live(job_id)
+        metadata = {**job.spec["hyperparameters"], "final_loss": losses[-1], "steps": len(losses), "job": job_id,
+                    **_epoch_metadata(job)}
+        evaluation: dict[str, Any] = {"samples": [], "validation_loss": metadata.get("validation_loss"),
+                                      "max_tokens": EVAL_MAX_TOKENS}
+        if prompts:
+            key = encode_artifact(result, self.registry.fingerprint, metadata)[1].digest  # these weights' identity
+            try:
+                evaluation["samples"] = evaluate(self.engine, prompts, InterventionRef(body.name, key, result),
+                                                 timeout_s=self.settings.request_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the persona is still good; say why there are no samples
+                log.warning("evaluation failed", extra={"job": job_id, "error": str(exc)})
+                evaluation["error"] = str(exc)
+        try:
+            record = self._register(tenant, body, result, metadata | {"evaluation": evaluation})
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
+            self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
+            return
+        self._update(job_id, persist=True, events=[evaluation_event(evaluation)], evaluation=evaluation,
+                     status="succeeded", finished_at=now(), result_version=record.version)
 
     def _check_new_name(self, tenant: str, name: str) -> None:
         try:
@@ -283,15 +392,61 @@ class TrainingManager:
         with self._lock:
             return self._live[job_id]
 
-    def _update(self, job_id: str, *, persist: bool, **fields: Any) -> None:
+    def _update(self, job_id: str, *, persist: bool, events: Sequence[Event] = (), **fields: Any) -> None:
+        """Change a live job's record; append `events` to its log (and a status event when the status changes) and
+        hand them to its watchers. The log of a job that ended is dropped: its record rebuilds it."""
         with self._lock:
             job = replace(self._live[job_id], **fields)
             self._live[job_id] = job
+            log = self._logs.get(job_id)
+            new = [*events, status_event(job)] if "status" in fields else list(events)
+            items = []
+            if log is not None:
+                items = [(len(log) + i, event) for i, event in enumerate(new, start=1)]
+                log.extend(new)
+                if job.status not in ACTIVE:
+                    del self._logs[job_id]
             watchers = list(self._watchers.get(job_id, []))
         for loop, queue in watchers:
-            loop.call_soon_threadsafe(queue.put_nowait, job)
+            for item in items:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
         if persist:
             self.jobs.save(job)
+
+
+def split_validation(body: TrainingRequest) -> tuple[list[ExampleIn], list[ExampleIn]]:
+    """(training, validation) examples: `validation_examples` as given, or `validation_split` of the examples held
+    out by the seed (the same request always holds out the same ones); 400 when no training example would be left."""
+    if body.validation_examples is not None and body.validation_split is not None:
+        raise APIError(400, "give validation_examples or validation_split, not both", param="validation_split")
+    if body.validation_split is None:
+        return body.examples, body.validation_examples or []
+    count = len(body.examples)
+    held = max(1, round(count * body.validation_split))
+    if count - held < 1:
+        raise APIError(400, f"validation_split {body.validation_split} of {count} examples leaves no training "
+                       "example", param="validation_split")
+    chosen = set(random.Random(body.hyperparameters.seed).sample(range(count), held))
+    return ([e for i, e in enumerate(body.examples) if i not in chosen],
+            [e for i, e in enumerate(body.examples) if i in chosen])
+
+
+def _shown_prompt(example: ExampleIn) -> str:
+    """The user's text of an example's prompt (its last turn before the answer, for messages)."""
+    if example.messages is not None:
+        return example.messages[-2]["content"]
+    return example.prompt or ""
+
+
+def _epoch_metadata(job: JobRecord) -> dict[str, Any]:
+    """The epoch fields of a trained version's metadata, as the library trainer writes them (epoch_metadata)."""
+    out: dict[str, Any] = {}
+    if job.validation_losses:
+        kept = job.auto_stop["kept_epoch"] if job.auto_stop else len(job.validation_losses)
+        out |= {"validation_losses": job.validation_losses, "validation_loss": job.validation_losses[kept - 1]}
+    if job.auto_stop is not None:
+        out["auto_stop"] = job.auto_stop
+    return out
 
 
 def _mib(size: int) -> str:

@@ -99,7 +99,7 @@ def test_auto_stops_on_a_plateau_keeps_the_best_epoch_and_is_deterministic(model
     validation = [e.validation_loss for e in first.epochs]
     assert last.best_epoch == validation.index(min(validation)) + 1
     meta = first.metadata(training, len(EXAMPLES))
-    assert meta["auto_stop"]["kept_epoch"] == last.best_epoch < len(first.epochs)
+    assert meta["auto_stop"]["kept_epoch"] == last.best_epoch < len(first.epochs) == meta["auto_stop"]["epochs_run"]
     assert meta["validation_loss"] == min(validation) and meta["validation_losses"] == validation
     # the returned weights are the best epoch's, not the last epoch's
     trainer = ReftTrainer(model, CONFIG, EXAMPLES, training, validation=DIVERGING)

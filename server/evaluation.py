@@ -1,0 +1,67 @@
+"""A finished training job's evaluation: greedy answers of the new persona and of the bare model to a few prompts.
+
+The prompts are the job's `eval_prompts`, else its validation prompts (up to `MAX_EVAL_PROMPTS`), else none. The
+answers are ordinary greedy requests on the engine, each prompt once with the new intervention and once without,
+so evaluating never stops serving (the engine batches them with everyone else's rows) and a sample is exactly what a
+client would get from the persona with `temperature: 0`. `evaluate` blocks its caller until every answer is in: it
+runs on a worker thread of the training manager, never on the engine's thread or the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine.remote import EngineHandle
+from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
+
+MAX_EVAL_PROMPTS = 8
+EVAL_MAX_TOKENS = 48  # enough to see whether the persona holds for a sentence or two, cheap to generate
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    text: str  # as shown in the sample (the user's text, not the templated prompt)
+    prompt_ids: tuple[int, ...]
+
+
+class _Answer:
+    """Collects one request's events (engine thread) until the final one."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, event: GenerationEvent) -> None:
+        self.parts.append(event.text)
+        if event.finish_reason is not None:
+            if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                self.error = event.error or event.finish_reason.value
+            self.done.set()
+
+
+def evaluate(
+    engine: EngineHandle, prompts: list[EvalPrompt], ref: InterventionRef, *, timeout_s: float,
+    max_tokens: int = EVAL_MAX_TOKENS,
+) -> list[dict[str, Any]]:
+    """[{prompt, persona, base}] for each prompt, in order; raises RuntimeError if an answer failed or timed out."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    answers: list[tuple[_Answer, _Answer]] = []
+    for prompt in prompts:
+        pair = (_Answer(), _Answer())
+        for answer, intervention in zip(pair, (ref, None)):
+            engine.submit(GenerationRequest(f"eval-{uuid.uuid4().hex}", prompt.prompt_ids, params, intervention), answer)
+        answers.append(pair)
+    samples = []
+    for prompt, pair in zip(prompts, answers):
+        for answer in pair:
+            if not answer.done.wait(timeout_s):
+                raise RuntimeError(f"evaluation timed out after {timeout_s:g} s")
+            if answer.error is not None:
+                raise RuntimeError(f"evaluation failed: {answer.error}")
+        persona, base = ("".join(a.parts) for a in pair)
+        samples.append({"prompt": prompt.text, "persona": persona, "base": base})
+    return samples
