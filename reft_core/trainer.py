@@ -223,7 +223,8 @@ class ReftTrainer:
 
     @property
     def done(self) -> bool:
-        return self._stopped or self.step_count >= self.total_steps
+        # a step's work runs past its step count (the epoch's validation follows the optimizer step): not done yet
+        return self._work is None and (self._stopped or self.step_count >= self.total_steps)
 
     def advance(self, deadline: float | None = None) -> TrainingProgress | None:
         """Run slices until `deadline` (a `time.perf_counter()` value) passes or the current optimizer step ends.

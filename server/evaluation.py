@@ -18,7 +18,6 @@ from server.engine.remote import EngineHandle
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
 
 MAX_EVAL_PROMPTS = 8
-EVAL_MAX_TOKENS = 48  # enough to see whether the persona holds for a sentence or two, cheap to generate
 
 
 @dataclass(frozen=True)
@@ -44,24 +43,31 @@ class _Answer:
 
 
 def evaluate(
-    engine: EngineHandle, prompts: list[EvalPrompt], ref: InterventionRef, *, timeout_s: float,
-    max_tokens: int = EVAL_MAX_TOKENS,
+    engine: EngineHandle, prompts: list[EvalPrompt], ref: InterventionRef, *, max_tokens: int, timeout_s: float,
 ) -> list[dict[str, Any]]:
     """[{prompt, persona, base}] for each prompt, in order; raises RuntimeError if an answer failed or timed out."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     answers: list[tuple[_Answer, _Answer]] = []
+    submitted: list[str] = []
     for prompt in prompts:
         pair = (_Answer(), _Answer())
         for answer, intervention in zip(pair, (ref, None)):
-            engine.submit(GenerationRequest(f"eval-{uuid.uuid4().hex}", prompt.prompt_ids, params, intervention), answer)
+            request = GenerationRequest(f"eval-{uuid.uuid4().hex}", prompt.prompt_ids, params, intervention)
+            submitted.append(request.request_id)
+            engine.submit(request, answer)
         answers.append(pair)
     samples = []
-    for prompt, pair in zip(prompts, answers):
-        for answer in pair:
-            if not answer.done.wait(timeout_s):
-                raise RuntimeError(f"evaluation timed out after {timeout_s:g} s")
-            if answer.error is not None:
-                raise RuntimeError(f"evaluation failed: {answer.error}")
-        persona, base = ("".join(a.parts) for a in pair)
-        samples.append({"prompt": prompt.text, "persona": persona, "base": base})
+    try:
+        for prompt, pair in zip(prompts, answers):
+            for answer in pair:
+                if not answer.done.wait(timeout_s):
+                    raise RuntimeError(f"evaluation timed out after {timeout_s:g} s")
+                if answer.error is not None:
+                    raise RuntimeError(f"evaluation failed: {answer.error}")
+            persona, base = ("".join(a.parts) for a in pair)
+            samples.append({"prompt": prompt.text, "persona": persona, "base": base})
+    except RuntimeError:
+        for request_id in submitted:  # nobody will read the rest: free their rows
+            engine.cancel(request_id)
+        raise
     return samples

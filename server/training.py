@@ -38,7 +38,7 @@ from server.engine.engine import TrainingTask
 from server.engine.remote import EngineHandle
 from server.engine.types import InterventionRef
 from server.errors import APIError
-from server.evaluation import EVAL_MAX_TOKENS, MAX_EVAL_PROMPTS, EvalPrompt, evaluate
+from server.evaluation import MAX_EVAL_PROMPTS, EvalPrompt, evaluate
 from server.registry import InterventionRegistry
 from server.settings import TRAINING_EXAMPLES_CEILING, Settings
 from server.training_events import (
@@ -226,10 +226,11 @@ class TrainingManager:
         prompts = []
         for index, text in enumerate(body.eval_prompts):
             ids = encode_prompt(self.tokenizer, text, chat_template=body.chat_template)
+            answer = self.settings.training_eval_max_tokens
             limit = min(self.settings.max_example_tokens, self.engine.max_context)
-            if len(ids) + EVAL_MAX_TOKENS > limit:
-                raise APIError(400, f"eval prompt {index} has {len(ids)} tokens; with the {EVAL_MAX_TOKENS} tokens "
-                               f"of its answer the limit is {limit}", param=f"eval_prompts.{index}")
+            if len(ids) + answer > limit:
+                raise APIError(400, f"eval prompt {index} has {len(ids)} tokens; with the {answer} tokens of its "
+                               f"answer the limit is {limit}", param=f"eval_prompts.{index}")
             prompts.append(EvalPrompt(text, tuple(ids)))
         return prompts
 
@@ -358,13 +359,14 @@ class TrainingManager:
         job = self._get_live(job_id)
         metadata = {**job.spec["hyperparameters"], "final_loss": losses[-1], "steps": len(losses), "job": job_id,
                     **_epoch_metadata(job)}
+        max_tokens = self.settings.training_eval_max_tokens
         evaluation: dict[str, Any] = {"samples": [], "validation_loss": metadata.get("validation_loss"),
-                                      "max_tokens": EVAL_MAX_TOKENS}
+                                      "max_tokens": max_tokens}
         if prompts:
             key = encode_artifact(result, self.registry.fingerprint, metadata)[1].digest  # these weights' identity
             try:
                 evaluation["samples"] = evaluate(self.engine, prompts, InterventionRef(body.name, key, result),
-                                                 timeout_s=self.settings.request_timeout_s)
+                                                 max_tokens=max_tokens, timeout_s=self.settings.request_timeout_s)
             except Exception as exc:  # noqa: BLE001 - the persona is still good; say why there are no samples
                 log.warning("evaluation failed", extra={"job": job_id, "error": str(exc)})
                 evaluation["error"] = str(exc)

@@ -26,7 +26,9 @@ router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
 
 
 def record_body(record: InterventionRecord, tenant: str) -> dict[str, Any]:
-    return {"object": "intervention", **record.to_dict(), "id": model_name(record, tenant), "owner": record.tenant}
+    # `evaluation`: what a training job measured at its end (samples of persona and base, validation loss), if any
+    return {"object": "intervention", **record.to_dict(), "id": model_name(record, tenant), "owner": record.tenant,
+            "evaluation": record.training.get("evaluation")}
 
 
 OWNER = Query(None, description="another tenant whose public intervention to read (default: your own)")

@@ -137,11 +137,12 @@ async def cancel_training(
 async def _events_after(
     job_id: str, last_event_id: str | None = Header(None, description="resume after this event id (SSE reconnect)"),
     who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager),
-) -> int:
-    """The id to resume after (0: from the start); checked before the stream starts, so errors are JSON."""
+) -> int | None:
+    """The id to resume after (None: a new watcher; 0: replay the whole log); checked before the stream starts, so
+    errors are JSON bodies."""
     await run_in_threadpool(trainings.get, job_id, who.tenant)  # 404 for an unknown (or another tenant's) job
     if last_event_id is None or not last_event_id.strip():
-        return 0
+        return None
     if not last_event_id.strip().isdigit() or len(last_event_id.strip()) > 12:
         raise APIError(400, f"Last-Event-ID must be an event id from this stream, got {last_event_id[:40]!r}",
                        param="Last-Event-ID", code="invalid_value")
@@ -150,11 +151,11 @@ async def _events_after(
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def training_events(
-    job_id: str, after: int = Depends(_events_after), who: Principal = Depends(principal),
+    job_id: str, after: int | None = Depends(_events_after), who: Principal = Depends(principal),
     trainings: TrainingManager = Depends(manager),
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: a snapshot of the job, then its deltas (status, step, epoch, evaluation) until it ends."""
-    if after == 0:  # a new watcher starts from the record as it is now, not from a replay of every step
+    if after is None:  # a new watcher starts from the record as it is now, not from a replay of every step
         job, after = await run_in_threadpool(trainings.snapshot, job_id, who.tenant)
         yield ServerSentEvent(id=str(after), data={"type": "snapshot", "job": _job(job)})
     keepalive = trainings.settings.training_events_keepalive_s

@@ -34,6 +34,7 @@ def version_body(record: InterventionRecord, current: int, tenant: str) -> dict[
         "created": int(datetime.fromisoformat(record.created_at).timestamp()), "created_at": record.created_at,
         "size_bytes": record.size_bytes, "source": record.source, "description": record.description,
         "training_job": training.get("job"), "validation_loss": training.get("validation_loss"),
+        "evaluation": training.get("evaluation"),
         "current": record.version == current,
     }
 

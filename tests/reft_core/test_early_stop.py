@@ -87,6 +87,21 @@ def test_validation_loss_is_the_training_loss_on_held_out_examples_every_epoch(m
     assert trainer.losses == train_intervention(model, CONFIG, EXAMPLES, training).losses
 
 
+@pytest.mark.parametrize("epochs", [2, "auto"])
+def test_sliced_like_the_server_runs_it_equals_whole_steps(model, epochs) -> None:
+    """One slice per call (the server's shortest deadline) through epochs, validation and the stop rule; the last
+    epoch's validation runs after the last optimizer step, and the run is not done before it."""
+    training = TrainingConfig(epochs=epochs, batch_size=6, learning_rate=5e-2, seed=3)
+    sliced = ReftTrainer(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
+    progress = []
+    while not sliced.done:
+        step = sliced.advance(deadline=0.0)
+        if step is not None:
+            progress.append(step)
+    whole = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
+    assert [p.loss for p in progress] == whole.losses and [p.epoch_end for p in progress] == whole.epochs
+
+
 def test_auto_stops_on_a_plateau_keeps_the_best_epoch_and_is_deterministic(model) -> None:
     training = TrainingConfig(epochs="auto", batch_size=3, learning_rate=5e-2, seed=3)
     first = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
