@@ -1,10 +1,13 @@
-"""The stop rule of `epochs: "auto"`: train until the monitored loss stops improving, then keep the best epoch.
+"""Epoch ends and the stop rule of `epochs: "auto"`: train until the monitored loss stops improving, then keep the
+best epoch.
 
 A pure rule over the sequence of per-epoch losses (validation loss when there is validation data, else the epoch's
 mean training loss), so it is the same in the library trainer, the CLI and the server, and testable without a
 model. An epoch *improves* when its loss is below the best so far by more than a relative `min_delta`; after
 `patience` epochs without an improvement, or at `max_epochs`, training stops. The epoch kept is the one with the
 lowest loss seen (ties: the earliest), which may be a small, non-improving step past the last improvement.
+`epoch_metadata` and `auto_stop_summary` say how a run's epochs went, in the one shape the library trainer, the CLI
+and the server store with an artifact.
 """
 
 from __future__ import annotations
@@ -58,3 +61,38 @@ def decide(losses: Sequence[float], rule: StopRule) -> StopDecision:
     if epoch >= rule.max_epochs:
         return StopDecision(True, best_epoch, best_loss, "max_epochs")
     return StopDecision(False, best_epoch, best_loss)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What the end of an epoch measured, and (with epochs="auto") the stop rule's decision after it."""
+
+    epoch: int
+    train_loss: float  # mean of the epoch's step losses
+    validation_loss: float | None  # None without validation examples
+    decision: StopDecision | None = None
+
+
+def epoch_metadata(epochs: Sequence[EpochEnd]) -> dict[str, Any]:
+    """What a finished run adds to an artifact's training metadata about its epochs: the validation losses and
+    the kept validation loss (when validated), and the stop rule's outcome (with epochs="auto"). Empty otherwise,
+    so a plain run's metadata (and digest) is unchanged."""
+    out: dict[str, Any] = {}
+    validation = [e.validation_loss for e in epochs if e.validation_loss is not None]
+    last = epochs[-1] if epochs else None
+    summary = auto_stop_summary(last, validated=bool(validation)) if last is not None else None
+    if validation:
+        out["validation_losses"] = validation
+        out["validation_loss"] = validation[(summary["kept_epoch"] if summary else len(validation)) - 1]
+    if summary is not None:
+        out["auto_stop"] = summary
+    return out
+
+
+def auto_stop_summary(last: EpochEnd, *, validated: bool) -> dict[str, Any] | None:
+    """How an epochs="auto" run ended, from its last epoch (None for a fixed epoch count): the epochs it ran, the
+    epoch whose weights it kept (the best validated one, else the last), and why it stopped."""
+    if last.decision is None:
+        return None
+    return {"epochs_run": last.epoch, "kept_epoch": last.decision.best_epoch if validated else last.epoch,
+            "reason": last.decision.reason, "monitor": "validation_loss" if validated else "train_loss"}

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from reft_core import recipe
 from reft_core.config import InterventionConfig
-from reft_core.early_stop import StopDecision, StopRule, decide
+from reft_core.early_stop import EpochEnd, StopRule, decide, epoch_metadata
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
 from reft_core.frozen_context import (
@@ -89,16 +89,6 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class EpochEnd:
-    """What the end of an epoch measured, and (with epochs="auto") the stop rule's decision after it."""
-
-    epoch: int
-    train_loss: float  # mean of the epoch's step losses
-    validation_loss: float | None  # None without validation examples
-    decision: StopDecision | None = None
-
-
-@dataclass(frozen=True)
 class TrainingProgress:
     step: int
     total_steps: int  # planned; with epochs="auto" this is `step` once the rule stops
@@ -121,31 +111,6 @@ class TrainingResult:
             "final_loss": self.losses[-1] if self.losses else None,
             "duration_s": round(self.duration_s, 3),
         } | epoch_metadata(self.epochs)
-
-
-def epoch_metadata(epochs: Sequence[EpochEnd]) -> dict[str, Any]:
-    """What a finished run adds to an artifact's training metadata about its epochs: the validation losses and
-    the kept validation loss (when validated), and the stop rule's outcome (with epochs="auto"). Empty otherwise,
-    so a plain run's metadata (and digest) is unchanged."""
-    out: dict[str, Any] = {}
-    validation = [e.validation_loss for e in epochs if e.validation_loss is not None]
-    last = epochs[-1] if epochs else None
-    summary = auto_stop_summary(last, validated=bool(validation)) if last is not None else None
-    if validation:
-        out["validation_losses"] = validation
-        out["validation_loss"] = validation[(summary["kept_epoch"] if summary else len(validation)) - 1]
-    if summary is not None:
-        out["auto_stop"] = summary
-    return out
-
-
-def auto_stop_summary(last: EpochEnd, *, validated: bool) -> dict[str, Any] | None:
-    """How an epochs="auto" run ended, from its last epoch (None for a fixed epoch count): the epochs it ran, the
-    epoch whose weights it kept (the best validated one, else the last), and why it stopped."""
-    if last.decision is None:
-        return None
-    return {"epochs_run": last.epoch, "kept_epoch": last.decision.best_epoch if validated else last.epoch,
-            "reason": last.decision.reason, "monitor": "validation_loss" if validated else "train_loss"}
 
 
 class ReftTrainer:

@@ -16,7 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Principal, principal
 from server.dependencies import services
 from server.errors import APIError
-from server.training import ExampleIn, TrainingManager, TrainingRequest
+from server.training import TrainingManager
+from server.training_request import ExampleIn, TrainingRequest
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
 

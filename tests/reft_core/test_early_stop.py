@@ -71,7 +71,7 @@ CONFIG = InterventionConfig(layers=(1, 2), rank=2, positions="f1+l1", share_weig
 
 
 def test_validation_loss_is_the_training_loss_on_held_out_examples_every_epoch(model) -> None:
-    training = TrainingConfig(epochs=3, batch_size=3, learning_rate=5e-2, seed=7)
+    training = TrainingConfig(epochs=3, batch_size=6, learning_rate=5e-2, seed=7)
     trainer = ReftTrainer(model, CONFIG, EXAMPLES, training, validation=VALIDATION)
     ends = []
     while not trainer.done:
@@ -87,46 +87,51 @@ def test_validation_loss_is_the_training_loss_on_held_out_examples_every_epoch(m
     assert trainer.losses == train_intervention(model, CONFIG, EXAMPLES, training).losses
 
 
-@pytest.mark.parametrize("epochs", [2, "auto"])
-def test_sliced_like_the_server_runs_it_equals_whole_steps(model, epochs) -> None:
-    """One slice per call (the server's shortest deadline) through epochs, validation and the stop rule; the last
-    epoch's validation runs after the last optimizer step, and the run is not done before it."""
-    training = TrainingConfig(epochs=epochs, batch_size=6, learning_rate=5e-2, seed=3)
+def test_sliced_like_the_server_runs_it_equals_whole_steps(model) -> None:
+    """One slice per call (the server's shortest deadline): the last epoch's validation runs after the last
+    optimizer step, and the run is not done before it."""
+    training = TrainingConfig(epochs=2, batch_size=6, learning_rate=5e-2, seed=3)
     sliced = ReftTrainer(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
+    progress = drive_in_slices(sliced)
+    whole = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
+    assert [p.loss for p in progress] == whole.losses
+    assert [p.epoch_end for p in progress if p.epoch_end is not None] == whole.epochs
+    assert len(whole.epochs) == 2 and all(e.validation_loss is not None for e in whole.epochs)
+
+
+def drive_in_slices(trainer: ReftTrainer, snapshots: dict | None = None) -> list:
     progress = []
-    while not sliced.done:
-        step = sliced.advance(deadline=0.0)
+    while not trainer.done:
+        step = trainer.advance(deadline=0.0)
         if step is not None:
             progress.append(step)
-    whole = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
-    assert [p.loss for p in progress] == whole.losses and [p.epoch_end for p in progress] == whole.epochs
+            if step.epoch_end is not None and snapshots is not None:
+                snapshots[step.epoch] = trainer.intervention.export().tensors()
+    return progress
 
 
 def test_auto_stops_on_a_plateau_keeps_the_best_epoch_and_is_deterministic(model) -> None:
-    training = TrainingConfig(epochs="auto", batch_size=3, learning_rate=5e-2, seed=3)
-    first = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
-    torch.manual_seed(99)  # the global RNG must not matter
-    second = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
-    assert first.losses == second.losses and [e.validation_loss for e in first.epochs] == [
-        e.validation_loss for e in second.epochs]
-    last = first.epochs[-1].decision
-    assert last is not None and last.stop and last.reason == "plateau" and len(first.epochs) < 40
-    validation = [e.validation_loss for e in first.epochs]
+    training = TrainingConfig(epochs="auto", batch_size=6, learning_rate=5e-2, seed=3)
+    whole = train_intervention(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
+    last = whole.epochs[-1].decision
+    assert last is not None and last.stop and last.reason == "plateau" and len(whole.epochs) < 40
+    validation = [e.validation_loss for e in whole.epochs]
     assert last.best_epoch == validation.index(min(validation)) + 1
-    meta = first.metadata(training, len(EXAMPLES))
-    assert meta["auto_stop"]["kept_epoch"] == last.best_epoch < len(first.epochs) == meta["auto_stop"]["epochs_run"]
+    meta = whole.metadata(training, len(EXAMPLES))
+    assert meta["auto_stop"]["kept_epoch"] == last.best_epoch < len(whole.epochs) == meta["auto_stop"]["epochs_run"]
     assert meta["validation_loss"] == min(validation) and meta["validation_losses"] == validation
-    # the returned weights are the best epoch's, not the last epoch's
+    # again, in single slices and with another global RNG state: the same run, and its weights at every epoch end
+    torch.manual_seed(99)
     trainer = ReftTrainer(model, CONFIG, EXAMPLES, training, validation=DIVERGING)
-    snapshots = {}
-    while not trainer.done:
-        progress = trainer.step()
-        if progress.epoch_end is not None:
-            snapshots[progress.epoch] = trainer.intervention.export().tensors()
-    kept = trainer.result().tensors()
+    snapshots: dict = {}
+    progress = drive_in_slices(trainer, snapshots)
+    assert [p.loss for p in progress] == whole.losses
+    assert [p.epoch_end for p in progress if p.epoch_end is not None] == whole.epochs
+    kept = trainer.result().tensors()  # the best epoch's weights, not the last epoch's
     assert all(torch.equal(kept[k], snapshots[last.best_epoch][k]) for k in kept)
     assert not all(torch.equal(kept[k], snapshots[len(snapshots)][k]) for k in kept)
-    assert progress.total_steps == progress.step == trainer.step_count  # the plan shrank to what ran
+    assert all(torch.equal(kept[k], whole.intervention.tensors()[k]) for k in kept)
+    assert progress[-1].total_steps == progress[-1].step == trainer.step_count  # the plan shrank to what ran
 
 
 def test_auto_without_validation_watches_the_training_loss_and_keeps_the_last_weights(model) -> None:

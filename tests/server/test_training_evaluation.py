@@ -14,7 +14,7 @@ from reft_core.artifact import decode_artifact
 from reft_core.examples import encode_prompt
 from reft_core.generate import generate
 from server.app import create_app
-from server.training import TrainingRequest, split_validation
+from server.training_request import TrainingRequest, split_validation
 
 from .conftest import make_settings
 from .test_trainings import EXAMPLES, SMALL, wait_for
