@@ -105,12 +105,19 @@ class TrainingResult:
     epochs: list[EpochEnd] = field(default_factory=list)
 
     def metadata(self, training: TrainingConfig, num_examples: int) -> dict[str, Any]:
-        return training.to_dict() | {
-            "examples": num_examples,
-            "steps": len(self.losses),
-            "final_loss": self.losses[-1] if self.losses else None,
-            "duration_s": round(self.duration_s, 3),
-        } | epoch_metadata(self.epochs)
+        return training_metadata(training, num_examples, self.losses) | epoch_metadata(self.epochs)
+
+
+def training_metadata(training: TrainingConfig, num_examples: int, losses: Sequence[float]) -> dict[str, Any]:
+    """What a trained artifact records about its training, wherever it ran (library, CLI, server).
+
+    Only what the result depends on, so the same examples, recipe and seed give the same artifact digest locally and
+    on a server: no wall time, job id or name (a server keeps those in its job record). A run's epochs add their
+    validation losses and stop (`epoch_metadata`), which depend only on the same inputs.
+    """
+    return training.to_dict() | {
+        "examples": num_examples, "steps": len(losses), "final_loss": losses[-1] if losses else None,
+    }
 
 
 class ReftTrainer:

@@ -266,7 +266,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train_intervention(base.model, config, tokenized, training, on_progress=progress, validation=validation)
     output = args.output or Path(f"{args.name}.safetensors")
     metadata = result.metadata(training, len(examples))
-    save_artifact(output, result.intervention, base.fingerprint, metadata | {"name": args.name})
+    save_artifact(output, result.intervention, base.fingerprint, metadata)
     summary = {k: metadata[k] for k in ("validation_loss", "auto_stop") if k in metadata}
     print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1),
                       **summary}))

@@ -31,7 +31,7 @@ from reft_core.early_stop import auto_stop_summary
 from reft_core.examples import TokenizedExample, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
-from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
+from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, training_metadata
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
 from server.engine.remote import EngineHandle
@@ -190,6 +190,11 @@ class TrainingManager:
             stored.update({k: j for k, j in self._live.items() if j.tenant == tenant})
         return sorted(stored.values(), key=lambda j: j.created_at)
 
+    def jobs_by_version(self, tenant: str, name: str) -> dict[int, JobRecord]:
+        """The job that trained each version of one of the tenant's names (uploads have none): its id, and the
+        evaluation shown with the version (kept in the job record, not the artifact: it is not part of the weights)."""
+        return {j.result_version: j for j in self.jobs.list(tenant) if j.name == name and j.result_version}
+
     def cancel(self, job_id: str, tenant: str = "default") -> JobRecord:
         job = self.get(job_id, tenant)
         if job.status in ACTIVE:
@@ -290,22 +295,21 @@ class TrainingManager:
                              error=None if status == "cancelled" else error)
                 return
             # evaluating waits on the engine: never on its thread (nor the reader thread that relays its callbacks)
-            threading.Thread(target=self._complete, args=(job_id, tenant, body, result, losses, prompts),
+            threading.Thread(target=self._complete, args=(job_id, tenant, body, training, len(examples), result,
+                                                          losses, prompts),
                              name=f"reft-eval-{job_id}", daemon=True).start()
 
         return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
 
-    def _complete(self, job_id: str, tenant: str, body: TrainingRequest, result: Intervention, losses: list[float],
-                  prompts: list[EvalPrompt]) -> None:
-        """Evaluate the trained intervention, store it as a new version with its evaluation, end the job."""
-        job = self._get_live(job_id)
-        metadata = {**job.spec["hyperparameters"], "final_loss": losses[-1], "steps": len(losses), "job": job_id,
-                    **_epoch_metadata(job)}
+    def _complete(self, job_id: str, tenant: str, body: TrainingRequest, training: TrainingConfig, examples: int,
+                  result: Intervention, losses: list[float], prompts: list[EvalPrompt]) -> None:
+        """Evaluate the trained intervention, store it as a new version, end the job with its evaluation."""
+        metadata = training_metadata(training, examples, losses) | _epoch_metadata(self._get_live(job_id))
         max_tokens = self.settings.training_eval_max_tokens
         evaluation: dict[str, Any] = {"samples": [], "validation_loss": metadata.get("validation_loss"),
                                       "max_tokens": max_tokens}
         if prompts:
-            key = encode_artifact(result, self.registry.fingerprint, metadata)[1].digest  # these weights' identity
+            key = encode_artifact(result, self.registry.fingerprint, metadata)[1].digest  # the version's digest
             try:
                 evaluation["samples"] = evaluate(self.engine, prompts, InterventionRef(body.name, key, result),
                                                  max_tokens=max_tokens, timeout_s=self.settings.request_timeout_s)
@@ -313,7 +317,7 @@ class TrainingManager:
                 log.warning("evaluation failed", extra={"job": job_id, "error": str(exc)})
                 evaluation["error"] = str(exc)
         try:
-            record = self._register(tenant, body, result, metadata | {"evaluation": evaluation})
+            record = self._register(tenant, body, result, metadata)
         except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
             self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
             return
