@@ -37,6 +37,9 @@ class Metrics:
         self.resident_interventions = Gauge(
             "reft_resident_interventions", "Interventions resident in the bank", registry=r
         )
+        self.bank_bytes = Gauge(
+            "reft_bank_bytes", "Bytes of the bank's tables (resident intervention weights)", registry=r
+        )
         self.intervention_loads = Counter("reft_intervention_loads_total", "Loads into the bank", registry=r)
         self.store_interventions = Gauge("reft_store_interventions", "Interventions in the store", registry=r)
         self.store_bytes = Gauge("reft_store_bytes", "Bytes of artifacts in the store", registry=r)
