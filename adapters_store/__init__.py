@@ -1,8 +1,10 @@
-"""adapters_store: where interventions live between requests and across restarts (SQLite index + files).
+"""adapters_store: where interventions, tenants and jobs live between requests and across restarts.
 
-`ArtifactStore` is the one entry point: it validates artifacts with `reft_core.artifact` before writing, stores
-them content-addressed under its root, and keeps the version history in a SQLite index. Imports go one way: this
-package uses `reft_core` and knows nothing of HTTP or the server.
+`ArtifactStore` is the one entry point for interventions: it validates artifacts with `reft_core.artifact` before
+writing and keeps every version on a backend: a directory (SQLite index + content-addressed files, the default) or
+a PostgreSQL database shared by replicas (`adapters_store.postgres`, needs the `[shared]` extra). `open_tenants`
+and `open_jobs` pick the same place for tenants/keys and training jobs. Imports go one way: this package uses
+`reft_core` and knows nothing of HTTP or the server.
 """
 
 from adapters_store.errors import (
@@ -13,6 +15,7 @@ from adapters_store.errors import (
     InvalidNameError,
     QuotaExceededError,
     StoreError,
+    StoreUnavailableError,
     StoreWriteError,
     VersionIsCurrentError,
 )
@@ -40,6 +43,7 @@ __all__ = [
     "StorageQuota",
     "StoreError",
     "StoreStats",
+    "StoreUnavailableError",
     "StoreWriteError",
     "VersionIsCurrentError",
     "validate_name",

@@ -54,5 +54,9 @@ class StoreWriteError(StoreError):
     """Writing failed (disk full, read-only store, ...); nothing already stored was damaged."""
 
 
+class StoreUnavailableError(StoreWriteError):
+    """The store's database cannot be reached right now (a restart, a network fault); retrying later works."""
+
+
 class QuotaExceededError(StoreError):
     """A write would take the tenant past its storage quota (interventions or bytes); nothing was stored."""

@@ -22,19 +22,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from adapters_store.errors import (
-    InterventionExistsError,
-    InterventionNotFoundError,
-    QuotaExceededError,
-    StoreError,
-    VersionIsCurrentError,
-)
-from adapters_store.records import InterventionRecord, StorageQuota
+from adapters_store.backend import WriteRequest, admit
+from adapters_store.errors import InterventionNotFoundError, StoreError, VersionIsCurrentError
+from adapters_store.records import InterventionRecord
 
 SCHEMA_VERSION = 3
 _CREATE = (
@@ -67,23 +61,7 @@ _VERSIONS = (f"SELECT {_COLUMNS}, (SELECT public FROM current c WHERE c.tenant =
 Row = tuple[Any, ...]
 
 
-@dataclass(frozen=True)
-class WriteRequest:
-    """One new version to admit: the name, whether it replaces, its size, and the limits that apply to it."""
-
-    tenant: str
-    name: str
-    replace: bool  # False: the name must be new; True: it must exist (PUT)
-    size_bytes: int
-    quota: StorageQuota | None = None  # None: unlimited (the library default; the server always passes one)
-    keep_versions: int | None = None  # newest versions kept per name, the new one included; None: all
-    upsert: bool = False  # the name may be new or existing (overrides `replace`): "replace": true in the API
-
-    def __post_init__(self) -> None:
-        assert self.keep_versions is None or self.keep_versions >= 1, self.keep_versions
-
-
-def _to_record(row: Row) -> InterventionRecord:
+def to_record(row: Row) -> InterventionRecord:
     """A `versions` row, optionally followed by `current.public`."""
     (name, version, tenant, digest, file_sha, size, base_id, config, created, source, description, tags, training) = row[:13]
     return InterventionRecord(
@@ -94,7 +72,7 @@ def _to_record(row: Row) -> InterventionRecord:
     )
 
 
-def _to_row(record: InterventionRecord) -> Row:
+def to_row(record: InterventionRecord) -> Row:
     return (
         record.name, record.version, record.tenant, record.digest, record.file_sha256, record.size_bytes,
         record.base_model_id, json.dumps(record.config), record.created_at, record.source, record.description,
@@ -122,13 +100,19 @@ class Index:
     def current(self, tenant: str, name: str) -> InterventionRecord | None:
         with self._lock:
             row = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        return None if row is None else _to_record(row)
+        return None if row is None else to_record(row)
 
     def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None:
         with self._lock:
             row = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? AND version=?",
                                    (tenant, name, version)).fetchone()
-        return None if row is None else _to_record(row)
+        return None if row is None else to_record(row)
+
+    def by_digest(self, digest: str) -> InterventionRecord | None:
+        """Any version whose artifact has this content digest (every such version has the same weights)."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM versions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+        return _to_record(row) if row else None
 
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
         """Every retained version of the name, newest first, and the current version number (None: no such name).
@@ -140,17 +124,22 @@ class Index:
                 return None
             rows = self._db.execute(f"{_VERSIONS} WHERE tenant=? AND name=? ORDER BY version DESC",
                                     (tenant, name)).fetchall()
-        return [_to_record(row) for row in rows], int(current[0])
+        return [to_record(row) for row in rows], int(current[0])
 
     def list_current(self, tenant: str) -> list[InterventionRecord]:
         with self._lock:
             rows = self._db.execute(f"{_CURRENT} WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
-        return [_to_record(row) for row in rows]
+        return [to_record(row) for row in rows]
+
+    def list_names(self) -> list[tuple[str, str]]:
+        """(tenant, name) of every name with a current version."""
+        with self._lock:
+            return [(row[0], row[1]) for row in self._db.execute("SELECT tenant, name FROM current ORDER BY 1, 2")]
 
     def list_public(self) -> list[InterventionRecord]:
         with self._lock:
             rows = self._db.execute(f"{_CURRENT} WHERE public=1 ORDER BY tenant, name").fetchall()
-        return [_to_record(row) for row in rows]
+        return [to_record(row) for row in rows]
 
     def usage(self, tenant: str) -> tuple[int, int]:
         """(current interventions, bytes of every retained version) of one tenant: what its quotas count."""
@@ -207,32 +196,17 @@ class Index:
                 "SELECT MAX(COALESCE((SELECT latest FROM current WHERE tenant=? AND name=?), 0), "
                 "COALESCE((SELECT MAX(version) FROM versions WHERE tenant=? AND name=?), 0))", (tenant, name) * 2
             ).fetchone()[0]
-            record = make(int(latest) + 1, None if previous is None else _to_record(previous))
+            record = make(int(latest) + 1, None if previous is None else to_record(previous))
             self._insert(record)
             dropped = self._prune(request)
             public = self._db.execute("SELECT public FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
         return dataclasses.replace(record, public=bool(public[0])), dropped
 
     def _admit(self, request: WriteRequest) -> None:
-        tenant, name, quota = request.tenant, request.name, request.quota
+        tenant, name = request.tenant, request.name
         exists = self._db.execute("SELECT 1 FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        if exists is None and request.replace and not request.upsert:
-            raise InterventionNotFoundError(name, tenant=tenant)
-        if exists is not None and not request.replace and not request.upsert:
-            raise InterventionExistsError(name, tenant=tenant)
-        if quota is None:
-            return
-        count, used = self._usage(tenant)
-        if exists is None and count >= quota.max_interventions:
-            raise QuotaExceededError(
-                f"the tenant stores {count} interventions; its limit is {quota.max_interventions}"
-            )
-        after = used + request.size_bytes - self._pruned_bytes(request)
-        if after > quota.max_bytes:
-            raise QuotaExceededError(
-                f"storing {request.size_bytes} more bytes would bring the tenant's stored versions to {after} bytes; "
-                f"its limit is {quota.max_bytes} (every retained version counts: delete interventions to free space)"
-            )
+        usage = None if request.quota is None else self._usage(tenant)
+        admit(request, exists is not None, usage, lambda: self._pruned_bytes(request))
 
     @staticmethod
     def _outside_retention(keep: int) -> str:
@@ -260,7 +234,7 @@ class Index:
 
     def _insert(self, record: InterventionRecord) -> None:
         placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
-        self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", _to_row(record))
+        self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", to_row(record))
         current = (record.tenant, record.name, record.version)
         # a new version keeps the name's public flag
         self._db.execute("INSERT INTO current (tenant, name, version, latest) VALUES (?, ?, ?, ?) "
@@ -273,7 +247,7 @@ class Index:
             self._retained(tenant, name, version)
             self._db.execute("UPDATE current SET version=? WHERE tenant=? AND name=?", (version, tenant, name))
             row = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name=?", (tenant, name)).fetchone()
-        return _to_record(row)
+        return to_record(row)
 
     def delete_version(self, tenant: str, name: str, version: int) -> set[str]:
         """Remove one non-current version; return its file (the caller removes it if nothing else references it)."""
@@ -311,6 +285,22 @@ class Index:
             files = {row[0] for row in rows}
             self._db.execute("DELETE FROM versions WHERE tenant=? AND name=?", (tenant, name))
         return files
+
+    def latest(self, tenant: str, name: str) -> int:
+        """The highest version number ever given to the name (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT latest FROM current WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def import_name(self, records: list[InterventionRecord], current: int, public: bool, latest: int) -> None:
+        """Insert a name's versions as they were elsewhere (numbers, pointer, flag kept): `reft-serve admin migrate`."""
+        tenant, name = records[0].tenant, records[0].name
+        with self._transaction():
+            for record in records:
+                placeholders = ", ".join("?" * len(_COLUMNS.split(",")))
+                self._db.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES ({placeholders})", to_row(record))
+            self._db.execute("INSERT INTO current (tenant, name, version, public, latest) VALUES (?, ?, ?, ?, ?)",
+                             (tenant, name, current, int(public), latest))
 
     def close(self) -> None:
         with self._lock:

@@ -111,12 +111,31 @@ class JobStore:
             recovered.append(failed)
         return recovered
 
+    def all(self) -> list[JobRecord]:
+        return self._all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
     def _all(self) -> list[JobRecord]:
         with self._lock:
             return [_record(row) for row in self._db.execute(self._select).fetchall()]
 
 
 _KNOWN = {f.name for f in fields(JobRecord)}
+
+
+def open_jobs(location: Path | str, *, lease_s: float | None = None) -> JobStore:
+    """Jobs in a directory (`jobs.sqlite3`), or in the PostgreSQL database of a `postgresql://` store URL."""
+    from adapters_store.backend import is_postgres_url, sqlite_path
+
+    if is_postgres_url(location):
+        from adapters_store.postgres.jobs import PostgresJobStore
+
+        lease = {} if lease_s is None else {"lease_s": lease_s}
+        return PostgresJobStore(str(location), **lease)  # type: ignore[return-value]  # same methods, duck-typed
+    return JobStore(sqlite_path(location))
 
 
 def _record(row: tuple) -> JobRecord:

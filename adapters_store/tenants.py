@@ -69,7 +69,7 @@ class ApiKey:
         return asdict(self)
 
 
-def _digest(secret: str) -> str:
+def key_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -130,7 +130,7 @@ class TenantStore:
         record = ApiKey(key_id, tenant, time.time())
         with self._lock:
             self._db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)",
-                             (key_id, tenant, _digest(secret), record.created_at))
+                             (key_id, tenant, key_digest(secret), record.created_at))
         return record, f"{KEY_PREFIX}{key_id}.{secret}"
 
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
@@ -154,6 +154,24 @@ class TenantStore:
         del updated  # revoking twice is harmless: the key stays revoked
         return ApiKey(*row)
 
+    def key_hashes(self) -> list[tuple[str, str, float, float | None, str]]:
+        """(id, tenant, created_at, revoked_at, secret_sha256) of every key: what a migration copies."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(  # type: ignore[misc]
+                "SELECT id, tenant, created_at, revoked_at, secret_sha256 FROM api_keys").fetchall()]
+
+    def import_tenant(self, tenant: Tenant) -> None:
+        self._check_writable()
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO tenants VALUES (?, ?, ?)",
+                             (tenant.name, tenant.created_at, json.dumps(tenant.limits)))
+
+    def import_key(self, key: ApiKey, secret_sha256: str) -> None:
+        self._check_writable()
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO api_keys VALUES (?, ?, ?, ?, ?)",
+                             (key.id, key.tenant, secret_sha256, key.created_at, key.revoked_at))
+
     def authenticate(self, key: str) -> str | None:
         """The tenant a presented key belongs to, or None (unknown, malformed or revoked)."""
         parts = split_key(key)
@@ -163,13 +181,24 @@ class TenantStore:
         with self._lock:
             row = self._db.execute("SELECT tenant, secret_sha256 FROM api_keys WHERE id=? AND revoked_at IS NULL",
                                    (key_id,)).fetchone()
-        presented = _digest(secret)
-        stored = row[1] if row is not None else _digest("")  # compare anyway: same work for unknown ids
+        presented = key_digest(secret)
+        stored = row[1] if row is not None else key_digest("")  # compare anyway: same work for unknown ids
         return row[0] if hmac.compare_digest(presented, stored) and row is not None else None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_tenants(location: Path | str) -> TenantStore:
+    """Tenants at a data directory, or in the PostgreSQL database of a `postgresql://` store URL."""
+    from adapters_store.backend import is_postgres_url, sqlite_path
+
+    if is_postgres_url(location):
+        from adapters_store.postgres.tenants import PostgresTenantStore
+
+        return PostgresTenantStore(str(location))  # type: ignore[return-value]  # same methods, duck-typed
+    return TenantStore(sqlite_path(location))
 
 
 __all__ = ["ApiKey", "InvalidNameError", "KeyNotFoundError", "Tenant", "TenantExistsError", "TenantNotFoundError",

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from adapters_store import ArtifactStore
-from adapters_store.jobs import JobStore
-from adapters_store.tenants import TenantStore
+from adapters_store.jobs import open_jobs
+from adapters_store.tenants import TenantStore, open_tenants
 from reft_core.base_model import BaseModel, load_base_model, load_tokenizer, model_id_for, resolve_model_dir
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
@@ -32,7 +32,7 @@ from server.generation import GenerationService
 from server.limits import BodySizeLimit
 from server.metrics import Metrics
 from server.playground import install_playground
-from server.quotas import RateLimiter
+from server.quotas import Limiter, RateLimiter
 from server.registry import InterventionRegistry
 from server.routes import admin, completions, health, interventions, models, trainings, versions
 from server.settings import Settings
@@ -60,6 +60,18 @@ class StartedEngine:
     fingerprint: ModelFingerprint
     dims: ModelDims
     base_model_id: str  # the id clients use for the bare model (unless settings.model_id overrides it)
+    capacity: int | None = None  # requests running or queued at once; None: settings' max_running + max_waiting
+    training_unavailable: str | None = None  # why this engine cannot train (POST /v1/trainings answers 501)
+
+
+# Starts the engine for the app factory's loader (the default is `start_engine`; Ray Serve passes its own).
+EngineStarter = Callable[[Settings, Metrics], StartedEngine]
+
+
+def open_artifact_store(settings: Settings, fingerprint: ModelFingerprint) -> ArtifactStore:
+    """The store the settings select (the API process and every engine replica open it the same way)."""
+    return ArtifactStore(settings.state_location("store"), fingerprint,
+                         keep_versions=settings.max_versions_per_intervention)
 
 
 def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -> StartedEngine:
@@ -86,10 +98,10 @@ def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -
 
 
 def build_services(
-    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
+    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: Limiter
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention)
+    store = open_artifact_store(settings, fingerprint)
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
         removed = store.gc()
         if removed:
@@ -97,9 +109,11 @@ def build_services(
     model_id = settings.model_id or started.base_model_id
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
                                     base_model_id=model_id)
-    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
+    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
+                                   capacity=started.capacity)
     training = TrainingManager(
-        engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims,
+        engine, registry, tokenizer, open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s),
+        settings, dims, unavailable=started.training_unavailable,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
@@ -107,16 +121,31 @@ def build_services(
     )
 
 
-def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
+def make_rate_limiter(settings: Settings, metrics: Metrics) -> Limiter:
+    """Per-process buckets, or buckets in Redis shared by every replica (`limits_store`)."""
+    if settings.limits_store is None:
+        return RateLimiter()
+    from server.shared_limits import RedisRateLimiter  # redis is an optional dependency
+
+    metrics.registry.register(metrics.limits_store_up)  # only a server with a limits store reports it
+    return RedisRateLimiter(settings.limits_store, metrics.limits_store_up, prefix=settings.limits_store_prefix,
+                            fail_closed=settings.limits_fail_closed)
+
+
+def create_app(
+    settings: Settings, *, base_model: BaseModel | None = None, start: EngineStarter | None = None
+) -> FastAPI:
+    """`start`: how the engine starts (default: `start_engine`, a thread or a process of its own)."""
     metrics = Metrics()
-    tenants = TenantStore(settings.data_dir)
-    rate_limiter = RateLimiter()
+    tenants = open_tenants(settings.state_location(""))
+    rate_limiter = make_rate_limiter(settings, metrics)
 
     def load() -> None:
         started = time.perf_counter()
         started_engine: StartedEngine | None = None
         try:
-            started_engine = start_engine(settings, base_model, metrics)
+            started_engine = (start(settings, metrics) if start is not None
+                              else start_engine(settings, base_model, metrics))
             app.state.services = build_services(settings, started_engine, tenants, rate_limiter)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")
@@ -138,6 +167,11 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
             services: Services | None = app.state.services
             if services is not None:
                 services.engine.stop()
+            if settings.postgres_store:  # return the connections (a local store's files need no closing)
+                if services is not None:
+                    services.store.close()
+                    services.training.jobs.close()
+                tenants.close()
 
     app = FastAPI(
         title="reft-serve",

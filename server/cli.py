@@ -12,9 +12,13 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from server.logging_setup import configure_logging
 from server.settings import Settings, default_data_dir
+
+if TYPE_CHECKING:
+    from adapters_store.backend import StoreBackend
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
         max_running=args.max_running, resident_interventions=args.resident_interventions,
         training_share=args.training_share, auth=args.auth, admin_key=_admin_key(args),
-        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout, store=args.store,
+        limits_store=args.limits_store,
     )
     given = {name: value for name, value in flags.items() if value is not None}  # flags left out: settings default
     settings = Settings(**(setting_overrides(args.set, os.environ) | given))
+    if args.ray:
+        return _serve_on_ray(args, settings)
     app = create_app(settings)
     _reserve_descriptors(settings.max_connections)
     # The guarded protocol bounds connections, header bytes and the time a request may take to arrive
@@ -48,6 +55,16 @@ def _serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     _run_draining(config, app.state.drain)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from server import ray_serve
+    except ImportError as exc:
+        raise SystemExit(f"--ray needs the ray extra: pip install 'reft-serve[ray]' ({exc})") from None
+    gpus = args.replica_gpus if args.replica_gpus is not None else float((settings.device or "").startswith("cuda"))
+    options = ray_serve.RayOptions(replicas=args.replicas, replica_cpus=args.replica_cpus, replica_gpus=gpus)
+    return ray_serve.run(settings, options)
 
 
 DESCRIPTOR_RESERVE = 256  # model and store files, SQLite, threads' wakeup pipes: what is not a connection
@@ -108,10 +125,12 @@ def _admin_key(args: argparse.Namespace) -> str | None:
 
 def _admin(args: argparse.Namespace) -> int:
     """Tenants, keys and public flags, directly on the data directory (works with or without a running server)."""
-    from adapters_store.index import Index
-    from adapters_store.tenants import TenantStore
+    from adapters_store.tenants import open_tenants
 
-    tenants = TenantStore(args.data_dir)
+    if args.action == "migrate":
+        return _migrate(args)
+    location = args.store if args.store is not None else args.data_dir
+    tenants = open_tenants(location)
     if args.action == "create-tenant":
         limits = {k: v for k, v in (("requests_per_minute", args.requests_per_minute),
                                     ("tokens_per_minute", args.tokens_per_minute)) if v is not None}
@@ -127,12 +146,36 @@ def _admin(args: argparse.Namespace) -> int:
             keys = [k.to_dict() for k in tenants.list_keys(tenant.name)]
             print(json.dumps({**tenant.to_dict(), "keys": keys}))
     elif args.action == "set-public":
-        index = Index(args.data_dir / "store" / "index.sqlite3", writable=True)
+        backend = _store_backend(location)
         tenant, _, name = args.name.partition("/")
-        if not name or not index.set_public(tenant, name, not args.private):
+        if not name or not backend.set_public(tenant, name, not args.private):
             raise SystemExit(f"no intervention {args.name!r} (give it as tenant/name)")
         print(json.dumps({"intervention": args.name, "public": not args.private}))
     return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Copy tenants, keys, every intervention version and jobs from --from to --to, verifying every digest."""
+    from dataclasses import asdict
+
+    from adapters_store.migrate import migrate
+
+    if not args.source or not args.destination:
+        raise SystemExit("admin migrate needs --from URL and --to URL (sqlite:///dir or postgresql://...)")
+    print(json.dumps({"migrated": asdict(migrate(args.source, args.destination)), "verified": True}))
+    return 0
+
+
+def _store_backend(location: Path | str) -> StoreBackend:
+    """The artifact store's backend alone: admin commands need no model (records are not re-validated)."""
+    from adapters_store.backend import is_postgres_url, sqlite_path
+    from adapters_store.local import LocalBackend
+
+    if is_postgres_url(location):
+        from adapters_store.postgres.artifacts import PostgresBackend
+
+        return PostgresBackend(str(location))
+    return LocalBackend(sqlite_path(location) / "store")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - BaseModel import is deferred (torch is slow to import)
@@ -309,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--data-dir", type=Path, help=f"artifact store location (default {default_data_dir()})")
+    serve.add_argument("--store", help="sqlite:///dir or postgresql://user@host/db: where interventions, tenants, "
+                       "keys and jobs live; replicas sharing one PostgreSQL database serve one registry "
+                       "(default: --data-dir)")
+    serve.add_argument("--limits-store", help="redis://host:port/db: per-tenant rate limits shared by replicas "
+                       "(default: in memory, per process)")
     serve.add_argument("--max-running", type=int, help="rows in the running batch (default 64)")
     serve.add_argument("--resident-interventions", type=int, help="interventions kept in the bank (default 256)")
     serve.add_argument("--training-share", type=float,
@@ -323,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any server setting, e.g. --set requests_per_minute=120 (see README; also "
                             "REFT_SERVE_<FIELD> in the environment)")
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.add_argument("--ray", action="store_true",
+                       help="run on Ray Serve: this app as the ingress, --replicas engine replicas (joins "
+                            "$RAY_ADDRESS, else starts a local cluster; needs the ray extra, see docs/ray.md)")
+    serve.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (default 1)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs per engine replica (default 1)")
+    serve.add_argument("--replica-gpus", type=float,
+                       help="--ray: GPUs per engine replica (default 1 with --device cuda, else 0)")
     serve.set_defaults(run=_serve)
 
     gen = commands.add_parser("generate", help="generate once, optionally with an intervention artifact")
@@ -361,10 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     adm = commands.add_parser("admin", help="manage tenants, API keys and public interventions on a data directory")
-    adm.add_argument("action", choices=["create-tenant", "create-key", "revoke-key", "list", "set-public"])
+    adm.add_argument("action", choices=["create-tenant", "create-key", "revoke-key", "list", "set-public", "migrate"])
     adm.add_argument("name", nargs="?", default="",
                      help="tenant (create-tenant, create-key), key id (revoke-key), tenant/name (set-public)")
     adm.add_argument("--data-dir", type=Path, default=default_data_dir())
+    adm.add_argument("--store", help="sqlite:///dir or postgresql://...: the store a server uses (default: --data-dir)")
+    adm.add_argument("--from", dest="source", help="migrate: the store to copy (sqlite:///dir or postgresql://...)")
+    adm.add_argument("--to", dest="destination", help="migrate: the store to copy into (created if missing)")
     adm.add_argument("--requests-per-minute", type=int, help="create-tenant: override the server default")
     adm.add_argument("--tokens-per-minute", type=int, help="create-tenant: override the server default")
     adm.add_argument("--private", action="store_true", help="set-public: make it private again")

@@ -52,6 +52,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, str]] = [
     (store_errors.InvalidMetadataError, 400, "invalid_request_error", "invalid_metadata"),
     (store_errors.QuotaExceededError, 403, "permission_error", "storage_quota_exceeded"),
     (store_errors.ArtifactUnavailableError, 503, "server_error", "artifact_unavailable"),
+    (store_errors.StoreUnavailableError, 503, "server_error", "store_unavailable"),  # retry: the database is back soon
     (store_errors.StoreWriteError, 507, "server_error", "storage_unavailable"),
     (core_errors.IncompatibleBaseModelError, 409, "invalid_request_error", "incompatible_base_model"),
     (core_errors.UnsupportedFormatVersionError, 422, "invalid_request_error", "unsupported_format_version"),

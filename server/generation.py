@@ -28,7 +28,7 @@ from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
 from server.errors import APIError, rate_limited
-from server.quotas import RateLimiter
+from server.quotas import Limiter, RateLimiter
 from server.registry import InterventionRegistry
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
@@ -84,14 +84,16 @@ class Caller:
 class GenerationService:
     def __init__(
         self, engine: EngineHandle, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: Limiter | None = None, capacity: int | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.registry = registry
         self.settings = settings
         self.model_id = model_id
-        self.rate_limiter = rate_limiter or RateLimiter()
+        self.rate_limiter: Limiter = rate_limiter or RateLimiter()
+        # requests running or queued in the engine at once (N engine replicas hold N times one engine's bound)
+        self.capacity = capacity or settings.max_running + settings.max_waiting_requests
         self._dispatchers: dict[asyncio.AbstractEventLoop, LoopDispatcher] = {}
         self._in_flight = 0  # submitted and not finished
         self._preparing = 0  # admitted and still tokenizing / validating
@@ -110,7 +112,7 @@ class GenerationService:
         if self.engine.failure is not None:
             raise APIError(503, f"the generation engine stopped ({self.engine.failure}); the server must restart",
                            type="server_error", code="engine_unavailable")
-        limit = self.settings.max_running + self.settings.max_waiting_requests
+        limit = self.capacity
         with self._in_flight_lock:
             busy = self._in_flight + self._preparing >= limit
             if not busy:
@@ -291,13 +293,17 @@ _ERROR_RESPONSES: dict[ErrorKind, tuple[int, str, str]] = {
     ErrorKind.SHUTDOWN: (503, "server_error", "shutting_down"),
     ErrorKind.ENGINE_DEAD: (503, "server_error", "engine_unavailable"),
     ErrorKind.TIMEOUT: (504, "timeout_error", "request_timeout"),
+    ErrorKind.OVERLOADED: (429, "rate_limit_error", "server_busy"),
 }
 
 
 def error_for(event: GenerationEvent) -> APIError:
     """The API error for a failed request's final event."""
-    status, kind, code = _ERROR_RESPONSES[event.error_kind or ErrorKind.INTERNAL]
-    return APIError(status, event.error or "generation failed", type=kind, code=code)
+    kind = event.error_kind or ErrorKind.INTERNAL
+    status, type_, code = _ERROR_RESPONSES[kind]
+    if kind is ErrorKind.OVERLOADED:
+        return rate_limited(event.error or "the server is at capacity; retry shortly", 1.0, code)
+    return APIError(status, event.error or "generation failed", type=type_, code=code)
 
 
 def raise_for_error(event: GenerationEvent) -> None:

@@ -43,4 +43,8 @@ class Metrics:
         self.intervention_loads = Counter("reft_intervention_loads_total", "Loads into the bank", registry=r)
         self.store_interventions = Gauge("reft_store_interventions", "Interventions in the store", registry=r)
         self.store_bytes = Gauge("reft_store_bytes", "Bytes of artifacts in the store", registry=r)
+        self.limits_store_up = Gauge(
+            "reft_limits_store_up", "1 while the shared rate-limit store (Redis) answers, 0 while per-process limits "
+            "stand in (absent without --limits-store)", registry=None,
+        )
         self.errors = Counter("reft_errors_total", "Errors returned to clients by type", ["type"], registry=r)

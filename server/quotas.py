@@ -11,6 +11,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Limiter(Protocol):
+    """What requests are charged through: `RateLimiter` (one process) or `shared_limits.RedisRateLimiter`."""
+
+    def take(self, tenant: str, kind: str, amount: float, capacity_per_minute: int) -> float: ...
+    def refund(self, tenant: str, kind: str, amount: float, capacity_per_minute: int) -> None: ...
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Resolving a name returns an `InterventionRef` pinned to one exact version (its artifact digest): a request keeps
 the version it started with even if the name is replaced or deleted meanwhile (hot swap). Decoded artifacts are
 cached by digest (content-addressed, so entries never go stale), and the current version of each name is cached
-too: every write goes through this registry (the server is the store's only writer), which updates that cache in
-the same call, so a request on a known name costs a dict lookup, not a database query. Uploads of either format end up as a validated
+too: every write through this registry updates that cache in the same call, and on a shared (PostgreSQL) store
+other replicas' writes reach it as change notifications within milliseconds (`store.subscribe`), so a request on
+a known name costs a dict lookup, not a database query. Uploads of either format end up as a validated
 native artifact in the store. All methods block (disk, decoding): handlers call them through a threadpool.
 
 Names belong to tenants: every method takes the tenant, caches are keyed by (tenant, name), and another tenant's
@@ -97,6 +98,8 @@ class InterventionRegistry:
         self._current: dict[tuple[str, str], InterventionRef] = {}
         self._writes = 0  # bumped by every write; a resolve that raced a write does not cache what it read
         self._lock = threading.Lock()
+        # other replicas write too on a shared store: their changes drop our cached current versions
+        store.subscribe(self._forget, self._forget_all)
 
     def lookup_cached(self, model: str, tenant: str) -> Target | None:
         """`lookup` without I/O (safe on the event loop): the base model, or a bare own name resolved before.
@@ -192,6 +195,11 @@ class InterventionRegistry:
         with self._lock:
             self._writes += 1
             self._current.pop((tenant, name), None)
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self._writes += 1
+            self._current.clear()
 
     def _quota(self, tenant: str) -> StorageQuota:
         limits = self._limits(tenant)

@@ -12,6 +12,8 @@ from typing import Literal
 import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 
+from adapters_store.backend import sqlite_path
+
 
 # hard ceiling of `max_training_examples`: a request's list is refused at this length before any example in it is
 # validated, so a million-example body costs a length check, not a million validations
@@ -31,6 +33,23 @@ class Settings(BaseModel):
     port: int = 8000
     data_dir: Path = Field(default_factory=default_data_dir)
     model_cache_dir: Path | None = None
+    # shared state for several replicas (docs/deployment.md); the defaults keep everything under data_dir
+    store: str | None = Field(
+        None, description="where interventions, tenants, keys and jobs live: sqlite:///dir (a directory like "
+        "data_dir) or postgresql://... (default: data_dir)",
+    )
+    limits_store: str | None = Field(
+        None, description="redis://... to share the per-tenant rate limits between replicas (default: in memory)"
+    )
+    job_lease_s: float = Field(
+        15.0, gt=0, description="with a PostgreSQL store: a training job whose replica has not renewed its lease for "
+        "this long is failed (the replica died)",
+    )
+    limits_store_prefix: str = Field("reft:limits:", description="prefix of the rate-limit keys in Redis")
+    limits_fail_closed: bool = Field(
+        False, description="with limits_store: refuse requests (503) while Redis is unreachable, instead of "
+        "falling back to per-process buckets",
+    )
 
     # tenants and API keys
     auth: Literal["auto", "on", "off"] = Field(
@@ -145,6 +164,20 @@ class Settings(BaseModel):
     max_training_working_bytes: int = Field(
         2 << 30, ge=0, description="estimated working memory of a job's largest micro-batch; a job above it gets 400"
     )
+
+    @property
+    def postgres_store(self) -> bool:
+        return self.store is not None and self.store.startswith(("postgresql://", "postgres://"))
+
+    def state_location(self, part: str) -> Path | str:
+        """Where `part` ("store": interventions, "": tenants, "jobs") lives: the PostgreSQL database of a
+        `postgresql://` store (one database holds all three), else under the directory of `sqlite:///dir` or
+        data_dir."""
+        if self.postgres_store:
+            assert self.store is not None
+            return self.store
+        base = self.data_dir if self.store is None else sqlite_path(self.store)
+        return base / part if part else base
 
     @property
     def auth_enabled(self) -> bool:

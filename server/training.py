@@ -52,8 +52,9 @@ ACTIVE = ("queued", "running")
 class TrainingManager:
     def __init__(
         self, engine: EngineHandle, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
-        dims: ModelDims,
+        dims: ModelDims, *, unavailable: str | None = None,
     ) -> None:
+        self.unavailable = unavailable  # why this deployment cannot train (every submit answers 501), or None
         self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
         self.dims = dims  # the model's sizes (config numbers only), for admission estimates
         self.num_layers, self.hidden_size = dims.num_layers, dims.hidden_size
@@ -68,6 +69,8 @@ class TrainingManager:
     # -- requests (each acts on one tenant's jobs; another tenant's job is a 404) ------------------------------------
     async def submit(self, body: TrainingRequest, tenant: str = "default", max_for_tenant: int | None = None) -> JobRecord:
         """Validate and queue; `max_for_tenant` caps the tenant's queued + running jobs (None: no cap)."""
+        if self.unavailable is not None:
+            raise APIError(501, self.unavailable, type="server_error", code="training_unavailable")
         validate_name(body.name)
         s = self.settings
         if len(body.examples) > s.max_training_examples:

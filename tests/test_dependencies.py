@@ -55,12 +55,12 @@ def test_our_calls_into_transformers_raise_no_deprecation_warning() -> None:
 def test_the_pins_satisfy_the_declared_ranges_and_are_what_we_test_on() -> None:
     pins = _pins()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for spec in project["dependencies"]:
+    for spec in project["dependencies"] + project["optional-dependencies"]["ray"]:
         requirement = Requirement(spec)
         name = requirement.name.lower().replace("_", "-")
         if name in pins:
             assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {spec}"
-    for name in ("transformers", "fastapi", "uvicorn", "pydantic", "safetensors"):
+    for name in ("transformers", "fastapi", "uvicorn", "pydantic", "safetensors", "ray"):
         assert name in pins, f"{name} is not pinned"
         assert metadata.version(name) == pins[name], f"tests run on {name} {metadata.version(name)}, pin {pins[name]}"
 

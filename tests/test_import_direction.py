@@ -37,3 +37,10 @@ def test_package_does_not_import_upward(package: str) -> None:
 
 def test_the_check_sees_imports() -> None:
     assert "server" in imported_modules(ROOT / "server" / "app.py")
+
+
+def test_only_the_ray_module_imports_ray() -> None:
+    """Ray is an optional extra and its multiplex API is beta: everything Ray-specific stays in one module."""
+    importers = {str(path.relative_to(ROOT)) for package in ("server", "adapters_store", "reft_core")
+                 for path in (ROOT / package).rglob("*.py") if "ray" in imported_modules(path)}
+    assert importers == {"server/ray_serve.py"}

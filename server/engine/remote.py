@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
@@ -238,8 +238,22 @@ class RemoteEngine:
             task.on_finish(None, [], "the server shut down before the job finished")
 
 
-# What the rest of the server holds: the engine on a thread of this process, or in a process of its own.
-EngineHandle = Engine | RemoteEngine
+class EngineHandle(Protocol):
+    """What the rest of the server holds: the engine on a thread of this process (`Engine`), in a process of its
+    own (`RemoteEngine`), or replicas on Ray Serve (`server.ray_serve.RayEngine`)."""
+
+    @property
+    def running(self) -> bool: ...
+    @property
+    def failure(self) -> str | None: ...
+    @property
+    def max_context(self) -> int: ...
+    def submit(self, request: GenerationRequest, sink: EventSink) -> None: ...
+    def cancel(self, request_id: str) -> None: ...
+    def submit_training(self, task: TrainingTask) -> None: ...
+    def cancel_training(self, job_id: str) -> None: ...
+    def drain(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
 
 
 # -- the engine process ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class ErrorKind(str, Enum):
     SHUTDOWN = "shutdown"  # the server is draining or stopping
     ENGINE_DEAD = "engine_dead"  # the engine thread stopped; the process must be restarted
     TIMEOUT = "timeout"  # the request ran past request_timeout_s
+    OVERLOADED = "overloaded"  # every engine replica's queue was full (Ray Serve): 429, retry shortly
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapters_store.errors import StoreUnavailableError
+
 router = APIRouter(tags=["health"])
 
 
@@ -28,7 +30,8 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
     if svc is None or not svc.engine.running:
         failure = svc.engine.failure if svc is not None else None
-        reason = failure or getattr(request.app.state, "load_error", None) or "loading"
+        load_error = getattr(request.app.state, "load_error", None)
+        reason = failure or load_error or ("loading" if svc is None else "no generation engine is running")
         return JSONResponse({"status": "not_ready", "reason": str(reason)}, status_code=503)
     return JSONResponse({"status": "ready", "model": svc.model_id})
 
@@ -39,7 +42,11 @@ async def metrics(request: Request) -> Response:
     registry_metrics = request.app.state.metrics
     svc = getattr(request.app.state, "services", None)
     if svc is not None:
-        stats = svc.store.stats()
-        registry_metrics.store_interventions.set(stats.interventions)
-        registry_metrics.store_bytes.set(stats.bytes)
+        try:
+            stats = svc.store.stats()
+        except StoreUnavailableError:  # the database is away: the other metrics still answer (the gauges keep their last values)
+            pass
+        else:
+            registry_metrics.store_interventions.set(stats.interventions)
+            registry_metrics.store_bytes.set(stats.bytes)
     return Response(generate_latest(registry_metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,5 @@
-"""Crash consistency, garbage collection, on-disk corruption, write failures and read-only roots."""
+"""Crash consistency, garbage collection, on-disk corruption, write failures and read-only roots: the local
+backend's files and SQLite index (the PostgreSQL backend's counterparts are in test_postgres.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from adapters_store import (
 )
 from reft_core.fingerprint import ModelFingerprint
 from tests.adapters_store.conftest import make_payload
+
+
+@pytest.fixture
+def root(local_root: Path) -> Path:
+    return local_root
 
 
 def flip_last_byte(path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from adapters_store import ArtifactStore, InterventionNotFoundError, QuotaExceededError, StorageQuota
 from reft_core.fingerprint import ModelFingerprint
-from tests.adapters_store.conftest import make_payload
+from tests.adapters_store.conftest import NewLocation, make_payload
 
 UNLIMITED_BYTES = 1 << 40
 
@@ -34,7 +34,7 @@ def test_concurrent_puts_never_exceed_the_intervention_quota(store: ArtifactStor
     for thread in threads:
         thread.join()
     assert outcomes.count("stored") == 5 and len(store.list("acme")) == 5
-    assert len(store.files.all_files()) == 5  # refused puts left no file behind
+    assert len(store.blob_addresses()) == 5  # refused puts left no artifact behind
 
 
 def test_usage_counts_every_retained_version(root: Path, fingerprint: ModelFingerprint) -> None:
@@ -46,17 +46,17 @@ def test_usage_counts_every_retained_version(root: Path, fingerprint: ModelFinge
 
 
 def test_bytes_quota_counts_old_versions_and_credits_what_retention_drops(
-    root: Path, fingerprint: ModelFingerprint
+    new_location: NewLocation, fingerprint: ModelFingerprint
 ) -> None:
     size = len(make_payload(fingerprint, 0))
-    keep_all = ArtifactStore(root / "all", fingerprint)
+    keep_all = ArtifactStore(new_location(), fingerprint)
     quota = StorageQuota(max_interventions=10, max_bytes=2 * size)
     keep_all.put("p", make_payload(fingerprint, 0), quota=quota)
     keep_all.put("p", make_payload(fingerprint, 1), replace=True, quota=quota)
     with pytest.raises(QuotaExceededError, match="every retained version counts"):
         keep_all.put("p", make_payload(fingerprint, 2), replace=True, quota=quota)  # three versions kept: too many
-    assert keep_all.get("p").version == 2 and len(keep_all.files.all_files()) == 2
-    keep_two = ArtifactStore(root / "two", fingerprint, keep_versions=2)
+    assert keep_all.get("p").version == 2 and len(keep_all.blob_addresses()) == 2
+    keep_two = ArtifactStore(new_location(), fingerprint, keep_versions=2)
     for seed in range(5):  # each replace drops the oldest version, so two versions always fit
         keep_two.put("p", make_payload(fingerprint, seed), replace=seed > 0, quota=quota)
     assert keep_two.usage("default") == (1, 2 * size)
@@ -71,9 +71,9 @@ def test_replaces_beyond_retention_and_a_delete_leave_no_unreferenced_file(
     assert store.get("p").version == 12 and store.get_version("p", 10).version == 10
     with pytest.raises(InterventionNotFoundError):
         store.get_version("p", 9)  # dropped by the retention rule
-    assert len(store.files.all_files()) == 3 and store.stats().versions == 3
+    assert len(store.blob_addresses()) == 3 and store.stats().versions == 3
     kept = store.put("other", make_payload(fingerprint, 11))  # shares its file with the current "p"
     store.delete("p")
-    assert store.files.all_files() == [store.files.path_for(kept.file_sha256)] and store.gc() == 0
+    assert store.blob_addresses() == {kept.file_sha256} and store.gc() == 0
     store.delete("other")
-    assert store.files.all_files() == []
+    assert store.blob_addresses() == set()

@@ -15,6 +15,7 @@ from adapters_store import (
     InvalidNameError,
     StoreStats,
 )
+from adapters_store.local import LocalBackend
 from reft_core.artifact import encode_artifact
 from reft_core.errors import ArtifactFormatError, IncompatibleBaseModelError
 from reft_core.fingerprint import ModelFingerprint, fingerprint_model
@@ -22,8 +23,13 @@ from tests.adapters_store.conftest import CONFIG, make_payload
 from tests.reft_core.conftest import random_intervention, tiny_llama
 
 
+def temp_files(store: ArtifactStore) -> list[Path]:
+    """Leftovers of interrupted file writes (a PostgreSQL store writes bytes in its transaction: none there)."""
+    return store.files.temp_files() if isinstance(store.backend, LocalBackend) else []
+
+
 def nothing_written(store: ArtifactStore) -> bool:
-    return not store.files.all_files() and not store.list() and store.stats() == StoreStats(0, 0, 0)
+    return not store.blob_addresses() and not store.list() and store.stats() == StoreStats(0, 0, 0)
 
 
 def test_put_get_list_delete(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
@@ -77,7 +83,7 @@ def test_existing_and_unknown_names_are_typed_errors(store: ArtifactStore, finge
         store.put("p", make_payload(fingerprint, 2))
     with pytest.raises(InterventionNotFoundError, match="'unknown'"):
         store.put("unknown", make_payload(fingerprint, 3), replace=True)
-    assert store.list() == [kept] and len(store.files.all_files()) == 1  # refusals leave no orphan file
+    assert store.list() == [kept] and len(store.blob_addresses()) == 1  # refusals leave no orphan artifact
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "A", "a b", "a\x00", "é", "a" * 65, "..", ""])
@@ -86,7 +92,7 @@ def test_invalid_names_write_nothing(store: ArtifactStore, fingerprint: ModelFin
         store.put(name, make_payload(fingerprint))
     with pytest.raises(InvalidNameError):
         store.get(name)
-    assert nothing_written(store) and not list(store.root.rglob("*.partial"))
+    assert nothing_written(store) and not temp_files(store)
 
 
 def test_bad_metadata_writes_nothing(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
@@ -140,7 +146,7 @@ def test_everything_survives_a_restart(root: Path, store: ArtifactStore, fingerp
 def test_identical_content_is_stored_once(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
     one = store.put("one", make_payload(fingerprint))
     two = store.put("two", make_payload(fingerprint))
-    assert one.file_sha256 == two.file_sha256 and len(store.files.all_files()) == 1
+    assert one.file_sha256 == two.file_sha256 and len(store.blob_addresses()) == 1
     assert store.stats().bytes == one.size_bytes  # counted once, as on disk
     store.delete("one")
     assert store.gc() == 0  # still referenced by "two"
@@ -176,3 +182,17 @@ def test_public_flag_survives_new_versions_and_usage_counts_one_tenant(store: Ar
     assert not store.set_public("shared", False, tenant="acme").public and store.list_public() == []
     with pytest.raises(InterventionNotFoundError):
         store.set_public("shared", True)  # the default tenant has no such name
+
+
+def test_load_digest_finds_any_version_holding_the_artifact(store: ArtifactStore, fingerprint: ModelFingerprint) -> None:
+    """What an engine replica handed only a digest reads (Ray Serve): any tenant, name or version with it."""
+    from adapters_store import ArtifactUnavailableError
+
+    first = store.put("a", make_payload(fingerprint, 1), tenant="acme")
+    second = store.put("a", make_payload(fingerprint, 2), tenant="acme", replace=True)
+    for record in (first, second):  # the old version too: a request pinned to it may still be routed
+        artifact = store.load_digest(record.digest)
+        assert artifact.digest == record.digest and artifact.intervention.config.to_dict() == record.config
+    store.delete("a", "acme")
+    with pytest.raises(ArtifactUnavailableError, match="deleted"):
+        store.load_digest(second.digest)

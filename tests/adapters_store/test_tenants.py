@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters_store.errors import InvalidNameError
-from adapters_store.tenants import KeyNotFoundError, TenantExistsError, TenantNotFoundError, TenantStore
+from adapters_store.tenants import (
+    KeyNotFoundError,
+    TenantExistsError,
+    TenantNotFoundError,
+    TenantStore,
+    open_tenants,
+)
 
 
-@pytest.fixture
-def tenants(tmp_path) -> TenantStore:
-    return TenantStore(tmp_path)
+@pytest.fixture(params=["local", "postgres"])
+def tenants(request: pytest.FixtureRequest, tmp_path) -> Iterator[TenantStore]:
+    location = tmp_path if request.param == "local" else request.getfixturevalue("postgres").new_schema()
+    opened = open_tenants(location)
+    yield opened
+    opened.close()
+
+
+def stored_bytes(tenants: TenantStore, tmp_path) -> bytes:
+    """Everything the store keeps: the database files, or every row of the PostgreSQL tables."""
+    if isinstance(tenants, TenantStore):
+        return b"".join(p.read_bytes() for p in tmp_path.glob("tenants.sqlite3*"))
+    with tenants.db.transaction() as cur:
+        rows = cur.execute("SELECT * FROM api_keys").fetchall() + cur.execute("SELECT * FROM tenants").fetchall()
+    return repr(rows).encode()
 
 
 def test_keys_authenticate_their_tenant_and_are_never_stored(tenants: TenantStore, tmp_path) -> None:
@@ -25,11 +43,9 @@ def test_keys_authenticate_their_tenant_and_are_never_stored(tenants: TenantStor
     assert tenants.authenticate(key) == "acme" and tenants.authenticate(other) == "globex"
     assert [k.id for k in tenants.list_keys("acme")] == [record.id]
     assert tenants.get_tenant("globex").limits == {"requests_per_minute": 5}
-    tenants.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("tenants.sqlite3*"))
-    assert key.encode() not in raw and key.split(".")[1].encode() not in raw  # only the hash is on disk
-    with sqlite3.connect(tmp_path / "tenants.sqlite3") as db:
-        assert db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0] == 2
+    raw = stored_bytes(tenants, tmp_path)
+    assert key.encode() not in raw and key.split(".")[1].encode() not in raw  # only the hash is stored
+    assert len(tenants.key_hashes()) == 2 and record.id.encode() in raw
 
 
 def test_revoked_tampered_and_malformed_keys_fail(tenants: TenantStore) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,36 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return tiny.save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
+# REFT_TEST_STORE=postgres runs every in-process app of tests/server on PostgreSQL (a fresh schema per app), to
+# check the whole server suite on that backend; `make test` runs tests/server/test_shared_store.py on it instead.
+_new_store: list[Callable[[], str]] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_backend_from_environment(request: pytest.FixtureRequest) -> Iterator[None]:
+    if os.environ.get("REFT_TEST_STORE") == "postgres":
+        _new_store.append(request.getfixturevalue("postgres").new_schema)
+    yield
+    _new_store.clear()
+
+
 def make_settings(tmp_path: Path, **overrides) -> Settings:
-    return Settings(**({"data_dir": tmp_path / "data", "max_tokens_limit": 64, "default_max_tokens": 16} | overrides))
+    defaults = {"data_dir": tmp_path / "data", "max_tokens_limit": 64, "default_max_tokens": 16}
+    if _new_store and "store" not in overrides:
+        defaults["store"] = _new_store[0]()
+    return Settings(**(defaults | overrides))
 
 
 @pytest.fixture
 def client(tmp_path, tiny_base) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(tmp_path), base_model=tiny_base)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def local_client(tmp_path, tiny_base) -> Iterator[TestClient]:
+    """On the local store whatever REFT_TEST_STORE says: for tests of files and disks."""
+    with TestClient(create_app(make_settings(tmp_path, store=None), base_model=tiny_base)) as test_client:
         yield test_client
 
 

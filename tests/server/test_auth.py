@@ -13,7 +13,6 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters_store.tenants import TenantStore
 from server.app import create_app
 
 from .conftest import make_settings
@@ -49,8 +48,9 @@ def test_the_key_is_checked_once_and_before_the_body_is_read(tmp_path, tiny_base
         sent, read = _call(app, path, headers)
         assert sent[0]["status"] == 401 and not read
     lookups: list[str] = []
-    authenticate = TenantStore.authenticate
-    monkeypatch.setattr(TenantStore, "authenticate", lambda self, key: lookups.append(key) or authenticate(self, key))
+    tenant_store = type(app.state.tenants)  # TenantStore, or its PostgreSQL counterpart
+    authenticate = tenant_store.authenticate
+    monkeypatch.setattr(tenant_store, "authenticate", lambda self, key: lookups.append(key) or authenticate(self, key))
     with TestClient(app) as client:
         app.state.tenants.create_tenant("acme")
         _, key = app.state.tenants.create_key("acme")

@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 
+from tests.store_faults import corrupt_artifact
+
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona, upload
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -40,11 +42,7 @@ def test_a_corrupt_artifact_is_unavailable_with_a_reason_and_others_keep_serving
     upload(client, "bad", artifact_bytes(tiny_base, persona(1)))
     upload(client, "good", artifact_bytes(tiny_base, persona(2)))
     store = client.app.state.services.store
-    path = store.files.path_for(store.get("bad").file_sha256)
-    os.chmod(path, 0o644)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    corrupt_artifact(store, store.get("bad").file_sha256)
     refused = chat(client, "bad")
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "artifact_unavailable" and "corrupt" in refused.json()["error"]["message"]
@@ -52,26 +50,26 @@ def test_a_corrupt_artifact_is_unavailable_with_a_reason_and_others_keep_serving
     assert client.get("/v1/interventions/bad/artifact").status_code == 503
 
 
-def test_disk_full_on_upload_is_a_507_and_changes_nothing(client, tiny_base, monkeypatch) -> None:
-    upload(client, "kept", artifact_bytes(tiny_base, persona(1)))
+def test_disk_full_on_upload_is_a_507_and_changes_nothing(local_client, tiny_base, monkeypatch) -> None:
+    upload(local_client, "kept", artifact_bytes(tiny_base, persona(1)))
 
     def full(*_args: object, **_kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full)
     files = {"file": ("a.safetensors", artifact_bytes(tiny_base, persona(2)))}
-    refused = client.post("/v1/interventions", data={"name": "new"}, files=files)
+    refused = local_client.post("/v1/interventions", data={"name": "new"}, files=files)
     assert refused.status_code == 507 and "disk full" in refused.json()["error"]["message"]
-    replaced = client.put("/v1/interventions/kept", files=files)
+    replaced = local_client.put("/v1/interventions/kept", files=files)
     assert replaced.status_code == 507
     monkeypatch.undo()
-    assert [r["id"] for r in client.get("/v1/interventions").json()["data"]] == ["kept"]
-    assert chat(client, "kept").status_code == 200
+    assert [r["id"] for r in local_client.get("/v1/interventions").json()["data"]] == ["kept"]
+    assert chat(local_client, "kept").status_code == 200
 
 
 def test_a_read_only_store_serves_and_refuses_writes_cleanly(tmp_path, tiny_base, monkeypatch) -> None:
     """Artifacts, training jobs and tenants: the server starts and serves on a read-only data directory."""
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store=None)  # a read-only directory: the local store
     with TestClient(create_app(settings, base_model=tiny_base)) as client:
         upload(client, "kept", artifact_bytes(tiny_base, persona(1)))
     monkeypatch.setattr(os, "access", lambda *_args, **_kwargs: False)  # the root is not writable

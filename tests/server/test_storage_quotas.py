@@ -19,6 +19,11 @@ def artifact_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "store" / "artifacts").glob("*/*"))
 
 
+def stored_artifacts(client: TestClient) -> set[str]:
+    """Addresses of every artifact the app's store keeps (files, or rows on PostgreSQL), referenced or not."""
+    return client.app.state.services.store.blob_addresses()  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def quota_client(tmp_path, tiny_base) -> Iterator[TestClient]:
     settings = make_settings(tmp_path, max_interventions_per_tenant=5, max_versions_per_intervention=3)
@@ -46,7 +51,7 @@ def test_24_concurrent_uploads_under_a_quota_of_5_store_exactly_5(quota_client, 
         thread.join()
     assert sorted(statuses) == [201] * 5 + [403] * 19
     assert len(quota_client.get("/v1/interventions").json()["data"]) == 5
-    assert len(artifact_files(tmp_path / "data")) == 5
+    assert len(stored_artifacts(quota_client)) == 5
 
 
 def test_replaces_and_a_delete_leave_no_unreferenced_file(quota_client, tiny_base, tmp_path) -> None:
@@ -55,9 +60,9 @@ def test_replaces_and_a_delete_leave_no_unreferenced_file(quota_client, tiny_bas
         response = quota_client.put("/v1/interventions/p", files={"file": ("a.safetensors",
                                                                            artifact_bytes(tiny_base, persona(seed)))})
         assert response.status_code == 200 and response.json()["version"] == seed + 1
-    assert len(artifact_files(tmp_path / "data")) == 3  # the retained versions only
+    assert len(stored_artifacts(quota_client)) == 3  # the retained versions only
     assert quota_client.delete("/v1/interventions/p").status_code == 200
-    assert artifact_files(tmp_path / "data") == []
+    assert stored_artifacts(quota_client) == set()
 
 
 def test_the_bytes_quota_counts_retained_versions(tmp_path, tiny_base) -> None:
@@ -75,7 +80,7 @@ def test_the_bytes_quota_counts_retained_versions(tmp_path, tiny_base) -> None:
 
 
 def test_unreferenced_files_are_collected_at_start(tmp_path, tiny_base) -> None:
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store=None)  # files on disk: the local store
     with TestClient(create_app(settings, base_model=tiny_base)) as client:
         kept = upload(client, "kept", artifact_bytes(tiny_base, persona(0)))
     orphan = tmp_path / "data" / "store" / "artifacts" / "ab" / f"{'ab' * 32}.safetensors"

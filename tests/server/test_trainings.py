@@ -9,7 +9,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters_store.jobs import JobRecord, JobStore
+from adapters_store.jobs import JobRecord, open_jobs
+from adapters_store.postgres.jobs import PostgresJobStore
 from server.app import create_app
 
 from .conftest import MODEL_ID, make_settings
@@ -106,9 +107,12 @@ def test_a_failing_step_fails_the_job_with_a_reason(client, monkeypatch) -> None
 
 def test_restart_marks_unfinished_jobs_failed_and_keeps_finished_ones(tmp_path, tiny_base) -> None:
     settings = make_settings(tmp_path)
-    jobs = JobStore(settings.data_dir / "jobs")
+    jobs = open_jobs(settings.state_location("jobs"))
+    if isinstance(jobs, PostgresJobStore):
+        jobs.lease_s = 0.0  # a replica that died: its leases have run out
     for status in ("queued", "running", "succeeded", "cancelled"):
         jobs.save(JobRecord(id=f"job-{status}", name="p", status=status, spec={}))
+    jobs.close()
     with TestClient(create_app(settings, base_model=tiny_base)) as client:
         listed = {j["id"]: j for j in client.get("/v1/trainings").json()["data"]}
         assert listed["job-queued"]["status"] == listed["job-running"]["status"] == "failed"

@@ -117,13 +117,13 @@ def test_deleting_one_version_refuses_the_current_one_and_removes_the_file(clien
     upload(client, "p", artifact_bytes(tiny_base, persona(1)))
     replace(client, tiny_base, "p", 2)
     store = client.app.state.services.store  # type: ignore[attr-defined]
-    assert len(store.files.all_files()) == 2
+    assert len(store.blob_addresses()) == 2
     current = client.delete("/v1/interventions/p/versions/2")
     assert current.status_code == 409 and current.json()["error"]["code"] == "version_is_current"
     assert "promote another version first" in current.json()["error"]["message"]
     assert client.delete("/v1/interventions/p/versions/1").json() == {"id": "p@1", "object": "intervention.version",
                                                                        "deleted": True}
-    assert len(store.files.all_files()) == 1  # the blob went with its version
+    assert len(store.blob_addresses()) == 1  # the blob went with its version
     assert [v["version"] for v in client.get("/v1/interventions/p/versions").json()["data"]] == [2]
     assert client.post("/v1/chat/completions", json={"model": "p@1", "messages": CHAT}).status_code == 404
     assert client.delete("/v1/interventions/p/versions/1").status_code == 404

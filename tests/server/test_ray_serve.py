@@ -1,0 +1,446 @@
+"""`reft-serve serve --ray` on a local Ray cluster: 2 engine replicas of the tiny model on half a CPU each.
+
+One cluster for the module (it takes ~40-60 s to start here); the tests run in file order and the last one stops it
+and checks nothing is left. The tiny random Llama (tests/tiny.py) stands in for SmolLM2: the Ray path does not
+depend on the model, and greedy equality with the single-process server is the property under test.
+Each replica holds max_running 2 + max_waiting 2 = 4 requests (Ray's max_ongoing_requests), the ingress 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from reft_core.base_model import BaseModel, load_base_model
+from reft_core.config import InterventionConfig
+from server.app import create_app
+from tests.server.conftest import artifact_bytes, make_settings, persona, upload
+from tests.server.process import ROOT, process_tree
+
+pytestmark = pytest.mark.ray
+
+CONFIGS = (  # mixed placements, ranks and positions across the 16 personas
+    InterventionConfig(layers=(0, 2), rank=4, positions="f1+l1"),
+    InterventionConfig(layers=(1,), rank=2, positions="l1"),
+    InterventionConfig(layers=(0, 1, 3), rank=8, positions="f3+l3"),
+    InterventionConfig(layers=(3,), rank=1, positions="f1"),
+)
+CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "temperature": 0}
+
+
+@dataclass
+class RayServer:
+    process: subprocess.Popen
+    url: str
+    ray_dir: Path
+    model_id: str = ""  # the base model's id (from /ready)
+
+    def chat(self, model: str, max_tokens: int = 16, **fields) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/chat/completions", json={"model": model, "max_tokens": max_tokens,
+                                                                   **CHAT, **fields}, timeout=120)
+
+    def replica_counters(self) -> dict[str, dict[str, float]]:
+        """metric name -> {replica id: value} for the per-replica series on the ingress's /metrics."""
+        found: dict[str, dict[str, float]] = {"reft_ray_replica_requests_total": {},
+                                              "reft_ray_replica_intervention_loads": {}}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("reft_ray_replica_") and "{" in line:
+                name, rest = line.split("{", 1)
+                replica = rest.split('replica="', 1)[1].split('"', 1)[0]
+                found.setdefault(name, {})[replica] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    def healthy_replicas(self) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return next(float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("reft_ray_healthy_engine_replicas "))
+
+    def engine_pids(self) -> list[int]:
+        return [pid for pid in process_tree(self.process.pid) if _is_engine_replica(pid)]
+
+
+def _is_engine_replica(pid: int) -> bool:
+    try:
+        return "ServeReplica:reft-serve:engine" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[RayServer]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data_dir = tmp_path_factory.mktemp("ray-data")
+    ray_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
+    command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--ray", "--replicas", "2",
+               "--replica-cpus", "0.5", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
+               "--port", str(port), "--set", "max_running=2", "--set", "max_waiting_requests=2",
+               "--set", "max_tokens_limit=256", "--set", "default_max_tokens=16"]
+    env = os.environ | {"RAY_TMPDIR": str(ray_dir)}
+    log_path = data_dir / "ray-server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                   start_new_session=True)  # its own group: cleanup can reach every Ray process
+    server = RayServer(process, f"http://127.0.0.1:{port}", ray_dir)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.time() < deadline, "the Ray server did not become ready"
+            try:
+                ready = httpx.get(f"{server.url}/ready", timeout=2)
+                if ready.status_code == 200:
+                    server.model_id = ready.json()["model"]
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path, tmp_path_factory) -> Iterator[TestClient]:
+    """The single-process server on the same model directory (engine on a thread)."""
+    base = load_base_model(tiny_model_dir, device="cpu", dtype="float32")
+    settings = make_settings(tmp_path_factory.mktemp("reference"), max_tokens_limit=256)
+    with TestClient(create_app(settings, base_model=base)) as client:
+        client.base = base  # type: ignore[attr-defined]
+        yield client
+
+
+def _upload_ray(server: RayServer, name: str, payload: bytes, **fields: str) -> dict:
+    response = httpx.post(f"{server.url}/v1/interventions", data={"name": name, **fields},
+                          files={"file": (f"{name}.safetensors", payload)}, timeout=60)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _content(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_greedy_outputs_match_the_single_process_server(ray_server: RayServer, reference: TestClient) -> None:
+    base: BaseModel = reference.base  # type: ignore[attr-defined]
+    names = [f"mix-{i}" for i in range(16)]
+    for i, name in enumerate(names):
+        payload = artifact_bytes(base, persona(100 + i, CONFIGS[i % len(CONFIGS)]))
+        _upload_ray(ray_server, name, payload)
+        upload(reference, name, payload)
+    models = names + [base.model_id, "mix-0+mix-1", "mix-2+mix-5+mix-7"]  # compositions load every part
+    with ThreadPoolExecutor(8) as pool:  # the ingress holds 8: 2 replicas x (2 running + 2 waiting)
+        served = list(pool.map(lambda model: _content(ray_server.chat(model, max_tokens=24)), models))
+    expected = [reference.post("/v1/chat/completions", json={"model": m, "max_tokens": 24, **CHAT}).json()
+                ["choices"][0]["message"]["content"] for m in models]
+    assert served == expected
+    assert len(set(served)) > 8  # the personas really change the output (not 17 copies of the base model's)
+    counters = ray_server.replica_counters()["reft_ray_replica_requests_total"]
+    assert len(counters) == 2 and sum(counters.values()) >= len(models)  # both replicas served some
+
+
+def test_a_persona_uploaded_through_the_ingress_is_servable_at_once(ray_server: RayServer,
+                                                                    reference: TestClient) -> None:
+    base: BaseModel = reference.base  # type: ignore[attr-defined]
+    for version, seed in ((1, 7), (2, 8)):  # a new name, then a new version of it (replace), each used at once
+        payload = artifact_bytes(base, persona(seed))
+        record = _upload_ray(ray_server, "fresh", payload, **({"replace": "true"} if version == 2 else {}))
+        assert record["version"] == version
+        served = _content(ray_server.chat("fresh"))
+        upload(reference, f"fresh-{version}", payload)
+        expected = reference.post("/v1/chat/completions", json={"model": f"fresh-{version}", "max_tokens": 16,
+                                                                **CHAT}).json()["choices"][0]["message"]["content"]
+        assert served == expected
+
+
+def test_requests_for_a_persona_stay_on_the_replica_that_loaded_it_until_it_is_full(
+    ray_server: RayServer, reference: TestClient
+) -> None:
+    base: BaseModel = reference.base  # type: ignore[attr-defined]
+    _upload_ray(ray_server, "hot", artifact_bytes(base, persona(42)))
+    before = ray_server.replica_counters()
+    first = _content(ray_server.chat("hot"))
+    after = ray_server.replica_counters()
+    loaded = {r for r, v in after["reft_ray_replica_intervention_loads"].items()
+              if v > before["reft_ray_replica_intervention_loads"].get(r, 0)}
+    assert len(loaded) == 1  # exactly one replica read it from the store
+    [home] = loaded
+    time.sleep(2)  # Ray pushes a replica's loaded ids to the router asynchronously
+    requests = dict(after["reft_ray_replica_requests_total"])
+    for _ in range(6):  # one at a time: the home replica is never full
+        assert _content(ray_server.chat("hot")) == first
+    sequential = ray_server.replica_counters()
+    served = {r: v - requests.get(r, 0) for r, v in sequential["reft_ray_replica_requests_total"].items()}
+    assert served.get(home) == 6 and sum(served.values()) == 6
+    assert sequential["reft_ray_replica_intervention_loads"] == after["reft_ray_replica_intervention_loads"]
+
+    # 8 at once, long enough to overlap: the home replica holds 4, the rest spill over to the other one
+    with ThreadPoolExecutor(8) as pool:
+        long = list(pool.map(lambda _: _content(ray_server.chat("hot", max_tokens=200, ignore_eos=True)), range(8)))
+    assert len(set(long)) == 1 and long[0].startswith(first)
+    burst = ray_server.replica_counters()
+    served = {r: v - sequential["reft_ray_replica_requests_total"].get(r, 0)
+              for r, v in burst["reft_ray_replica_requests_total"].items()}
+    others = sum(v for r, v in served.items() if r != home)
+    # (how many the home replica takes first is Ray's best effort: its queue probes race the burst under load)
+    assert sum(served.values()) == 8 and others >= 1, served
+
+
+def _stream(server: RayServer, started: list[int], index: int) -> tuple[str, list[dict]]:
+    """One streamed chat; returns how it ended ("done" or the error code) and its chunks."""
+    body = {"model": server.model_id, "max_tokens": 200, "ignore_eos": True, "stream": True, **CHAT}
+    chunks: list[dict] = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                break
+            if line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                chunks.append(chunk)
+                if "error" in chunk:
+                    return chunk["error"]["code"], chunks
+                if chunk["choices"][0]["delta"].get("content"):
+                    started[index] = 1
+    return "done", chunks
+
+
+def test_killing_engine_replicas_fails_only_their_requests_and_ray_restarts_them(ray_server: RayServer) -> None:
+    victims = ray_server.engine_pids()
+    assert len(victims) == 2
+    started = [0] * 8
+    with ThreadPoolExecutor(8) as pool:  # 8 streams: 4 per replica (each replica's max_ongoing_requests)
+        futures = [pool.submit(_stream, ray_server, started, i) for i in range(8)]
+        deadline = time.time() + 60
+        while sum(started) < 2:  # both replicas' running rows are streaming
+            assert time.time() < deadline, [f.result() for f in futures if f.done()]
+            time.sleep(0.01)
+        os.kill(victims[0], signal.SIGKILL)
+        outcomes = [f.result() for f in futures]
+    ends = [end for end, _ in outcomes]
+    assert set(ends) <= {"done", "engine_unavailable"}, ends
+    assert 1 <= ends.count("engine_unavailable") <= 4 and ends.count("done") >= 4, ends
+    for end, chunks in outcomes:
+        if end == "engine_unavailable":
+            assert "engine replica" in chunks[-1]["error"]["message"]
+        else:  # untouched: every token arrived
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    # then the other one too: /ready is 503 until Ray has restarted one; the ingress itself stays up (/health 200)
+    for pid in ray_server.engine_pids():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while (ready := httpx.get(f"{ray_server.url}/ready", timeout=5)).status_code == 200:
+        assert time.time() < deadline, "/ready stayed 200 with no engine replica"
+        time.sleep(0.2)
+    assert ready.status_code == 503 and ready.json()["reason"] == "no generation engine is running"
+    assert httpx.get(f"{ray_server.url}/health", timeout=5).status_code == 200
+    deadline = time.time() + 120
+    while ray_server.healthy_replicas() < 2 or len(ray_server.engine_pids()) < 2:
+        assert time.time() < deadline, "Ray did not restart the killed replicas"
+        time.sleep(0.5)
+    assert not set(victims) & set(ray_server.engine_pids())
+    assert httpx.get(f"{ray_server.url}/ready", timeout=5).status_code == 200
+    with ThreadPoolExecutor(8) as pool:  # traffic continues on both replicas
+        assert all(r.status_code == 200 for r in pool.map(lambda _: ray_server.chat(ray_server.model_id), range(8)))
+
+
+def test_engine_replica_health_check_fails_once_its_engine_died() -> None:
+    """What Ray's periodic `check_health` sees (Ray replaces a replica whose check raises)."""
+    from server.engine.engine import Engine
+    from server.ray_serve import EngineReplica
+    from tests import tiny
+
+    replica = EngineReplica.__new__(EngineReplica)  # the constructor needs a replica context; the check does not
+    replica._engine = Engine(tiny.tiny_llama(), tiny.tiny_tokenizer())
+    replica._engine.start()
+    replica.check_health()
+    replica._engine.stop()
+    with pytest.raises(RuntimeError, match="the engine stopped"):
+        replica.check_health()
+
+
+def test_training_answers_501_on_ray(ray_server: RayServer) -> None:
+    response = httpx.post(f"{ray_server.url}/v1/trainings", timeout=30,
+                          json={"name": "t", "examples": [{"prompt": "a", "completion": "b"}]})
+    assert response.status_code == 501
+    assert response.json()["error"]["code"] == "training_unavailable"
+
+
+def test_stopping_leaves_no_ray_process_behind(ray_server: RayServer) -> None:
+    """Runs last: SIGTERM to the command stops the application and the local cluster it started."""
+    tree = {pid: psutil.Process(pid).create_time() for pid in process_tree(ray_server.process.pid)}
+    assert len(tree) > 5  # the command, GCS, raylet, controller, proxy, ingress and engine replicas
+    ray_server.process.send_signal(signal.SIGTERM)
+    assert ray_server.process.wait(90) == 0
+    deadline = time.time() + 30
+    while alive := [pid for pid, created in tree.items() if _alive(pid, created)]:
+        assert time.time() < deadline, [psutil.Process(pid).cmdline() for pid in alive]
+        time.sleep(0.5)
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _serve_configs() -> list[dict]:
+    """The Serve config file and the KubeRay example's serveConfigV2 in docs/ray.md."""
+    import yaml
+
+    configs = [yaml.safe_load((ROOT / "docker" / "ray-serve.yaml").read_text())]
+    doc = (ROOT / "docs" / "ray.md").read_text()
+    ray_service = yaml.safe_load(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
+    configs.append(yaml.safe_load(ray_service["spec"]["serveConfigV2"]))
+    return configs
+
+
+@pytest.mark.parametrize("config", _serve_configs(), ids=["serve-config", "kuberay-example"])
+def test_the_documented_serve_configs_build(config: dict, monkeypatch) -> None:
+    from importlib import import_module
+
+    monkeypatch.setenv("REFT_SERVE_ADMIN_KEY", "sk-admin-from-env")
+    [app_config] = config["applications"]
+    module, _, name = app_config["import_path"].partition(":")
+    builder = getattr(import_module(module), name)
+    app = builder(app_config["args"])
+    settings, engine, options = app._bound_deployment.init_args  # Ingress(settings, engine handle, options)
+    assert options.replicas == app_config["args"]["replicas"]
+    assert options.replica_gpus == app_config["args"].get("replica_gpus", 0)
+    assert str(settings.data_dir) == app_config["args"]["data_dir"] and settings.auth == "on"
+    assert settings.admin_key.get_secret_value() == "sk-admin-from-env"
+    engine_config = engine._bound_deployment._deployment_config
+    assert engine_config.num_replicas == options.replicas
+    assert engine_config.max_ongoing_requests == settings.max_running + settings.max_waiting_requests
+
+
+class _FakeStream:
+    """Stands in for Ray's DeploymentResponseGenerator: yields `items`, then raises `error` if given."""
+
+    def __init__(self, items: list, error: Exception | None) -> None:
+        self.items, self.error, self.cancelled = items, error, False
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        for item in self.items:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeHandle:
+    def __init__(self, items: list, error: Exception | None = None) -> None:
+        self.items, self.error, self.calls = items, error, []
+        self.generate = self
+
+    def options(self, **options):
+        self.calls.append(options)
+        return self
+
+    def remote(self, request):
+        self.calls.append(request)
+        return _FakeStream(self.items, self.error)
+
+
+def _pump(handle: _FakeHandle, request) -> list:
+    """Run one request through a RayEngine on `handle`; return the events its sink got."""
+    import asyncio
+
+    from server.engine.remote import ModelInfo
+    from server.metrics import Metrics
+    from server.ray_serve import RayEngine
+
+    info = ModelInfo(None, None, 256, "cpu", "float32")  # type: ignore[arg-type]
+    engine = RayEngine(handle, info, Metrics(), "reft-serve", 2, health_poll_s=3600)  # type: ignore[arg-type]
+    events: list = []
+
+    async def run() -> None:
+        engine.submit(request, events.append)
+        while not events or events[-1].finish_reason is None:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 5))
+    finally:
+        engine.stop()
+    return events
+
+
+@pytest.mark.parametrize("failure", ["none", "replica_died", "backpressure"])
+def test_ray_engine_streams_by_digest_and_turns_replica_failures_into_request_errors(failure: str) -> None:
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from server.engine.types import (
+        ComposedRef, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
+    )
+    from server.generation import error_for
+
+    token = GenerationEvent(text="a", token_ids=(5,))
+    final = GenerationEvent(text="b", token_ids=(6,), finish_reason=FinishReason.LENGTH)
+    items: list = [("replica-1", 3), [token]]
+    error = {"none": None, "replica_died": ActorDiedError(), "backpressure": BackPressureError(
+        num_queued_requests=9, max_queued_requests=8)}[failure]
+    if failure == "none":
+        items.append([final])
+    elif failure == "backpressure":
+        items = []
+    handle = _FakeHandle(items, error)
+    request = GenerationRequest("r1", (1, 2), SamplingParams(max_tokens=2),
+                                InterventionRef("p", "sha256:abc", intervention=object()))
+    events = _pump(handle, request)
+    options, sent = handle.calls
+    assert options == {"stream": True, "multiplexed_model_id": "sha256:abc"}
+    assert sent.intervention.key == "sha256:abc" and sent.intervention.intervention is None  # only the digest
+    composed = GenerationRequest("r2", (1, 2), SamplingParams(max_tokens=2), ComposedRef(
+        (InterventionRef("a", "sha256:a", object()), InterventionRef("b", "sha256:b", object()))))
+    handle.calls.clear()
+    _pump(handle, composed)
+    options, sent = handle.calls
+    assert options == {"stream": True, "multiplexed_model_id": "sha256:a"}  # routed by its first part
+    assert [(p.key, p.intervention) for p in sent.parts] == [("sha256:a", None), ("sha256:b", None)]
+    if failure == "none":
+        assert events == [token, final]
+        return
+    assert events[:-1] == ([token] if failure == "replica_died" else [])
+    error_event = events[-1]
+    assert error_event.finish_reason is FinishReason.ERROR
+    api_error = error_for(error_event)
+    if failure == "replica_died":
+        assert (api_error.status, api_error.code) == (503, "engine_unavailable")
+        assert "engine replica" in api_error.message
+    else:
+        assert (api_error.status, api_error.code, api_error.headers) == (429, "server_busy", {"Retry-After": "1"})
