@@ -2,13 +2,16 @@
 
 A job is never silently lost: on start-up `recover_interrupted` marks jobs that were queued or running when the
 previous process died as failed, with that reason.
+
+The record grows additively: fields beyond the original columns (validation losses, evaluation, ...) are kept as
+one JSON object in the `extra` column, added to older databases on open, so a new field needs no migration.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at TEXT, result_version INTEGER
 );
 """
+_COLUMNS = ("id", "tenant", "name", "status", "spec", "progress", "losses", "error", "created_at", "started_at",
+            "finished_at", "result_version")
 
 
 class JobNotFoundError(StoreError):
@@ -49,6 +54,11 @@ class JobRecord:
     started_at: str | None = None
     finished_at: str | None = None
     result_version: int | None = None
+    # -- kept in the `extra` column (additive: a record written by an older build reads with their defaults) --
+    epoch_losses: list[float] = field(default_factory=list)  # mean training loss of each finished epoch
+    validation_losses: list[float] = field(default_factory=list)  # one per finished epoch, with validation data
+    auto_stop: dict[str, Any] | None = None  # epochs="auto": epochs_run, kept_epoch, reason, monitor
+    evaluation: dict[str, Any] | None = None  # samples (prompt, persona, base) and validation_loss, at the end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,26 +68,35 @@ class JobStore:
     def __init__(self, root: Path) -> None:
         self._db, self.read_only = open_database(Path(root) / "jobs.sqlite3", _SCHEMA)
         self._lock = threading.Lock()
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        self._has_extra = "extra" in columns
+        if not self._has_extra and not self.read_only:  # a database from before the column existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN extra TEXT NOT NULL DEFAULT '{}'")
+            self._has_extra = True
+        self._select = f"SELECT {', '.join(_COLUMNS)}{', extra' if self._has_extra else ''} FROM jobs"
 
     def save(self, job: JobRecord) -> None:
         assert job.status in STATUSES
         if self.read_only:
             raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
+        extra = {name: value for name, value in job.to_dict().items() if name not in _COLUMNS}
         row = (job.id, job.tenant, job.name, job.status, json.dumps(job.spec), json.dumps(job.progress),
-               json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version)
+               json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version,
+               json.dumps(extra))
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}, extra) VALUES "
+                             f"({', '.join('?' * (len(_COLUMNS) + 1))})", row)
 
     def get(self, job_id: str) -> JobRecord:
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = self._db.execute(f"{self._select} WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise JobNotFoundError(job_id)
         return _record(row)
 
     def list(self, tenant: str = "default") -> list[JobRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE tenant=? ORDER BY created_at", (tenant,)).fetchall()
+            rows = self._db.execute(f"{self._select} WHERE tenant=? ORDER BY created_at", (tenant,)).fetchall()
         return [_record(row) for row in rows]
 
     def recover_interrupted(self) -> list[JobRecord]:
@@ -101,7 +120,10 @@ class JobStore:
 
     def _all(self) -> list[JobRecord]:
         with self._lock:
-            return [_record(row) for row in self._db.execute("SELECT * FROM jobs").fetchall()]
+            return [_record(row) for row in self._db.execute(self._select).fetchall()]
+
+
+_KNOWN = {f.name for f in fields(JobRecord)}
 
 
 def open_jobs(location: Path | str, *, lease_s: float | None = None) -> JobStore:
@@ -117,6 +139,8 @@ def open_jobs(location: Path | str, *, lease_s: float | None = None) -> JobStore
 
 
 def _record(row: tuple) -> JobRecord:
-    (job_id, tenant, name, status, spec, progress, losses, error, created, started, finished, version) = row
+    (job_id, tenant, name, status, spec, progress, losses, error, created, started, finished, version) = row[:12]
+    extra = json.loads(row[12]) if len(row) > 12 and row[12] else {}
+    known = {k: v for k, v in extra.items() if k in _KNOWN}  # a field of a newer build is ignored, not an error
     return JobRecord(job_id, name, status, json.loads(spec), tenant, json.loads(progress), json.loads(losses), error,
-                     created, started, finished, version)
+                     created, started, finished, version, **known)

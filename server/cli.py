@@ -229,6 +229,9 @@ def _train_remote(args: argparse.Namespace) -> int:
         "hyperparameters": {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
                             "seed": args.seed},
     }
+    if args.validation:
+        body["validation_examples"] = [{"prompt": e.prompt, "completion": e.completion}
+                                       for e in _read_examples(args.validation)]
     base = args.server.rstrip("/")
     key = args.api_key or os.environ.get("REFT_SERVE_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -244,18 +247,35 @@ def _train_remote(args: argparse.Namespace) -> int:
             "GET", f"{base}/v1/trainings/{job['id']}/events"
         ) as events:
             for line in events.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                job = json.loads(line[6:])
-                progress = job.get("progress") or {}
-                if progress.get("total_steps"):
-                    bar.total = progress["total_steps"]
-                    bar.n = progress.get("step", 0)
-                    if "loss" in progress:
-                        bar.set_postfix(loss=f"{progress['loss']:.4f}", epoch=progress.get("epoch"))
-                    bar.refresh()
+                if line.startswith("data: "):
+                    job = _follow(job, json.loads(line[6:]), bar)
     print(json.dumps({k: job.get(k) for k in ("id", "status", "intervention", "result_version", "error")}))
     return 0 if job.get("status") == "succeeded" else 1
+
+
+def _follow(job: dict, event: dict, bar) -> dict:  # noqa: ANN001 - tqdm is imported lazily
+    """Apply one training event (server/training_events.py) to the job as the CLI shows it and to its progress bar."""
+    kind = event.get("type")
+    if kind == "snapshot":
+        job = event["job"]
+        progress = job.get("progress") or {}
+        bar.total, bar.n = progress.get("total_steps"), progress.get("step", 0)
+    elif kind == "status":
+        job = {**job, **{k: v for k, v in event.items() if k in ("status", "result_version", "error")}}
+        if event.get("total_steps"):
+            bar.total = event["total_steps"]
+    elif kind == "step":
+        bar.n = event["step"]
+        bar.set_postfix(loss=f"{event['loss']:.4f}", epoch=event["epoch"])
+    elif kind == "epoch" and event.get("validation_loss") is not None:
+        bar.write(f"epoch {event['epoch']}: validation loss {event['validation_loss']:.4f}")
+    elif kind == "auto_stop":
+        bar.total = bar.n  # stopped early: the bar ends here
+        bar.write(f"stopped after epoch {event['epochs_run']} ({event['reason']}); kept epoch {event['kept_epoch']}")
+    elif kind == "evaluation":
+        job = {**job, "evaluation": event["evaluation"]}
+    bar.refresh()
+    return job
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -276,16 +296,23 @@ def _train(args: argparse.Namespace) -> int:
                                 share_weights=args.share_weights)
     training = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
     tokenized = tokenize_examples(base.tokenizer, examples, chat_template=not args.raw)
+    validation = (tokenize_examples(base.tokenizer, _read_examples(args.validation), chat_template=not args.raw)
+                  if args.validation else [])
     with tqdm(total=None, unit="step", desc=f"training {args.name}", file=sys.stderr) as bar:
         def progress(p) -> None:  # noqa: ANN001
             bar.total = p.total_steps
             bar.set_postfix(loss=f"{p.loss:.4f}", epoch=p.epoch)
             bar.update(1)
+            if p.epoch_end is not None and p.epoch_end.validation_loss is not None:
+                bar.write(f"epoch {p.epoch}: validation loss {p.epoch_end.validation_loss:.4f}")
 
-        result = train_intervention(base.model, config, tokenized, training, on_progress=progress)
+        result = train_intervention(base.model, config, tokenized, training, on_progress=progress, validation=validation)
     output = args.output or Path(f"{args.name}.safetensors")
-    save_artifact(output, result.intervention, base.fingerprint, result.metadata(training, len(examples)))
-    print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1)}))
+    metadata = result.metadata(training, len(examples))
+    save_artifact(output, result.intervention, base.fingerprint, metadata)
+    summary = {k: metadata[k] for k in ("validation_loss", "auto_stop") if k in metadata}
+    print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1),
+                      **summary}))
     return 0
 
 
@@ -298,6 +325,18 @@ def _import_pyreft(args: argparse.Namespace) -> int:
     artifact = save_artifact(args.output, intervention, base.fingerprint, {"imported_from": "pyreft"})
     print(json.dumps({"artifact": str(args.output), "digest": artifact.digest}))
     return 0
+
+
+def _epochs(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer or "auto", got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"epochs must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,11 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--positions", default=recipe.POSITIONS)
     train.add_argument("--type", default=recipe.TYPE, choices=["loreft", "direft", "noreft"])
     train.add_argument("--share-weights", action="store_true", default=recipe.SHARE_WEIGHTS)
-    train.add_argument("--epochs", type=int, default=recipe.EPOCHS)
+    train.add_argument("--epochs", type=_epochs, default=recipe.EPOCHS,
+                       help='a number, or "auto": stop when the loss stops improving (at most '
+                            f'{recipe.AUTO_MAX_EPOCHS})')
     train.add_argument("--lr", type=float, default=recipe.LEARNING_RATE)
     train.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
     train.add_argument("--seed", type=int, default=recipe.SEED)
     train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
+    train.add_argument("--validation", type=Path,
+                       help="JSONL of held-out examples: validation loss every epoch (and what --epochs auto watches)")
     train.add_argument("--server", help="URL of a running reft-serve: train there (the result is servable at once)")
     train.add_argument("--no-wait", action="store_true", help="with --server: print the queued job and exit")
     train.add_argument("--replace", action="store_true",

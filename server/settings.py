@@ -137,6 +137,13 @@ class Settings(BaseModel):
     )
     max_example_tokens: int = Field(1024, ge=8, description="prompt + completion tokens per example")
     max_training_epochs: int = Field(1000, ge=1, description="epochs per training job")
+    training_eval_max_tokens: int = Field(
+        48, ge=1, le=512, description="tokens of each greedy answer in a finished job's evaluation (persona and base)"
+    )
+    training_events_keepalive_s: float = Field(
+        15.0, gt=0, le=300, description="seconds of silence after which a training event stream sends a keep-alive "
+        "comment (proxies close idle connections)"
+    )
     training_share: float = Field(
         0.5, gt=0, le=10, description="training time per engine iteration while serving, as a fraction of a decode step"
     )
