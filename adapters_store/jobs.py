@@ -79,10 +79,9 @@ class JobStore:
         assert job.status in STATUSES
         if self.read_only:
             raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
-        extra = {name: value for name, value in job.to_dict().items() if name not in _COLUMNS}
         row = (job.id, job.tenant, job.name, job.status, json.dumps(job.spec), json.dumps(job.progress),
                json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version,
-               json.dumps(extra))
+               extra_json(job))
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}, extra) VALUES "
                              f"({', '.join('?' * (len(_COLUMNS) + 1))})", row)
@@ -92,12 +91,12 @@ class JobStore:
             row = self._db.execute(f"{self._select} WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise JobNotFoundError(job_id)
-        return _record(row)
+        return record_from_row(row)
 
     def list(self, tenant: str = "default") -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute(f"{self._select} WHERE tenant=? ORDER BY created_at", (tenant,)).fetchall()
-        return [_record(row) for row in rows]
+        return [record_from_row(row) for row in rows]
 
     def recover_interrupted(self) -> list[JobRecord]:
         """Mark jobs left queued/running by a previous process as failed; return them (none when read-only)."""
@@ -120,7 +119,7 @@ class JobStore:
 
     def _all(self) -> list[JobRecord]:
         with self._lock:
-            return [_record(row) for row in self._db.execute(self._select).fetchall()]
+            return [record_from_row(row) for row in self._db.execute(self._select).fetchall()]
 
 
 _KNOWN = {f.name for f in fields(JobRecord)}
@@ -138,7 +137,13 @@ def open_jobs(location: Path | str, *, lease_s: float | None = None) -> JobStore
     return JobStore(sqlite_path(location))
 
 
-def _record(row: tuple) -> JobRecord:
+def extra_json(job: JobRecord) -> str:
+    """The fields kept in the `extra` column, as JSON."""
+    return json.dumps({name: value for name, value in job.to_dict().items() if name not in _COLUMNS})
+
+
+def record_from_row(row: tuple) -> JobRecord:
+    """A job from its 12 columns and, optionally, its `extra` JSON (the SQLite and PostgreSQL stores share it)."""
     (job_id, tenant, name, status, spec, progress, losses, error, created, started, finished, version) = row[:12]
     extra = json.loads(row[12]) if len(row) > 12 and row[12] else {}
     known = {k: v for k, v in extra.items() if k in _KNOWN}  # a field of a newer build is ignored, not an error

@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from adapters_store.jobs import JobRecord, JobStore
+from adapters_store.jobs import JobRecord, JobStore, open_jobs
 
 
-def test_additive_fields_round_trip(tmp_path) -> None:
+def test_additive_fields_round_trip(root) -> None:  # noqa: ANN001 - a directory or a PostgreSQL URL (both backends)
     job = JobRecord(id="j1", name="p", status="succeeded", spec={"examples": 3}, losses=[2.0, 1.0],
                     epoch_losses=[1.5], validation_losses=[1.7], auto_stop={"epochs_run": 1, "reason": "plateau"},
                     evaluation={"samples": [{"prompt": "a", "persona": "b", "base": "c"}], "validation_loss": 1.7})
-    JobStore(tmp_path).save(job)
-    assert JobStore(tmp_path).get("j1") == job and JobStore(tmp_path).list() == [job]
+    writer = open_jobs(root)
+    writer.save(job)
+    reader = open_jobs(root)
+    try:
+        assert reader.get("j1") == job and reader.list() == [job]
+    finally:
+        for jobs in (writer, reader):
+            getattr(jobs, "close", lambda: None)()
 
 
 def test_a_database_from_before_the_extra_column_is_upgraded_in_place(tmp_path) -> None:
