@@ -30,11 +30,15 @@ from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
 from server.errors import install_error_handlers
 from server.generation import GenerationService
 from server.limits import BodySizeLimit
+from server.logging_setup import current_format
 from server.metrics import Metrics
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
+from server.request_context import RequestContext
 from server.routes import admin, completions, health, interventions, models, trainings, versions
 from server.settings import Settings
+from server.timed_store import TimedStore
+from server.tracing import Tracing, build_tracing
 from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.app")
@@ -67,7 +71,7 @@ def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -
         model_dir = resolve_model_dir(settings.model, settings.model_cache_dir)  # any GGUF conversion happens once, here
         tokenizer = load_tokenizer(model_dir)
         spec = EngineProcessSpec(model_dir, settings.device, settings.dtype, engine_settings(settings),
-                                 logging.getLevelName(logging.getLogger().level).lower())
+                                 logging.getLevelName(logging.getLogger().level).lower(), current_format())
         remote = RemoteEngine(spec, metrics)
         try:
             info = remote.start()
@@ -84,10 +88,15 @@ def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -
 
 
 def build_services(
-    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter
+    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: RateLimiter,
+    metrics: Metrics | None = None, tracing: Tracing | None = None,
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention)
+    metrics, tracing = metrics or Metrics(), tracing or Tracing()
+    store: ArtifactStore = TimedStore(  # type: ignore[assignment] - the store's interface, every call measured
+        ArtifactStore(settings.data_dir / "store", fingerprint, keep_versions=settings.max_versions_per_intervention),
+        metrics, tracing,
+    )
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
         removed = store.gc()
         if removed:
@@ -95,9 +104,10 @@ def build_services(
     model_id = settings.model_id or started.base_model_id
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
                                     base_model_id=model_id)
-    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter)
+    generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
+                                   metrics=metrics, tracing=tracing)
     training = TrainingManager(
-        engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims,
+        engine, registry, tokenizer, JobStore(settings.data_dir / "jobs"), settings, dims, metrics=metrics,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
@@ -105,8 +115,10 @@ def build_services(
     )
 
 
-def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> FastAPI:
+def create_app(settings: Settings, *, base_model: BaseModel | None = None, span_exporter: Any = None) -> FastAPI:
+    """`span_exporter`: an OpenTelemetry span exporter to trace into (tests); else `settings.otlp_endpoint`."""
     metrics = Metrics()
+    tracing = build_tracing(settings.otlp_endpoint, span_exporter)
     tenants = TenantStore(settings.data_dir)
     rate_limiter = RateLimiter()
 
@@ -115,7 +127,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
         started_engine: StartedEngine | None = None
         try:
             started_engine = start_engine(settings, base_model, metrics)
-            app.state.services = build_services(settings, started_engine, tenants, rate_limiter)
+            app.state.services = build_services(settings, started_engine, tenants, rate_limiter, metrics, tracing)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -136,6 +148,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
             services: Services | None = app.state.services
             if services is not None:
                 services.engine.stop()
+            tracing.shutdown()
 
     app = FastAPI(
         title="reft-serve",
@@ -144,6 +157,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.state.settings = settings
     app.state.tenants = tenants
     app.state.rate_limiter = rate_limiter
@@ -153,7 +167,8 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None) -> Fa
     app.state.drain = lambda: _drain(app)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, settings=settings)
-    app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)  # outermost: first
+    app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)
+    app.add_middleware(RequestContext, metrics=metrics, tracing=tracing)  # outermost: every answer gets the id
     for module in (completions, models, interventions, versions, trainings, admin, health):
         app.include_router(module.router)
     if not settings.auth_enabled and settings.auth == "auto":

@@ -19,6 +19,7 @@ from adapters_store import errors as store_errors
 from adapters_store import tenants as tenant_errors
 from adapters_store.jobs import JobNotFoundError
 from reft_core import errors as core_errors
+from server.request_context import request_id_of
 
 log = logging.getLogger("reft_serve.errors")
 
@@ -93,8 +94,12 @@ def _respond(request: Request, error: APIError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.errors.labels(type=error.type).inc()
+    headers = dict(error.headers or {})
+    request_id = request_id_of(request.scope)
+    if request_id is not None:  # the 500 handler answers outside RequestContext, which would otherwise add it
+        headers["X-Request-Id"] = request_id
     return JSONResponse(error_body(error.message, error.type, error.code, error.param), status_code=error.status,
-                        headers=error.headers)
+                        headers=headers or None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -27,10 +27,13 @@ from server.engine.types import (
     ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
 from server.errors import APIError, rate_limited
+from server.metrics import Metrics
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
+from server.request_context import current_request_id
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
+from server.tracing import Tracing
 from adapters_store import InterventionNotFoundError, InvalidNameError
 
 
@@ -83,9 +86,11 @@ class Caller:
 class GenerationService:
     def __init__(
         self, engine: EngineHandle, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: RateLimiter | None = None, *, metrics: Metrics | None = None, tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing()
         self.tokenizer = tokenizer
         self.registry = registry
         self.settings = settings
@@ -193,7 +198,7 @@ class GenerationService:
             ignore_eos=body.ignore_eos,
             seed=body.seed,
         )
-        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params, ref)
+        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params, ref, current_request_id())
         reserved = 0
         if caller.tokens_per_minute is not None:
             reserved = len(prompt_ids) + effective_max
@@ -243,6 +248,8 @@ class GenerationService:
                 event = _coalesce(event, queue)
                 generated += len(event.token_ids)
                 finished = event.finish_reason is not None
+                if finished:
+                    self._observe(event, prepared)
                 yield event
                 if finished:
                     return
@@ -256,6 +263,22 @@ class GenerationService:
                 used = len(prepared.request.prompt_ids) + generated
                 self.rate_limiter.refund(prepared.tenant, "tokens", max(0, prepared.reserved_tokens - used),
                                          prepared.tokens_per_minute)
+
+
+    def _observe(self, final: GenerationEvent, prepared: PreparedRequest) -> None:
+        """Per-request metrics and the engine's trace spans, from the timings that came back with the final event."""
+        timings, m = final.timings, self.metrics
+        if "engine_s" in timings:
+            m.request_latency.observe(timings["engine_s"])
+            m.request_queue.observe(timings["queue_s"])
+        if "prefill_s" in timings:
+            m.request_prefill.observe(timings["prefill_s"])
+        if "decode_s" in timings:
+            m.request_decode.observe(timings["decode_s"])
+        m.request_prompt_tokens.observe(final.prompt_tokens)
+        m.request_generation_tokens.observe(final.completion_tokens)
+        self.tracing.engine_spans(timings, **{"reft.prompt_tokens": final.prompt_tokens,
+                                              "reft.completion_tokens": final.completion_tokens})
 
 
 _TIMED_OUT = GenerationEvent(text="", token_ids=())  # identity marker: the request's deadline passed

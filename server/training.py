@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionExistsError, InterventionNotFoundError, validate_name
-from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
+from adapters_store.jobs import JobNotFoundError, JobRecord, JobStatus, JobStore, now
 from reft_core import recipe
 from reft_core.config import MAX_RANK, InterventionConfig, check_rank
 from reft_core.examples import TokenizedExample, encode_prompt
@@ -32,13 +32,19 @@ from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
+from server.engine.types import TrainingEnd, TrainingFailure
 from server.engine.remote import EngineHandle
 from server.errors import APIError
+from server.metrics import Metrics
 from server.registry import InterventionRegistry
 from server.settings import TRAINING_EXAMPLES_CEILING, Settings
 
 log = logging.getLogger("reft_serve.training")
-ACTIVE = ("queued", "running")
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+# How an engine-side ending becomes the job's record: a cancelled job has no error; a failed or shut-down one says why
+_ENDED_AS: dict[TrainingEnd, JobStatus] = {
+    TrainingEnd.FAILED: JobStatus.FAILED, TrainingEnd.SHUTDOWN: JobStatus.FAILED, TrainingEnd.CANCELLED: JobStatus.CANCELLED,
+}
 
 
 class ExampleIn(BaseModel):
@@ -95,8 +101,9 @@ class TrainingRequest(BaseModel):
 class TrainingManager:
     def __init__(
         self, engine: EngineHandle, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
-        dims: ModelDims,
+        dims: ModelDims, *, metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
         self.dims = dims  # the model's sizes (config numbers only), for admission estimates
         self.num_layers, self.hidden_size = dims.num_layers, dims.hidden_size
@@ -139,11 +146,12 @@ class TrainingManager:
                 raise APIError(429, f"this tenant has {own} training jobs queued or running; its limit is "
                                f"{max_for_tenant}", type="rate_limit_error", code="too_many_trainings",
                                headers={"Retry-After": "30"})
-            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
+            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status=JobStatus.QUEUED, tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
                                   "examples": len(examples), "description": body.description,
                                   "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes}})
             self._live[job.id] = job
+        self.metrics.training_jobs.labels(status=JobStatus.QUEUED.value).inc()
         try:
             await run_in_threadpool(self.jobs.save, job)
         except Exception:  # e.g. a read-only data directory: the job was never accepted
@@ -238,7 +246,7 @@ class TrainingManager:
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()
-            self._update(job_id, persist=True, status="running", started_at=now(),
+            self._update(job_id, persist=True, status=JobStatus.RUNNING, started_at=now(),
                          progress={"step": 0, "total_steps": total, "epoch": 0})
 
         def on_progress(p: TrainingProgress) -> None:
@@ -248,22 +256,27 @@ class TrainingManager:
                         "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2)}
             with self._lock:
                 losses = [*self._live[job_id].losses, p.loss]
+                done = self._live[job_id].progress.get("step", 0)
+            self.metrics.training_steps.inc(max(0, p.step - done))
+            self.metrics.training_step_rate.set(p.step / max(elapsed, 1e-9))
             self._update(job_id, persist=p.step % 10 == 0, progress=progress, losses=losses)
 
-        def on_finish(result: Intervention | None, losses: list[float], error: str | None) -> None:
+        def on_finish(result: Intervention | None, losses: list[float], failure: TrainingFailure | None) -> None:
+            self.metrics.training_step_rate.set(0)
             if result is None:
-                status = "cancelled" if error == "cancelled" else "failed"
+                assert failure is not None, "the engine ends a job without a result only with a failure"
+                status = _ENDED_AS[failure.kind]
                 self._update(job_id, persist=True, status=status, finished_at=now(),
-                             error=None if status == "cancelled" else error)
+                             error=None if status is JobStatus.CANCELLED else failure.message)
                 return
             try:
                 metadata = {**self._get_live(job_id).spec["hyperparameters"], "final_loss": losses[-1],
                             "steps": len(losses), "job": job_id}
                 record = self._register(tenant, body, result, metadata)
             except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
-                self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
+                self._update(job_id, persist=True, status=JobStatus.FAILED, finished_at=now(), error=f"saving failed: {exc}")
                 return
-            self._update(job_id, persist=True, status="succeeded", finished_at=now(), result_version=record.version)
+            self._update(job_id, persist=True, status=JobStatus.SUCCEEDED, finished_at=now(), result_version=record.version)
 
         return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
 
@@ -284,6 +297,8 @@ class TrainingManager:
             return self._live[job_id]
 
     def _update(self, job_id: str, *, persist: bool, **fields: Any) -> None:
+        if "status" in fields:
+            self.metrics.training_jobs.labels(status=JobStatus(fields["status"]).value).inc()
         with self._lock:
             job = replace(self._live[job_id], **fields)
             self._live[job_id] = job
