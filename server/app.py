@@ -32,6 +32,7 @@ from server.generation import GenerationService
 from server.limits import BodySizeLimit
 from server.logging_setup import current_format
 from server.metrics import Metrics
+from server.openapi import document_errors
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
 from server.request_context import RequestContext
@@ -171,6 +172,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None, span_
     app.add_middleware(RequestContext, metrics=metrics, tracing=tracing)  # outermost: every answer gets the id
     for module in (completions, models, interventions, versions, trainings, admin, health):
         app.include_router(module.router)
+    document_errors(app)  # after every router: the schema lists the statuses each route can send
     if not settings.auth_enabled and settings.auth == "auto":
         log.info("auth is off: bound to a loopback address (every caller is the admin of tenant 'default')")
     elif settings.auth_enabled and settings.admin_key is None:

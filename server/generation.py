@@ -12,6 +12,7 @@ when the request ends). A request that runs longer than `request_timeout_s` is c
 from __future__ import annotations
 
 import asyncio
+import difflib
 import threading
 import uuid
 from collections import deque
@@ -129,6 +130,7 @@ class GenerationService:
                 self._preparing -= 1
 
     async def prepare_chat(self, body: ChatCompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
+        _refuse_unsupported(body)
         with self.admission():
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
@@ -136,6 +138,7 @@ class GenerationService:
             return await self._prepare(body, prompt_ids, body.requested_max_tokens, caller)
 
     async def prepare_completion(self, body: CompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
+        _refuse_unsupported(body)
         with self.admission():
             return await self._prepare_completion(body, caller)
 
@@ -215,9 +218,21 @@ class GenerationService:
             target = self.registry.lookup_cached(model, tenant)
             return (target or await run_in_threadpool(self.registry.lookup, model, tenant)).ref
         except (InterventionNotFoundError, InvalidNameError):
-            raise APIError(
-                404, f"The model '{model}' does not exist", type="not_found_error", param="model", code="model_not_found"
-            ) from None
+            close = await run_in_threadpool(self._close_names, model, tenant)
+            hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+            raise APIError(404, f"The model '{model}' does not exist{hint}", type="not_found_error", param="model",
+                           code="model_not_found") from None
+
+    def _close_names(self, model: str, tenant: str) -> list[str]:
+        """Names close to `model` among those the caller may use (the base model, its own interventions, others'
+        public ones as `owner/name`): never another tenant's private name."""
+        try:
+            store = self.registry.store
+            names = [self.model_id, *(r.name for r in store.list(tenant))]
+            names += [f"{r.tenant}/{r.name}" for r in store.list_public() if r.tenant != tenant]
+        except Exception:  # noqa: BLE001 - a hint is not worth failing the 404 over
+            return []
+        return difflib.get_close_matches(model, names, n=3, cutoff=0.6)
 
     async def events(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit and yield events until the final one; cancels the request if the consumer stops early."""
@@ -282,6 +297,13 @@ class GenerationService:
 
 
 _TIMED_OUT = GenerationEvent(text="", token_ids=())  # identity marker: the request's deadline passed
+
+
+def _refuse_unsupported(body: SamplingFields) -> None:
+    field = body.unsupported()
+    if field is not None:
+        raise APIError(400, f"{field} is not supported by this server; remove it from the request", param=field,
+                       code="unsupported_parameter")
 
 
 def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> GenerationEvent:

@@ -26,7 +26,7 @@ from adapters_store import InterventionExistsError, InterventionNotFoundError, v
 from adapters_store.jobs import JobNotFoundError, JobRecord, JobStatus, JobStore, now
 from reft_core import recipe
 from reft_core.config import MAX_RANK, InterventionConfig, check_rank
-from reft_core.examples import TokenizedExample, encode_prompt
+from reft_core.examples import ChatExample, Example, TokenizedExample, encode_chat_prompt, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
@@ -64,6 +64,14 @@ class ExampleIn(BaseModel):
             if not all(isinstance(m.get("content"), str) and m.get("content") for m in self.messages):
                 raise ValueError("every message needs non-empty text content")
         return self
+
+    def as_chat(self) -> ChatExample:
+        assert self.messages is not None
+        return ChatExample(tuple((m.get("role", "user"), m["content"]) for m in self.messages))
+
+    def as_example(self) -> Example | ChatExample:
+        """The library's form of this example (what `reft_core.examples.tokenize_examples` takes)."""
+        return self.as_chat() if self.messages is not None else Example(self.prompt or "", self.completion or "")
 
 
 class InterventionSpec(BaseModel):
@@ -182,10 +190,8 @@ class TrainingManager:
         eos = self.tokenizer.eos_token_id
         for index, example in enumerate(body.examples):
             if example.messages is not None:
-                prompt_ids = list(self.tokenizer(self.tokenizer.apply_chat_template(
-                    example.messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
-                )["input_ids"])
-                completion = example.messages[-1]["content"]
+                chat = example.as_chat()
+                prompt_ids, completion = encode_chat_prompt(self.tokenizer, chat), chat.completion
             else:
                 prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=body.chat_template)
                 completion = example.completion or ""
