@@ -90,3 +90,16 @@ def test_labels_stay_bounded(client) -> None:
     scraped = samples(exposition)
     assert value(scraped, "reft_http_requests_total", route="unmatched", method="GET", status="404") >= 1
     assert value(scraped, "reft_http_requests_total", route="/v1/interventions/{name}", method="GET", status="404") >= 1
+
+
+def test_the_dashboard_reads_only_series_the_server_exports(client) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    queried = {re.sub(r"_(bucket|sum|count)$", "", name) for panel in dashboard["panels"]
+               for target in panel["targets"] for name in re.findall(r"reft_[a-z_]+", target["expr"])}
+    exported = {family.name for family in text_string_to_metric_families(client.get("/metrics").text)}
+    exported |= {f"{name}_total" for name in exported}  # the parser drops counters' _total suffix
+    assert queried and queried <= exported, queried - exported
