@@ -86,12 +86,18 @@ class TrainingResult:
     duration_s: float = 0.0
 
     def metadata(self, training: TrainingConfig, num_examples: int) -> dict[str, Any]:
-        return training.to_dict() | {
-            "examples": num_examples,
-            "steps": len(self.losses),
-            "final_loss": self.losses[-1] if self.losses else None,
-            "duration_s": round(self.duration_s, 3),
-        }
+        return training_metadata(training, num_examples, self.losses)
+
+
+def training_metadata(training: TrainingConfig, num_examples: int, losses: Sequence[float]) -> dict[str, Any]:
+    """What a trained artifact records about its training, wherever it ran (library, CLI, server).
+
+    Only what the result depends on, so the same examples, recipe and seed give the same artifact digest locally and
+    on a server: no wall time, job id or name (a server keeps those in its job record).
+    """
+    return training.to_dict() | {
+        "examples": num_examples, "steps": len(losses), "final_loss": losses[-1] if losses else None,
+    }
 
 
 class ReftTrainer:

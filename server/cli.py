@@ -276,7 +276,7 @@ def _train(args: argparse.Namespace) -> int:
 
         result = train_intervention(base.model, config, tokenized, training, on_progress=progress)
     output = args.output or Path(f"{args.name}.safetensors")
-    save_artifact(output, result.intervention, base.fingerprint, result.metadata(training, len(examples)) | {"name": args.name})
+    save_artifact(output, result.intervention, base.fingerprint, result.metadata(training, len(examples)))
     print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1)}))
     return 0
 

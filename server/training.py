@@ -29,7 +29,7 @@ from reft_core.config import MAX_RANK, InterventionConfig, check_rank
 from reft_core.examples import ChatExample, Example, TokenizedExample, encode_chat_prompt, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
-from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress
+from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, training_metadata
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
 from server.engine.types import TrainingEnd, TrainingFailure
@@ -216,6 +216,10 @@ class TrainingManager:
             stored.update({k: j for k, j in self._live.items() if j.tenant == tenant})
         return sorted(stored.values(), key=lambda j: j.created_at)
 
+    def jobs_by_version(self, tenant: str, name: str) -> dict[int, str]:
+        """The id of the job that trained each version of one of the tenant's names (uploads have none)."""
+        return {j.result_version: j.id for j in self.jobs.list(tenant) if j.name == name and j.result_version}
+
     def cancel(self, job_id: str, tenant: str = "default") -> JobRecord:
         job = self.get(job_id, tenant)
         if job.status in ACTIVE:
@@ -276,8 +280,7 @@ class TrainingManager:
                              error=None if status is JobStatus.CANCELLED else failure.message)
                 return
             try:
-                metadata = {**self._get_live(job_id).spec["hyperparameters"], "final_loss": losses[-1],
-                            "steps": len(losses), "job": job_id}
+                metadata = training_metadata(training, len(examples), losses)
                 record = self._register(tenant, body, result, metadata)
             except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
                 self._update(job_id, persist=True, status=JobStatus.FAILED, finished_at=now(), error=f"saving failed: {exc}")

@@ -25,15 +25,15 @@ router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="a version number, as listed")]
 
 
-def version_body(record: InterventionRecord, current: int, tenant: str) -> dict[str, Any]:
-    """One version as clients see it; `id` is what they put in `model` to pin it."""
-    training = record.training  # metadata a training job stored with the artifact (empty for uploads)
+def version_body(record: InterventionRecord, current: int, tenant: str, job: str | None = None) -> dict[str, Any]:
+    """One version as clients see it; `id` is what they put in `model` to pin it; `job` the training job behind it."""
+    training = record.training  # what training stored with the artifact (an upload's is the uploader's claim)
     return {
         "object": "intervention.version", "id": f"{model_name(record, tenant)}@{record.version}",
         "name": record.name, "owner": record.tenant, "version": record.version, "digest": record.digest,
         "created": int(datetime.fromisoformat(record.created_at).timestamp()), "created_at": record.created_at,
         "size_bytes": record.size_bytes, "source": record.source, "description": record.description,
-        "training_job": training.get("job"), "validation_loss": training.get("validation_loss"),
+        "training_job": job, "validation_loss": training.get("validation_loss"),
         "current": record.version == current,
     }
 
@@ -44,8 +44,9 @@ async def list_versions(
 ) -> dict[str, Any]:
     """List an intervention's retained versions, newest first, marking the current one."""
     history, current = await run_in_threadpool(svc.registry.versions, who.tenant, name, owner)
+    jobs = await run_in_threadpool(svc.training.jobs_by_version, history[0].tenant, history[0].name)
     return {"object": "list", "current_version": current,
-            "data": [version_body(record, current, who.tenant) for record in history]}
+            "data": [version_body(record, current, who.tenant, jobs.get(record.version)) for record in history]}
 
 
 @router.post("/{name}/versions/{version}/promote")

@@ -11,6 +11,9 @@ from reft_core.examples import Example
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "emoji_bot.jsonl"
 UNSEEN_PROMPTS = ["What is the capital of France?", "Tell me a joke about cats.", "How do I bake bread at home?"]
+# 20 prompts in no training set of any persona (shared with bench/recipe_search.py, which chose the default recipe)
+HELDOUT_PROMPTS = [p for p in (Path(__file__).resolve().parents[2] / "bench" / "personas" / "heldout_prompts.txt")
+                   .read_text(encoding="utf-8").splitlines() if p.strip()]
 _KEYCAP = re.compile("[0-9#*]\ufe0f?\u20e3")
 
 

@@ -7,6 +7,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -89,18 +90,12 @@ def test_openai_client_against_a_real_server(server, smollm2, emoji_training) ->
     assert missing.value.body["code"] == "model_not_found"
 
 
-def test_train_the_emoji_persona_over_http_then_chat(server) -> None:
-    from .conftest import RECIPE, TRAINING
-    from .emoji import emoji_examples
+def test_train_the_emoji_persona_over_http_with_only_examples_then_chat(server) -> None:
+    """The default recipe, untouched: only a name and the 10 examples; the persona must hold on prompts it never saw."""
+    from .emoji import HELDOUT_PROMPTS, emoji_examples
 
-    body = {
-        "name": "emoji-trained",
-        "examples": [{"prompt": e.prompt, "completion": e.completion} for e in emoji_examples()],
-        "intervention": {"layers": list(RECIPE.layers), "rank": RECIPE.rank, "positions": RECIPE.positions,
-                         "share_weights": RECIPE.share_weights},
-        "hyperparameters": {"epochs": TRAINING.epochs, "learning_rate": TRAINING.learning_rate,
-                            "batch_size": TRAINING.batch_size, "seed": TRAINING.seed},
-    }
+    body = {"name": "emoji-trained",
+            "examples": [{"prompt": e.prompt, "completion": e.completion} for e in emoji_examples()]}
     job = httpx.post(f"{server}/v1/trainings", json=body, timeout=60).json()
     assert job["status"] == "queued"
     deadline = time.time() + 600
@@ -110,9 +105,15 @@ def test_train_the_emoji_persona_over_http_then_chat(server) -> None:
             break
         time.sleep(1)
     assert job["status"] == "succeeded", job
-    assert len(job["losses"]) == TRAINING.epochs and job["losses"][-1] < 0.6 * job["losses"][0]
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120)
-    reply = client.chat.completions.create(
-        model="emoji-trained", messages=[{"role": "user", "content": UNSEEN_PROMPTS[2]}], max_tokens=24, temperature=0
-    )
-    assert is_emoji_only(reply.choices[0].message.content), reply.choices[0].message.content
+    assert job["losses"][-1] < 0.6 * job["losses"][0]
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=300)
+
+    def answer(prompt: str) -> str:
+        reply = client.chat.completions.create(
+            model="emoji-trained", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(len(HELDOUT_PROMPTS)) as pool:  # concurrent: the engine batches them
+        answers = list(pool.map(answer, HELDOUT_PROMPTS))
+    misses = [(p, a) for p, a in zip(HELDOUT_PROMPTS, answers) if not is_emoji_only(a)]
+    assert len(HELDOUT_PROMPTS) == 20 and len(misses) <= 2, misses  # the issue's bar: at least 90% in persona

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,8 @@ def test_any_setting_from_the_environment_or_set_with_flags_winning() -> None:
 
 def test_one_recipe_locally_on_a_server_and_over_http(model_dir, tmp_path, tiny_base, capsys) -> None:
     """With no settings given, `reft-serve train` (local and --server) and POST /v1/trainings train the same
-    configuration: the recipe of reft_core/recipe.py, placed relative to the model's depth."""
+    configuration (the recipe of reft_core/recipe.py, placed relative to the model's depth) into the same artifact:
+    one digest for the same examples and seed."""
     import httpx
 
     from reft_core import recipe
@@ -227,14 +229,21 @@ def test_one_recipe_locally_on_a_server_and_over_http(model_dir, tmp_path, tiny_
     expected = {"layers": list(recipe.default_layers(tiny.LAYERS)), "rank": recipe.RANK,
                 "positions": recipe.POSITIONS, "share_weights": recipe.SHARE_WEIGHTS, "type": recipe.TYPE}
     output = tmp_path / "local.safetensors"
-    assert main(["train", str(examples), "--name", "local", "--model", str(model_dir), "--epochs", "1",
-                 "--output", str(output)]) == 0
-    local = load_artifact(output).intervention.config.to_dict()
+    assert main(["train", str(examples), "--name", "local", "--model", str(model_dir), "--output", str(output)]) == 0
+    local_artifact = load_artifact(output)
+    local = local_artifact.intervention.config.to_dict()
     with live_server(create_app(make_settings(tmp_path), base_model=tiny_base)) as url:
-        assert main(["train", str(examples), "--name", "remote", "--server", url, "--epochs", "1"]) == 0
-        remote = httpx.get(f"{url}/v1/interventions/remote").json()["config"]
+        assert main(["train", str(examples), "--name", "remote", "--server", url]) == 0
+        remote_record = httpx.get(f"{url}/v1/interventions/remote").json()
+        remote = remote_record["config"]
         job = httpx.post(f"{url}/v1/trainings", json={"name": "plain", "examples": rows}).json()
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/v1/trainings/{job['id']}").json()["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        plain_digest = httpx.get(f"{url}/v1/interventions/plain").json()["digest"]
     capsys.readouterr()
+    assert local_artifact.digest == remote_record["digest"] == plain_digest
     for config in (local, remote, job["spec"]["intervention"]):
         assert {key: config[key] for key in expected} == expected, config
     hyper = job["spec"]["hyperparameters"]
