@@ -2,6 +2,7 @@
 prompts, same run; the engine in its own process vs on a thread beside the event loop; a small profile.
 
     .venv/bin/python bench/engine_bench.py [--rounds 3] [--write]
+    .venv/bin/python bench/engine_bench.py --only-composed [--rounds 3] [--write]   # composed personas alone
 
 Scenarios (greedy, no interventions unless said; every request generates exactly its `max_tokens`):
   fixed: 64 concurrent streaming requests x 64 tokens, vs HF static batched `generate` of the same 64 prompts;
@@ -11,6 +12,11 @@ Each is run with the engine in its own process (the default) and on a thread in 
 (`--set engine_process=false`), rounds interleaved, medians reported. The profile reads the server's own
 `reft_decode_step_seconds` (time inside the decode forward) against wall time per step, and times
 `ModelRunner.decode` at batch 64 in-process.
+
+Composed personas (`--only-composed`, also part of a full run): the fixed workload on one server with 16 random
+personas, every request with an intervention: one (`pN`), two composed that overlap where their layers meet
+(`pN+pM`), and two that overlap everywhere (`pN+pN`, an extra bank stage at every intervened layer); rounds
+interleave the three; goal: composing 2 costs <= 3% throughput vs 1.
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ def mixed_lengths(count: int = 16, seed: int = 0) -> list[int]:
     return [rng.randint(16, 128) for _ in range(count)]
 
 
-async def _request(client: httpx.AsyncClient, prompt: str, tokens: int) -> int:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+async def _request(client: httpx.AsyncClient, prompt: str, tokens: int, model: str = MODEL) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
             "min_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     generated = 0
@@ -67,11 +73,13 @@ async def _request(client: httpx.AsyncClient, prompt: str, tokens: int) -> int:
     return generated
 
 
-async def _load(url: str, lengths: list[int]) -> tuple[int, float]:
+async def _load(url: str, lengths: list[int], models: list[str] | None = None) -> tuple[int, float]:
     limits = httpx.Limits(max_connections=len(lengths) + 8)
+    models = models or [MODEL] * len(lengths)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
-        counts = await asyncio.gather(*(_request(client, PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate(lengths)))
+        counts = await asyncio.gather(*(_request(client, PROMPTS[i % len(PROMPTS)], n, m)
+                                        for i, (n, m) in enumerate(zip(lengths, models))))
     wall = time.perf_counter() - started
     assert list(counts) == lengths, "every request must generate exactly its max_tokens"
     return sum(counts), wall
@@ -178,11 +186,45 @@ def print_stalls(stalls: dict[str, list[dict]]) -> None:
     print("\n".join(stall_table(stalls)))
 
 
+COMPOSED_PERSONAS = 16
+COMPOSED_MODES = {
+    "1 intervention (`pN`)": lambda i: f"p{i % COMPOSED_PERSONAS}",
+    "2 composed (`pN+pM`)": lambda i: f"p{i % COMPOSED_PERSONAS}+p{(i + 5) % COMPOSED_PERSONAS}",
+    "2 composed, overlapping everywhere (`pN+pN`)": lambda i: f"p{i % COMPOSED_PERSONAS}+p{i % COMPOSED_PERSONAS}",
+}
+
+
+def run_composed(base: BaseModel, rounds: int, requests: int = 64, tokens: int = 64) -> list[str]:
+    """Throughput of the fixed workload with one intervention per request vs two composed; a table."""
+    results: dict[str, list[float]] = {mode: [] for mode in COMPOSED_MODES}
+    with tempfile.TemporaryDirectory() as tmp, reft_serve(Path(tmp) / "composed") as (_server, url):
+        for i in range(COMPOSED_PERSONAS):
+            payload, _ = encode_artifact(random_persona(base.hidden_size, 100 + i), base.fingerprint)
+            upload = httpx.post(f"{url}/v1/interventions", data={"name": f"p{i}"},
+                                files={"file": ("p.safetensors", payload)})
+            assert upload.status_code == 201, upload.text
+        for model_of in COMPOSED_MODES.values():  # warm-up: every persona resident, every path run once
+            asyncio.run(_load(url, [4] * COMPOSED_PERSONAS, [model_of(i) for i in range(COMPOSED_PERSONAS)]))
+        for _ in range(rounds):
+            for mode, model_of in COMPOSED_MODES.items():
+                generated, wall = asyncio.run(_load(url, [tokens] * requests, [model_of(i) for i in range(requests)]))
+                results[mode].append(generated / wall)
+    single = statistics.median(results["1 intervention (`pN`)"])
+    lines = [f"| {requests} concurrent x {tokens} tokens, every request with an intervention | tok/s (median) | "
+             "vs 1 (goal >= 0.97) |", "|---|---|---|"]
+    for mode, rates in results.items():
+        lines.append(f"| {mode} | {statistics.median(rates):.1f} | {statistics.median(rates) / single:.3f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="replace the engine section of BENCHMARKS.md")
     parser.add_argument("--only-stall", action="store_true", help="run only the long-prompt stall scenario")
+    parser.add_argument("--only-composed", action="store_true", help="run only the composed-personas scenario")
+    parser.add_argument("--composed-requests", type=int, default=64, help="(smaller for a smoke run)")
+    parser.add_argument("--composed-tokens", type=int, default=64)
     args = parser.parse_args()
     workloads = {"fixed": [64] * 64, "mixed": mixed_lengths()}
     runs: dict[str, dict[str, list[dict]]] = {mode: {w: [] for w in workloads} for mode in MODES}
@@ -191,6 +233,10 @@ def main() -> None:
         print_stalls(run_stalls(args.rounds))
         return
     base = load_base_model()
+    composed = run_composed(base, args.rounds, args.composed_requests, args.composed_tokens)
+    if args.only_composed:
+        print("\n".join(composed))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             for mode in MODES:
@@ -250,6 +296,9 @@ def main() -> None:
         "Inter-token latency of 16 streaming rows (96 tokens each) while a ~2,000-token prompt arrives 3 s in, with "
         "chunked prefill (default) and with every prompt prefilled in one forward (`prefill_chunk_share=0`):", "",
         *stall_lines, "",
+        "Composed personas: one intervention per request vs two composed (`model: \"a+b\"`), the fixed workload, "
+        "16 random personas:", "",
+        *composed, "",
     ])
     print(section)
     if args.write:

@@ -33,6 +33,7 @@ from server.limits import BodySizeLimit
 from server.logging_setup import current_format
 from server.metrics import Metrics
 from server.openapi import document_errors
+from server.playground import install_playground
 from server.quotas import RateLimiter
 from server.registry import InterventionRegistry
 from server.request_context import RequestContext
@@ -50,6 +51,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         max_running=settings.max_running,
         max_prefill_tokens=settings.max_prefill_tokens,
         resident_interventions=settings.resident_interventions,
+        max_resident_bank_bytes=settings.max_resident_bank_bytes,
         training_share=settings.training_share,
         prefill_chunk_share=settings.prefill_chunk_share,
         kv_cache_budget_bytes=settings.kv_cache_budget_bytes,
@@ -173,6 +175,7 @@ def create_app(settings: Settings, *, base_model: BaseModel | None = None, span_
     for module in (completions, models, interventions, versions, trainings, admin, health):
         app.include_router(module.router)
     document_errors(app)  # after every router: the schema lists the statuses each route can send
+    install_playground(app)
     if not settings.auth_enabled and settings.auth == "auto":
         log.info("auth is off: bound to a loopback address (every caller is the admin of tenant 'default')")
     elif settings.auth_enabled and settings.admin_key is None:

@@ -23,9 +23,10 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from server.composition import CompositionError, PartNotFoundError
 from server.engine.remote import EngineHandle
 from server.engine.types import (
-    ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
+    ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
 from server.errors import APIError, rate_limited
 from server.metrics import Metrics
@@ -211,17 +212,24 @@ class GenerationService:
                                    f"needs {reserved}: prompt + max_tokens)", wait, "tokens_per_minute")
         return PreparedRequest(request, body.model, caller.tenant, reserved, caller.tokens_per_minute or 0)
 
-    async def resolve(self, model: str, tenant: str = "default") -> InterventionRef | None:
+    async def resolve(self, model: str, tenant: str = "default") -> InterventionRef | ComposedRef | None:
         """The registry resolves `model` (the base model's id: no intervention; `name`, `owner/name`, `@N` pins a
-        version). Anything it cannot resolve is one 404 that does not say whether the name or version exists."""
+        version; `a+b` composes). Anything it cannot resolve is one 404 that does not say whether the name or
+        version exists (for a composition, naming the part that failed)."""
         try:
             target = self.registry.lookup_cached(model, tenant)
             return (target or await run_in_threadpool(self.registry.lookup, model, tenant)).ref
         except (InterventionNotFoundError, InvalidNameError):
-            close = await run_in_threadpool(self._close_names, model, tenant)
-            hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
-            raise APIError(404, f"The model '{model}' does not exist{hint}", type="not_found_error", param="model",
-                           code="model_not_found") from None
+            raise await self._not_found(model, tenant) from None
+        except PartNotFoundError as exc:
+            raise await self._not_found(exc.part, tenant) from None
+        except CompositionError as exc:
+            raise APIError(400, str(exc), param="model", code="invalid_value") from None
+
+    async def _not_found(self, model: str, tenant: str) -> APIError:
+        close = await run_in_threadpool(self._close_names, model, tenant)
+        hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+        return _model_not_found(model, hint)
 
     def _close_names(self, model: str, tenant: str) -> list[str]:
         """Names close to `model` among those the caller may use (the base model, its own interventions, others'
@@ -320,6 +328,11 @@ def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> 
 
 
 TIMEOUT_ERROR = "the request timed out after {:g} s"
+
+
+def _model_not_found(model: str, hint: str = "") -> APIError:
+    return APIError(404, f"The model '{model}' does not exist{hint}", type="not_found_error", param="model",
+                    code="model_not_found")
 
 # One table from why a request failed to what the caller gets (streams carry the same body as an error event).
 _ERROR_RESPONSES: dict[ErrorKind, tuple[int, str, str]] = {

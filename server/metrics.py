@@ -48,6 +48,9 @@ class Metrics:
         self.resident_interventions = Gauge(
             "reft_resident_interventions", "Interventions resident in the bank", registry=r
         )
+        self.bank_bytes = Gauge(
+            "reft_bank_bytes", "Bytes of the bank's tables (resident intervention weights)", registry=r
+        )
         self.intervention_loads = Counter(
             "reft_intervention_loads_total", "Interventions loaded into a bank slot (a miss of the resident set)",
             registry=r,

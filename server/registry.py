@@ -13,7 +13,8 @@ name or version goes through). Every write passes the tenant's storage quota (in
 store, which checks it in the write's own transaction.
 
 The registry owns the `model` string: the base model's id, `name`, `owner/name`, and either with `@N` to pin
-version N (`lookup`). Anything it cannot resolve raises InterventionNotFoundError or InvalidNameError, which callers
+version N (`lookup`), and up to four of those joined by `+` (a composition, server.composition: each part resolves
+as it would alone). Anything it cannot resolve raises InterventionNotFoundError or InvalidNameError, which callers
 turn into one 404 that never says whether another tenant's name or version exists.
 """
 
@@ -38,8 +39,9 @@ from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.intervention import Intervention
 from reft_core.pyreft_import import import_pyreft
+from server import composition
 from server.archives import unpack_archive
-from server.engine.types import InterventionRef
+from server.engine.types import ComposedRef, InterventionRef
 from server.settings import Settings
 
 Limits = Callable[[str], dict[str, object]]  # tenant -> its quota overrides
@@ -72,9 +74,10 @@ def parse_model(model: str, tenant: str) -> ModelName:
 
 @dataclass(frozen=True)
 class Target:
-    """What a `model` string resolved to: the base model (`ref` None) or one exact version of an intervention."""
+    """What a `model` string resolved to: the base model (`ref` None), one exact version of an intervention, or
+    several applied in order (`a+b`)."""
 
-    ref: InterventionRef | None
+    ref: InterventionRef | ComposedRef | None
 
 
 BASE_MODEL = Target(None)
@@ -101,6 +104,10 @@ class InterventionRegistry:
         deleted version or an un-published name is refused at once)."""
         if model == self.base_model_id:
             return BASE_MODEL
+        parts = composition.split(model)
+        if parts is not None:
+            composed = composition.compose(parts, self.base_model_id, lambda part: self._cached_ref(part, tenant))
+            return None if composed is None else Target(composed)
         with self._lock:
             ref = self._current.get((tenant, model))  # keys are bare names: `a/b` and `a@1` never hit
         return None if ref is None else Target(ref)
@@ -109,10 +116,24 @@ class InterventionRegistry:
         """Resolve a `model` string for `tenant` (blocking; raises InterventionNotFoundError / InvalidNameError)."""
         if model == self.base_model_id:
             return BASE_MODEL
+        parts = composition.split(model)
+        if parts is not None:
+            return Target(composition.compose(parts, self.base_model_id, lambda part: self._single_ref(part, tenant)))
         wanted = parse_model(model, tenant)
         if wanted.owner == tenant and wanted.version is None:
             return Target(self.resolve(tenant, wanted.name))  # the cached path
         return Target(self._ref(self.get_visible(tenant, wanted.name, wanted.owner, wanted.version)))
+
+    # One part of a composed string, looked up as it would be alone (never the base model, never composed itself).
+    def _cached_ref(self, model: str, tenant: str) -> InterventionRef | None:
+        target = self.lookup_cached(model, tenant)
+        assert target is None or isinstance(target.ref, InterventionRef)
+        return None if target is None else target.ref
+
+    def _single_ref(self, model: str, tenant: str) -> InterventionRef:
+        ref = self.lookup(model, tenant).ref
+        assert isinstance(ref, InterventionRef)
+        return ref
 
     def resolve(self, tenant: str, name: str) -> InterventionRef:
         """The current version of the tenant's `name`, decoded (raises InterventionNotFoundError if unknown)."""

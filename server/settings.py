@@ -70,6 +70,10 @@ class Settings(BaseModel):
         "of a decode step's time (running rows keep streaming); 0 prefills every prompt in one forward",
     )
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")
+    max_resident_bank_bytes: int = Field(
+        1 << 30, ge=1 << 16, description="bound on the bank's tables (resident intervention weights); least recently "
+        "used idle interventions are evicted to stay under it, requests wait when rows in use hold it all",
+    )
 
     # request limits
     max_waiting_requests: int = Field(

@@ -62,6 +62,7 @@ class EngineSettings:
     max_running: int = 64  # rows in the running batch
     max_prefill_tokens: int = 8192  # prompt tokens per prefill forward
     resident_interventions: int = 256  # bank slots (besides the identity)
+    max_resident_bank_bytes: int | None = None  # bound on the bank's tables (see SlotTable); None: slots only
     # While requests are being served, training gets this fraction of a decode step's time per engine iteration
     # (so inter-token latency grows by about that fraction); with nothing to serve it runs in idle_training_slice_s
     # chunks, which bounds how long a newly arrived request waits for its prefill.
@@ -115,7 +116,7 @@ class Engine:
             num_slots=settings.resident_interventions + 1,
             device=device,
         )
-        self.slots = SlotTable(bank)
+        self.slots = SlotTable(bank, settings.max_resident_bank_bytes)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
         self.runner = ModelRunner(model, bank, pad)
         kv_budget = KVBudget(ModelDims.from_model(model).kv_bytes_per_token(len(decoder_layers(model))),
@@ -284,7 +285,7 @@ class Engine:
         self._update_gauges()
         whole, chunked = self._split_for_chunking(admitted)
         for seq in chunked:
-            self.runner.begin_chunked_prefill(PrefillRow(seq.seq_id, seq.request.prompt_ids, seq.slot))
+            self.runner.begin_chunked_prefill(PrefillRow.for_slots(seq.seq_id, seq.request.prompt_ids, seq.slots))
             self._chunking.append(seq)
         if whole:
             self._prefill(whole)
@@ -298,9 +299,10 @@ class Engine:
         self.metrics.queue_depth.set(len(self.scheduler.waiting))
         self.metrics.running_rows.set(len(self.scheduler.running))
         self.metrics.resident_interventions.set(self.slots.resident)
+        self.metrics.bank_bytes.set(self.slots.nbytes)
         # a count of distinct interventions, not a series per name: bounded, and no tenant's names in /metrics
         for state, seqs in (("running", self.scheduler.running.values()), ("waiting", self.scheduler.waiting)):
-            active = {s.request.intervention.key for s in seqs if s.request.intervention is not None}
+            active = {part.key for s in seqs for part in s.request.parts}
             self.metrics.active_interventions.labels(state=state).set(len(active))
 
     def _pending_commands(self) -> Iterator[tuple[str, Any]]:
@@ -386,7 +388,8 @@ class Engine:
         """Prefill admitted rows in one forward (they join the batch) and emit their first tokens."""
         started = time.perf_counter()
         try:
-            logits = self.runner.prefill([PrefillRow(s.seq_id, s.request.prompt_ids, s.slot) for s in seqs])
+            rows = [PrefillRow.for_slots(s.seq_id, s.request.prompt_ids, s.slots) for s in seqs]
+            logits = self.runner.prefill(rows)
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
             self._fail_forward(exc, seqs, "prefill")
             return

@@ -26,6 +26,11 @@ class PrefillRow:
     seq_id: int
     prompt_ids: Sequence[int]
     slot: int  # bank slot; 0 = no intervention
+    then: tuple[int, ...] = ()  # a composed row: slots applied after `slot`, in this order
+
+    @classmethod
+    def for_slots(cls, seq_id: int, prompt_ids: Sequence[int], slots: Sequence[int]) -> PrefillRow:
+        return cls(seq_id, prompt_ids, slots[0] if slots else 0, tuple(slots[1:]))
 
 
 @dataclass
@@ -58,7 +63,7 @@ class ModelRunner:
     def prefill(self, rows: Sequence[PrefillRow]) -> Tensor:
         """Prefill new rows, add them to the batch; returns their next-token logits [len(rows), V] (float32)."""
         batch = left_pad([r.prompt_ids for r in rows], self.pad_token_id, self.device)
-        placements = [RowPlacement(r.slot, n, o) for r, n, o in zip(rows, batch.lengths, batch.offsets)]
+        placements = [RowPlacement(r.slot, n, o, r.then) for r, n, o in zip(rows, batch.lengths, batch.offsets)]
         plan = self.bank.plan(placements)
         cache = BatchKVCache(self.num_layers)
         with editing_layers(self.model, self.bank.edits(plan)):
@@ -92,7 +97,7 @@ class ModelRunner:
         part = self._chunked[seq_id]
         prompt = part.row.prompt_ids
         start, end = part.done, min(len(prompt), part.done + max_tokens)
-        plan = self.bank.plan([RowPlacement(part.row.slot, len(prompt), 0)], window=(start, end))
+        plan = self.bank.plan([RowPlacement(part.row.slot, len(prompt), 0, part.row.then)], window=(start, end))
         with editing_layers(self.model, self.bank.edits(plan)):
             out = self.model(
                 input_ids=torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device),

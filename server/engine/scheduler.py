@@ -1,8 +1,8 @@
 """The scheduler decides which sequences run: a FIFO of waiting sequences and the set of running ones.
 
 Admission happens between decode steps (iteration-level batching): waiting sequences join while there is a free
-row, the prefill token budget allows, the KV cache budget allows, and their intervention can be pinned in a bank
-slot. The KV cost counted is the cache's real one: rows are left-aligned, so every row pays for the longest row's
+row, the prefill token budget allows, the KV cache budget allows, and their interventions (several for a composed
+request) can be pinned in bank slots. The KV cost counted is the cache's real one: rows are left-aligned, so every row pays for the longest row's
 columns, and buffers keep up to 2x spare capacity; a batch's worst case is therefore
 2 x rows x max(prompt + max_tokens) x bytes per token. A request alone is always admitted (its own size is bounded
 by the prompt and max_tokens limits). Finished sequences
@@ -68,18 +68,18 @@ class Scheduler:
             widest = max(columns, final_length(seq))
             if not self.kv_budget.allows(len(self.running) + len(admitted) + 1, widest):
                 break  # the batch's KV cache would outgrow its budget: wait for rows to finish
-            ref = seq.request.intervention
+            parts = seq.request.parts
             try:
-                slot = self.slots.acquire(ref.key, ref.intervention) if ref is not None else 0
+                slots = self.slots.acquire_all([(p.key, p.intervention) for p in parts]) if parts else ()
             except Exception as exc:  # noqa: BLE001 - one bad intervention must not stop admission for the rest
                 self.waiting.popleft()
                 seq.status = SequenceStatus.FINISHED
                 refused.append((seq, exc))
                 continue
-            if slot is None:
-                break  # every slot is pinned by running rows: wait for one to finish
+            if slots is None:
+                break  # no room in the bank that rows in use could not take back: wait for one to finish
             self.waiting.popleft()
-            seq.slot, seq.status = slot, SequenceStatus.RUNNING
+            seq.slots, seq.status = slots, SequenceStatus.RUNNING
             admitted.append(seq)
             columns = widest
             tokens += seq.prompt_len
@@ -97,5 +97,5 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         if self.running.pop(seq.seq_id, None) is not None:
-            self.slots.release(seq.slot)
+            self.slots.release_all(seq.slots)
         seq.status = SequenceStatus.FINISHED

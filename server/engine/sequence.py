@@ -30,7 +30,7 @@ class Sequence:
     detokenizer: Detokenizer
     sampling: RowSampling
     status: SequenceStatus = SequenceStatus.WAITING
-    slot: int = 0
+    slots: tuple[int, ...] = ()  # bank slots of the request's interventions, in the order they apply
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     arrived_at: float = field(default_factory=time.perf_counter)

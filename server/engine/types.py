@@ -76,12 +76,31 @@ class InterventionRef:
 
 
 @dataclass(frozen=True)
+class ComposedRef:
+    """Several interventions applied to one row in one forward (`model: "a+b"`), in this order: where two edit the
+    same layer and position, the later one sees the earlier one's output (docs/architecture.md)."""
+
+    parts: tuple[InterventionRef, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(part.name for part in self.parts)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    intervention: InterventionRef | None = None
+    intervention: InterventionRef | ComposedRef | None = None
     client_request_id: str | None = None  # the HTTP request's X-Request-Id, for the engine's log lines
+
+    @property
+    def parts(self) -> tuple[InterventionRef, ...]:
+        """The interventions this request runs with, in the order they apply (empty: the bare model)."""
+        if self.intervention is None:
+            return ()
+        return self.intervention.parts if isinstance(self.intervention, ComposedRef) else (self.intervention,)
 
 
 @dataclass(frozen=True)

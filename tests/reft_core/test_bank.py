@@ -183,3 +183,26 @@ def test_bank_memory_follows_what_is_resident() -> None:
     assert bank.nbytes <= 2 * one_small  # capacity may have doubled once; the rank and layer 3 are gone
     bank.clear(1)
     assert bank.nbytes == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(1, 16), st.integers(0, len(CONFIGS) - 1)), max_size=25))
+def test_projected_bytes_equal_the_bytes_after_the_load(interventions, ops) -> None:
+    """Residency's byte bound trusts `nbytes_with`: it must equal what the load really allocates, after any history
+    of loads and clears (capacity growing and halving, ranks growing and shrinking)."""
+    bank = InterventionBank(hidden_size=HIDDEN, num_layers=LAYERS, num_slots=17)
+    resident: set[int] = set()
+    for load, slot, index in ops:
+        if load and slot not in resident:
+            projected = bank.nbytes_with(slot, interventions[index])
+            bank.load(slot, interventions[index])
+            assert bank.nbytes == projected
+            resident.add(slot)
+        elif not load:
+            bank.clear(slot)
+            resident.discard(slot)
+    for slot in sorted(resident, reverse=True)[:-1]:  # keep only the lowest slot: capacity is cut back towards it
+        bank.clear(slot)
+    if resident:
+        needed = (min(resident) + 1) * 2
+        assert all(bank._shape(layer)[0] < 4 * needed + 4 for layer in range(LAYERS))

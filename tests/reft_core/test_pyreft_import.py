@@ -40,9 +40,9 @@ def write_pyreft_dir(directory: Path, layers: list[int], rank: int, states: dict
     return directory
 
 
-def loreft_states(config: InterventionConfig, seed: int = 0) -> tuple[dict[str, object], object]:
+def loreft_states(config: InterventionConfig, seed: int = 0, hidden: int = HIDDEN) -> tuple[dict[str, object], object]:
     """pyreft's LoReFT state dicts (weight, bias, rotate_layer = Rᵀ) for a random intervention of `config`."""
-    intervention = random_intervention(config, seed=seed)
+    intervention = random_intervention(config, seed=seed, hidden=hidden)
     states = {}
     for unit, weights in intervention.units.items():
         index = 1 if unit.group == "suffix" else 0

@@ -260,6 +260,22 @@ CASES = [
      404, "not_found_error"),
     ("model-owner-version-traversal", "POST", "/v1/chat/completions",
      {"json": {"model": "../x@1", "messages": CHAT}}, 404, "not_found_error"),
+    # composed models (`a+b`): a part that does not resolve is a 404 like an unknown name (naming that part: tested
+    # in test_composition), a malformed composition a 400
+    ("composed-unknown", "POST", "/v1/chat/completions", {"json": {"model": "x+y", "messages": CHAT}}, 404,
+     "not_found_error"),
+    ("composed-bad-pin", "POST", "/v1/completions", {"json": {"model": "x@0+y", "prompt": "a"}}, 404,
+     "not_found_error"),
+    ("composed-five-parts", "POST", "/v1/chat/completions", {"json": {"model": "a+b+c+d+e", "messages": CHAT}}, 400,
+     INVALID),
+    ("composed-empty-part", "POST", "/v1/chat/completions", {"json": {"model": "a++b", "messages": CHAT}}, 400,
+     INVALID),
+    ("composed-trailing-plus", "POST", "/v1/chat/completions", {"json": {"model": "a+", "messages": CHAT}}, 400,
+     INVALID),
+    ("composed-base-model", "POST", "/v1/chat/completions", {"json": {"model": f"{MODEL_ID}+a", "messages": CHAT}},
+     400, INVALID),
+    ("composed-huge", "POST", "/v1/completions", {"json": {"model": "+".join(["a"] * 5000), "prompt": "a"}}, 400,
+     INVALID),
     # version routes
     ("versions-unknown", "GET", "/v1/interventions/ghost/versions", {}, 404, "not_found_error"),
     ("versions-bad-name", "GET", "/v1/interventions/Ghost/versions", {}, 400, INVALID),
@@ -352,6 +368,13 @@ CASES = [
     ("training-jsonl-garbage", "POST", "/v1/trainings/upload",
      {"data": {"name": "t"}, "files": {"file": ("e.jsonl", b"\x00\x01garbage")}}, 400, INVALID),
     ("training-unknown-job", "GET", "/v1/trainings/ftjob-nope", {}, 404, "not_found_error"),
+    # the playground's static files: only what is under server/static, and errors in the API's shape
+    ("playground-missing-file", "GET", "/playground/js/nothing.js", {}, 404, "not_found_error"),
+    ("playground-dotdot", "GET", "/playground/%2e%2e/app.py", {}, 404, "not_found_error"),
+    ("playground-encoded-slashes", "GET", "/playground/js%2f..%2f..%2fapp.py", {}, 404, "not_found_error"),
+    ("playground-absolute", "GET", "/playground//etc/passwd", {}, 404, "not_found_error"),
+    ("playground-post", "POST", "/playground/index.html", {"content": b"x"}, 405, INVALID),
+    ("root-post", "POST", "/", {"content": b"x"}, 405, INVALID),
     ("unknown-route", "GET", "/v1/nothing-here", {}, 404, "not_found_error"),
     ("wrong-method", "DELETE", "/v1/chat/completions", {}, 405, INVALID),
 ]

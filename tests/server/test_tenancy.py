@@ -116,6 +116,13 @@ MATRIX = [
     ("globex", "PUT", "/v1/interventions/shared", "artifact", 404),
     ("globex", "PUT", "/v1/interventions/secret", "artifact", 404),
     ("acme", "PUT", "/v1/interventions/secret", "artifact", 200),
+    # composed models: every part resolves as it would alone
+    ("acme", "POST", "/v1/chat/completions", chat_body("secret+shared"), 200),
+    ("acme", "POST", "/v1/completions", completion_body("shared@1+acme/secret@2"), 200),
+    ("globex", "POST", "/v1/chat/completions", chat_body("acme/shared+acme/shared@1"), 200),
+    ("globex", "POST", "/v1/chat/completions", chat_body("acme/shared+acme/secret"), 404),
+    ("globex", "POST", "/v1/chat/completions", chat_body("acme/secret@1+acme/shared"), 404),
+    ("globex", "POST", "/v1/completions", completion_body("acme/shared+secret"), 404),
     # tenant keys on admin endpoints
     ("globex", "GET", "/v1/admin/tenants", None, 403),
     ("globex", "POST", "/v1/admin/tenants/globex/keys", None, 403),
@@ -135,6 +142,9 @@ ENDPOINTS = [
     ("DELETE", "/v1/interventions/secret/versions/1", None),
 ]
 MATRIX += [(caller, m, p, b, 401) for caller in ("nobody", "badkey") for m, p, b in ENDPOINTS]
+# the playground's files hold no data (everything it shows comes from /v1 with the user's key): open to anyone
+MATRIX += [(caller, "GET", path, None, 200) for caller in ("nobody", "badkey", "globex")
+           for path in ("/", "/playground/", "/playground/js/app.js")]
 
 
 @pytest.mark.parametrize("caller,method,path,body,status", MATRIX)
@@ -178,6 +188,20 @@ def test_another_tenants_versions_are_indistinguishable_from_missing_ones(world)
         return {**response.json()["error"], "message": response.json()["error"]["message"].replace(name, "N")}
 
     assert listing("secret") == listing("ghost")
+
+
+def test_a_composition_refuses_another_tenants_private_part_like_a_missing_one(world) -> None:
+    """The 404 names the part it could not resolve, and a private part reads exactly like one that does not exist."""
+    client, globex = world["client"], auth(world["globex"])
+
+    def error(model: str) -> dict:
+        response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
+        assert response.status_code == 404
+        return response.json()["error"]
+
+    private, missing = error("acme/shared+acme/secret"), error("acme/shared+acme/ghost")
+    assert private["message"] == "The model 'acme/secret' does not exist"
+    assert private == {**missing, "message": missing["message"].replace("ghost", "secret")}
 
 
 def test_public_pins_keep_their_version_when_the_owner_replaces(world) -> None:

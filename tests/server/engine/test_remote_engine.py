@@ -18,9 +18,12 @@ from reft_core.generate import generate
 from reft_core.trainer import ReftTrainer, TrainingConfig, train_intervention
 from server.engine.engine import EngineSettings, TrainingTask
 from server.engine.remote import EngineProcessSpec, RemoteEngine
-from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams
+from server.engine.types import (
+    ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
+)
 from server.metrics import Metrics
 from tests import tiny
+from tests.builders import composed_reference_generate
 from tests.reft_core.conftest import random_intervention
 
 PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [60, 61], [7, 7, 7, 100, 3, 1, 2], [1, 2, 3]]
@@ -77,9 +80,13 @@ def test_mixed_batch_in_the_engine_process_equals_the_reference(remote) -> None:
         request = GenerationRequest(str(i), tuple(prompt), SamplingParams(max_tokens=3 + 2 * i, temperature=0,
                                                                           ignore_eos=True), ref)
         remote.submit(request, collector.sink(str(i)))  # 4 requests, 3 rows: one joins as another leaves
+    composed = ComposedRef(tuple(InterventionRef(f"c{i}", f"key{id(p)}", p) for i, p in enumerate(personas[::-1])))
+    remote.submit(GenerationRequest("composed", tuple(PROMPTS[0]), SamplingParams(max_tokens=4, temperature=0,
+                                    ignore_eos=True), composed), collector.sink("composed"))  # crosses the pipe too
     collector.wait()
     for i, (prompt, persona) in enumerate(zip(PROMPTS, chosen)):
         assert collector.tokens(str(i)) == generate(model, [prompt], [persona], max_new_tokens=3 + 2 * i)[0]
+    assert collector.tokens("composed") == composed_reference_generate(model, PROMPTS[0], personas[::-1], 4)
     generated = sum(len(collector.tokens(str(i))) for i in range(len(PROMPTS)))
     deadline = time.time() + 5  # metrics ride with the events; the last batch may trail the final event by a moment
     while remote.metrics.tokens_generated._value.get() < generated and time.time() < deadline:
