@@ -197,7 +197,10 @@ def test_a_composition_refuses_another_tenants_private_part_like_a_missing_one(w
     def error(model: str) -> dict:
         response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
         assert response.status_code == 404
-        return response.json()["error"]
+        # a "did you mean" hint lists only names this caller may use (public ones here), never the private part
+        message, _, hint = response.json()["error"]["message"].partition("; did you mean")
+        assert "secret" not in hint
+        return {**response.json()["error"], "message": message}
 
     private, missing = error("acme/shared+acme/secret"), error("acme/shared+acme/ghost")
     assert private["message"] == "The model 'acme/secret' does not exist"
