@@ -13,13 +13,28 @@ import json
 import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from adapters_store.errors import StoreError, StoreWriteError
 from adapters_store.sqlite_db import open_database
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+class JobStatus(str, Enum):
+    """Where a training job stands; one value per state, stored and returned as its string."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+STATUSES = tuple(status.value for status in JobStatus)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL, spec TEXT NOT NULL,
@@ -44,7 +59,7 @@ def now() -> str:
 class JobRecord:
     id: str
     name: str
-    status: str
+    status: JobStatus
     spec: dict[str, Any]
     tenant: str = "default"
     progress: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +94,7 @@ class JobStore:
         assert job.status in STATUSES
         if self.read_only:
             raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
-        row = (job.id, job.tenant, job.name, job.status, json.dumps(job.spec), json.dumps(job.progress),
+        row = (job.id, job.tenant, job.name, JobStatus(job.status).value, json.dumps(job.spec), json.dumps(job.progress),
                json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version,
                extra_json(job))
         with self._lock:
@@ -103,9 +118,9 @@ class JobStore:
         if self.read_only:
             return []
         recovered = []
-        for job in [j for j in self._all() if j.status in ("queued", "running")]:
-            failed = replace(job, status="failed", finished_at=now(),
-                             error=f"the server restarted while this job was {job.status}; submit it again")
+        for job in [j for j in self._all() if j.status.active]:
+            failed = replace(job, status=JobStatus.FAILED, finished_at=now(),
+                             error=f"the server restarted while this job was {job.status.value}; submit it again")
             self.save(failed)
             recovered.append(failed)
         return recovered
@@ -147,5 +162,5 @@ def record_from_row(row: tuple) -> JobRecord:
     (job_id, tenant, name, status, spec, progress, losses, error, created, started, finished, version) = row[:12]
     extra = json.loads(row[12]) if len(row) > 12 and row[12] else {}
     known = {k: v for k, v in extra.items() if k in _KNOWN}  # a field of a newer build is ignored, not an error
-    return JobRecord(job_id, name, status, json.loads(spec), tenant, json.loads(progress), json.loads(losses), error,
+    return JobRecord(job_id, name, JobStatus(status), json.loads(spec), tenant, json.loads(progress), json.loads(losses), error,
                      created, started, finished, version, **known)

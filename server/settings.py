@@ -51,6 +51,11 @@ class Settings(BaseModel):
         "falling back to per-process buckets",
     )
 
+    otlp_endpoint: str | None = Field(
+        None, description="send OpenTelemetry traces to this OTLP/HTTP endpoint (e.g. http://collector:4318/v1/traces); "
+        "needs the otel extra",
+    )
+
     # tenants and API keys
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="require `Authorization: Bearer <key>`; auto: on unless bound to a loopback address"

@@ -23,21 +23,23 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionExistsError, InterventionNotFoundError, validate_name
-from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
+from adapters_store.jobs import JobNotFoundError, JobRecord, JobStatus, JobStore, now
 from reft_core import recipe
 from reft_core.artifact import encode_artifact
 from reft_core.config import InterventionConfig, check_rank
 from reft_core.early_stop import auto_stop_summary
-from reft_core.examples import TokenizedExample, encode_prompt
+from reft_core.examples import TokenizedExample, encode_chat_prompt, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, training_metadata
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
+from server.engine.types import TrainingEnd, TrainingFailure
 from server.engine.remote import EngineHandle
 from server.engine.types import InterventionRef
 from server.errors import APIError
 from server.evaluation import MAX_EVAL_PROMPTS, EvalPrompt, evaluate
+from server.metrics import Metrics
 from server.registry import InterventionRegistry
 from server.settings import Settings
 from server.training_events import (
@@ -46,14 +48,19 @@ from server.training_events import (
 from server.training_request import ExampleIn, TrainingRequest, shown_prompt, split_validation
 
 log = logging.getLogger("reft_serve.training")
-ACTIVE = ("queued", "running")
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+# How an engine-side ending becomes the job's record: a cancelled job has no error; a failed or shut-down one says why
+_ENDED_AS: dict[TrainingEnd, JobStatus] = {
+    TrainingEnd.FAILED: JobStatus.FAILED, TrainingEnd.SHUTDOWN: JobStatus.FAILED, TrainingEnd.CANCELLED: JobStatus.CANCELLED,
+}
 
 
 class TrainingManager:
     def __init__(
         self, engine: EngineHandle, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
-        dims: ModelDims, *, unavailable: str | None = None,
+        dims: ModelDims, *, unavailable: str | None = None, metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.unavailable = unavailable  # why this deployment cannot train (every submit answers 501), or None
         self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
         self.dims = dims  # the model's sizes (config numbers only), for admission estimates
@@ -108,7 +115,7 @@ class TrainingManager:
                 raise APIError(429, f"this tenant has {own} training jobs queued or running; its limit is "
                                f"{max_for_tenant}", type="rate_limit_error", code="too_many_trainings",
                                headers={"Retry-After": "30"})
-            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
+            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status=JobStatus.QUEUED, tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
                                   "examples": len(examples), "validation_examples": len(validation),
                                   "eval_prompts": len(prompts), "steps_per_epoch": steps_per_epoch,
@@ -117,6 +124,7 @@ class TrainingManager:
                                   "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes}})
             self._live[job.id] = job
             self._logs[job.id] = [status_event(job)]
+        self.metrics.training_jobs.labels(status=JobStatus.QUEUED.value).inc()
         try:
             await run_in_threadpool(self.jobs.save, job)
         except Exception:  # e.g. a read-only data directory: the job was never accepted
@@ -148,10 +156,8 @@ class TrainingManager:
         eos = self.tokenizer.eos_token_id
         for index, example in enumerate(examples):
             if example.messages is not None:
-                prompt_ids = list(self.tokenizer(self.tokenizer.apply_chat_template(
-                    example.messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
-                )["input_ids"])
-                completion = example.messages[-1]["content"]
+                chat = example.as_chat()
+                prompt_ids, completion = encode_chat_prompt(self.tokenizer, chat), chat.completion
             else:
                 prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=chat_template)
                 completion = example.completion or ""
@@ -269,7 +275,7 @@ class TrainingManager:
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()
-            self._update(job_id, persist=True, status="running", started_at=now(),
+            self._update(job_id, persist=True, status=JobStatus.RUNNING, started_at=now(),
                          progress={"step": 0, "total_steps": total, "epoch": 0})
 
         def on_progress(p: TrainingProgress) -> None:
@@ -278,6 +284,8 @@ class TrainingManager:
             progress = {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss,
                         "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2)}
             job = self._get_live(job_id)
+            self.metrics.training_steps.inc(max(0, p.step - job.progress.get("step", 0)))
+            self.metrics.training_step_rate.set(p.step / max(elapsed, 1e-9))
             fields: dict[str, Any] = {"progress": progress, "losses": [*job.losses, p.loss]}
             events = [step_event(p.step, p.epoch, p.loss)]
             end = p.epoch_end
@@ -291,11 +299,13 @@ class TrainingManager:
                     events.append(auto_stop_event(fields["auto_stop"]))
             self._update(job_id, persist=end is not None or p.step % 10 == 0, events=events, **fields)
 
-        def on_finish(result: Intervention | None, losses: list[float], error: str | None) -> None:
+        def on_finish(result: Intervention | None, losses: list[float], failure: TrainingFailure | None) -> None:
+            self.metrics.training_step_rate.set(0)
             if result is None:
-                status = "cancelled" if error == "cancelled" else "failed"
+                assert failure is not None, "the engine ends a job without a result only with a failure"
+                status = _ENDED_AS[failure.kind]
                 self._update(job_id, persist=True, status=status, finished_at=now(),
-                             error=None if status == "cancelled" else error)
+                             error=None if status is JobStatus.CANCELLED else failure.message)
                 return
             # evaluating waits on the engine: never on its thread (nor the reader thread that relays its callbacks)
             threading.Thread(target=self._complete, args=(job_id, tenant, body, training, len(examples), result,
@@ -346,6 +356,8 @@ class TrainingManager:
     def _update(self, job_id: str, *, persist: bool, events: Sequence[Event] = (), **fields: Any) -> None:
         """Change a live job's record; append `events` to its log (and a status event when the status changes) and
         hand them to its watchers. The log of a job that ended is dropped: its record rebuilds it."""
+        if "status" in fields:
+            self.metrics.training_jobs.labels(status=JobStatus(fields["status"]).value).inc()
         with self._lock:
             job = replace(self._live[job_id], **fields)
             self._live[job_id] = job

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from reft_core import recipe
 from reft_core.config import MAX_RANK
+from reft_core.examples import ChatExample, Example
 from server.errors import APIError
 from server.evaluation import MAX_EVAL_PROMPTS
 from server.settings import TRAINING_EXAMPLES_CEILING
@@ -33,6 +34,14 @@ class ExampleIn(BaseModel):
             if not all(isinstance(m.get("content"), str) and m.get("content") for m in self.messages):
                 raise ValueError("every message needs non-empty text content")
         return self
+
+    def as_chat(self) -> ChatExample:
+        assert self.messages is not None
+        return ChatExample(tuple((m.get("role", "user"), m["content"]) for m in self.messages))
+
+    def as_example(self) -> Example | ChatExample:
+        """The library's form of this example (what `reft_core.examples.tokenize_examples` takes)."""
+        return self.as_chat() if self.messages is not None else Example(self.prompt or "", self.completion or "")
 
 
 class InterventionSpec(BaseModel):

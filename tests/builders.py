@@ -101,3 +101,15 @@ def composed_reference_generate(model: Any, prompt: list[int], parts: list[Any],
     for _ in range(max_new_tokens):
         ids.append(int(composed_reference_logits(model, ids, parts, len(prompt))[-1].argmax()))
     return ids[len(prompt):]
+
+
+def documented(schema: dict, method: str, path: str, status: int) -> bool:
+    """Whether the OpenAPI `schema` lists `status` for the operation serving `method path` (True when no operation
+    serves it: unknown routes and methods are not operations)."""
+    import re
+
+    bare = path.split("?")[0]
+    for template, operations in schema["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), bare) and method.lower() in operations:
+            return str(status) in operations[method.lower()]["responses"]
+    return True

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from reft_core.artifact import MANIFEST_KEY
 from reft_core.config import InterventionConfig
 from server.app import create_app
-from tests.builders import zip_of
+from tests.builders import documented, zip_of
 from tests.reft_core.test_pyreft_import import loreft_states, write_pyreft_dir
 
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
@@ -414,6 +414,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(
     request = kwargs(client, tmp_path) if callable(kwargs) else kwargs
     response = client.request(method, path, **request)
     assert response.status_code == status, (case_id, response.status_code, response.text[:300])
+    assert documented(client.get("/openapi.json").json(), method, path, status), "the OpenAPI schema omits it"
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == error_type and body["error"]["message"]
