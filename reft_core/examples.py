@@ -21,6 +21,18 @@ class Example:
 
 
 @dataclass(frozen=True)
+class ChatExample:
+    """A conversation whose last turn (the assistant's) is the completion to learn; the turns before it are the
+    prompt, rendered with the model's chat template."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content), oldest first
+
+    @property
+    def completion(self) -> str:
+        return self.messages[-1][1]
+
+
+@dataclass(frozen=True)
 class TokenizedExample:
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]  # includes the trailing EOS
@@ -43,12 +55,25 @@ def encode_prompt(tokenizer: Any, prompt: str, *, chat_template: bool) -> list[i
     return list(tokenizer(render_prompt(tokenizer, prompt, chat_template=chat_template), add_special_tokens=False)["input_ids"])
 
 
-def tokenize_examples(tokenizer: Any, examples: Iterable[Example], *, chat_template: bool = True) -> list[TokenizedExample]:
+def encode_chat_prompt(tokenizer: Any, example: ChatExample) -> list[int]:
+    """Every turn before the last, in the chat template, up to and including the assistant header."""
+    turns = [{"role": role, "content": content} for role, content in example.messages[:-1]]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Iterable[Example | ChatExample], *, chat_template: bool = True
+) -> list[TokenizedExample]:
+    """`chat_template` applies to prompt/completion examples; a ChatExample always uses the template."""
     if tokenizer.eos_token_id is None:
         raise InvalidConfigError("the tokenizer has no EOS token: cannot build training targets")
     tokenized = []
     for index, example in enumerate(examples):
-        prompt_ids = encode_prompt(tokenizer, example.prompt, chat_template=chat_template)
+        if isinstance(example, ChatExample):
+            prompt_ids = encode_chat_prompt(tokenizer, example)
+        else:
+            prompt_ids = encode_prompt(tokenizer, example.prompt, chat_template=chat_template)
         completion_ids = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
         if not prompt_ids:
             raise InvalidConfigError(f"example {index}: the prompt is empty")

@@ -11,12 +11,19 @@ long. Choosing among candidates on several kinds of persona (tone, format, langu
 
 from __future__ import annotations
 
+from typing import Literal
+
 DEPTH_FRACTIONS = (8 / 30, 16 / 30, 24 / 30)  # where the edited layers sit, as fractions of the model's depth
 RANK = 2
 POSITIONS = "f1+l1"
 SHARE_WEIGHTS = False
 TYPE = "loreft"
-EPOCHS = 20
+# An epoch count, or "auto": stop on a plateau of the validation loss (else of the training loss) by the rule
+# below (reft_core/early_stop.py). Switching the default to "auto" is this one line.
+EPOCHS: int | Literal["auto"] = 20
+AUTO_MAX_EPOCHS = 40  # the cap of "auto"
+AUTO_PATIENCE = 3  # epochs without an improvement before "auto" stops
+AUTO_MIN_DELTA = 0.01  # an improvement is a loss at least 1% below the best so far
 LEARNING_RATE = 4e-3
 BATCH_SIZE = 10
 SEED = 42

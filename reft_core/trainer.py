@@ -12,6 +12,12 @@ boundaries, which gives the same gradients as one backward call). `step()` runs 
 `train_intervention` runs to completion. Only the intervention's parameters require grad, so autograd does no work
 below the lowest intervened layer.
 
+Validation examples, if given, are scored at the end of every epoch (the same loss, without gradient work, also in
+slices). With `epochs="auto"` the trainer owns the stop rule (early_stop.py): it trains up to the rule's cap and
+stops on a plateau of the validation loss (else of the epoch's mean training loss), then, with validation data,
+returns the best epoch's weights. The learning rate decays linearly over the cap, so a run is deterministic for a
+seed whether or not it stops early.
+
 Frozen contexts (see frozen_context.py) are kept for the whole job only within `context_budget_bytes`: examples
 in order, each kept if it still fits; the others are recomputed each time their micro-batch runs (same values, so
 the same gradients; tested). `estimate_training_memory` predicts, from token counts alone, what a job keeps and the
@@ -24,13 +30,14 @@ import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from reft_core import recipe
 from reft_core.config import InterventionConfig
+from reft_core.early_stop import EpochEnd, StopRule, decide, epoch_metadata
 from reft_core.errors import InvalidConfigError
 from reft_core.examples import TokenizedExample
 from reft_core.frozen_context import (
@@ -50,7 +57,7 @@ from reft_core.training_memory import kept_contexts
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = recipe.EPOCHS
+    epochs: int | Literal["auto"] = recipe.EPOCHS  # "auto": stop on a plateau (StopRule), up to its cap
     learning_rate: float = recipe.LEARNING_RATE
     batch_size: int = recipe.BATCH_SIZE
     seed: int = recipe.SEED
@@ -58,8 +65,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise InvalidConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if self.epochs != "auto" and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)
+                                      or self.epochs < 1):
+            raise InvalidConfigError(f'epochs must be a positive integer or "auto", got {self.epochs!r}')
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InvalidConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1):
@@ -70,13 +78,23 @@ class TrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def stop_rule(self) -> StopRule | None:
+        return StopRule() if self.epochs == "auto" else None
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs the job runs at most (the learning rate decays over them)."""
+        return self.epochs if isinstance(self.epochs, int) else StopRule().max_epochs
+
 
 @dataclass(frozen=True)
 class TrainingProgress:
     step: int
-    total_steps: int
+    total_steps: int  # planned; with epochs="auto" this is `step` once the rule stops
     epoch: int  # 1-based epoch of this step
     loss: float
+    epoch_end: EpochEnd | None = None  # set on an epoch's last step
 
 
 @dataclass
@@ -84,16 +102,18 @@ class TrainingResult:
     intervention: Intervention
     losses: list[float] = field(default_factory=list)
     duration_s: float = 0.0
+    epochs: list[EpochEnd] = field(default_factory=list)
 
     def metadata(self, training: TrainingConfig, num_examples: int) -> dict[str, Any]:
-        return training_metadata(training, num_examples, self.losses)
+        return training_metadata(training, num_examples, self.losses) | epoch_metadata(self.epochs)
 
 
 def training_metadata(training: TrainingConfig, num_examples: int, losses: Sequence[float]) -> dict[str, Any]:
     """What a trained artifact records about its training, wherever it ran (library, CLI, server).
 
     Only what the result depends on, so the same examples, recipe and seed give the same artifact digest locally and
-    on a server: no wall time, job id or name (a server keeps those in its job record).
+    on a server: no wall time, job id or name (a server keeps those in its job record). A run's epochs add their
+    validation losses and stop (`epoch_metadata`), which depend only on the same inputs.
     """
     return training.to_dict() | {
         "examples": num_examples, "steps": len(losses), "final_loss": losses[-1] if losses else None,
@@ -108,6 +128,7 @@ class ReftTrainer:
         examples: Sequence[TokenizedExample],
         training: TrainingConfig = TrainingConfig(),
         *,
+        validation: Sequence[TokenizedExample] = (),
         reuse_frozen_context: bool = True,
         micro_batch_tokens: int | None = None,
         head_chunk_tokens: int | None = None,
@@ -129,7 +150,12 @@ class ReftTrainer:
         self.model = model.requires_grad_(False)  # frozen: only the intervention learns
         self.config = config
         self.examples = list(examples)
+        # Training examples, then validation ones: indices below len(examples) are training examples. Validation
+        # contexts are kept within the same budget (they are scored every epoch).
+        self._pool = self.examples + list(validation)
+        self.validation_indices = list(range(len(self.examples), len(self._pool)))
         self.training = training
+        self.stop_rule = training.stop_rule
         self.micro_batch_tokens = micro_batch_tokens
         self.head_chunk_tokens = head_chunk_tokens
         self.max_micro_batch_tokens = max_micro_batch_tokens
@@ -140,7 +166,7 @@ class ReftTrainer:
             self.intervention = TrainableIntervention(config, hidden_size).to(self.device)
         self._shuffle = torch.Generator().manual_seed(training.seed)
         self.steps_per_epoch = math.ceil(len(self.examples) / training.batch_size)
-        self.total_steps = self.steps_per_epoch * training.epochs
+        self.total_steps = self.steps_per_epoch * training.max_epochs
         self.optimizer = torch.optim.AdamW(
             self.intervention.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay
         )
@@ -149,10 +175,13 @@ class ReftTrainer:
         )
         self.step_count = 0
         self.losses: list[float] = []
+        self.epochs: list[EpochEnd] = []
+        self._stopped = False  # the stop rule ended the run before total_steps
+        self._best_state: dict[str, Tensor] | None = None  # weights of the best validated epoch (epochs="auto")
         self._epoch_batches: list[list[int]] = []
         self.first_layer = min(config.layers)
         self._reuse_frozen_context = reuse_frozen_context and supports_frozen_context(model)
-        self._starts = [first_changing_position(config, ex) if self._reuse_frozen_context else 0 for ex in self.examples]
+        self._starts = [first_changing_position(config, ex) if self._reuse_frozen_context else 0 for ex in self._pool]
         self._keep = kept_contexts(self._context_sizes(), context_budget_bytes)
         self._contexts: dict[int, FrozenContext] = {}  # example index -> context kept for the whole job
         self._work: Generator[None, None, TrainingProgress] | None = None
@@ -162,11 +191,12 @@ class ReftTrainer:
             return []
         dims = ModelDims.from_model(self.model)
         return [dims.context_nbytes(len(ex.input_ids), start, self.first_layer)
-                for ex, start in zip(self.examples, self._starts)]
+                for ex, start in zip(self._pool, self._starts)]
 
     @property
     def done(self) -> bool:
-        return self.step_count >= self.total_steps
+        # a step's work runs past its step count (the epoch's validation follows the optimizer step): not done yet
+        return self._work is None and (self._stopped or self.step_count >= self.total_steps)
 
     def advance(self, deadline: float | None = None) -> TrainingProgress | None:
         """Run slices until `deadline` (a `time.perf_counter()` value) passes or the current optimizer step ends.
@@ -192,13 +222,32 @@ class ReftTrainer:
         return progress
 
     def result(self) -> Intervention:
+        """The trained intervention: the best validated epoch's weights when the stop rule chose one, else the last."""
+        if self._best_state is not None:
+            self.intervention.load_state_dict(self._best_state)
         return self.intervention.export()
 
     @torch.no_grad()
     def loss(self, indices: Sequence[int]) -> Tensor:
-        """The training loss on the examples at `indices` with the current weights (no gradient work)."""
-        total = sum(len(self.examples[i].completion_ids) for i in indices)
-        return sum(_drain(self._micro_batch(chunk, total, backward=False)) for chunk in self._micro_batches(indices))
+        """The loss on the examples at `indices` (training ones, then validation ones: see `validation_indices`)
+        with the current weights (no gradient work)."""
+        return _drain(self._loss_work(indices))
+
+    def _loss_work(self, indices: Sequence[int]) -> Generator[None, None, Tensor]:
+        """`loss` in slices, each without gradient work (a validation pass between serving steps)."""
+        total = sum(len(self._pool[i].completion_ids) for i in indices)
+        loss = torch.zeros((), device=self.device)
+        for chunk in self._micro_batches(indices):
+            work = self._micro_batch(chunk, total, backward=False)
+            while True:  # grad mode is thread state: set it per slice, never across a yield to the caller
+                with torch.no_grad():
+                    try:
+                        next(work)
+                    except StopIteration as finished:
+                        loss = loss + finished.value
+                        break
+                yield
+        return loss
 
     # -- slices ----------------------------------------------------------------------------------------------------
     def _step_work(self) -> Generator[None, None, TrainingProgress]:
@@ -211,7 +260,7 @@ class ReftTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Mean cross-entropy over the batch's completion + EOS tokens: each micro-batch backpropagates its token-loss
         # sum divided by the batch's token count, so the accumulated gradient is exactly the one-batch gradient.
-        total = sum(len(self.examples[i].completion_ids) for i in indices)
+        total = sum(len(self._pool[i].completion_ids) for i in indices)
         loss = torch.zeros((), device=self.device)
         for chunk in self._micro_batches(indices):
             loss = loss + (yield from self._micro_batch(chunk, total, backward=True))
@@ -221,7 +270,29 @@ class ReftTrainer:
         self.step_count += 1
         self.losses.append(float(loss))
         epoch = (self.step_count - 1) // self.steps_per_epoch + 1
-        return TrainingProgress(self.step_count, self.total_steps, epoch, self.losses[-1])
+        epoch_end = None
+        if self.step_count % self.steps_per_epoch == 0:
+            epoch_end = yield from self._end_epoch(epoch)
+        total = self.step_count if self._stopped else self.total_steps
+        return TrainingProgress(self.step_count, total, epoch, self.losses[-1], epoch_end)
+
+    def _end_epoch(self, epoch: int) -> Generator[None, None, EpochEnd]:
+        """Score the validation examples, and with epochs="auto" apply the stop rule (keeping the best weights)."""
+        validation = None
+        if self.validation_indices:
+            validation = float((yield from self._loss_work(self.validation_indices)))
+        steps = self.losses[-self.steps_per_epoch:]
+        train_loss = sum(steps) / len(steps)
+        decision = None
+        if self.stop_rule is not None:
+            monitored = [e.validation_loss if validation is not None else e.train_loss for e in self.epochs]
+            decision = decide([*monitored, validation if validation is not None else train_loss], self.stop_rule)
+            if validation is not None and decision.best_epoch == epoch:
+                self._best_state = {k: v.detach().clone() for k, v in self.intervention.state_dict().items()}
+            self._stopped = decision.stop
+        end = EpochEnd(epoch, train_loss, validation, decision)
+        self.epochs.append(end)
+        return end
 
     def _frozen_contexts(self, indices: Sequence[int]) -> Generator[None, None, list[FrozenContext]]:
         """The examples' contexts: kept ones as they are, the others computed now (one decoder layer per slice) and
@@ -231,7 +302,7 @@ class ReftTrainer:
             context = self._contexts.get(i)
             if context is None:
                 context = yield from frozen_context_work(
-                    self.model, self.examples[i].input_ids, self._starts[i], self.first_layer
+                    self.model, self._pool[i].input_ids, self._starts[i], self.first_layer
                 )
                 if self._keep[i]:
                     self._contexts[i] = context
@@ -255,7 +326,7 @@ class ReftTrainer:
         return buckets
 
     def _suffix_length(self, i: int) -> int:
-        return len(self.examples[i].input_ids) - self._starts[i]
+        return len(self._pool[i].input_ids) - self._starts[i]
 
     def _fits(self, bucket: list[int], i: int) -> bool:
         """Whether example `i` (the longest suffix so far: sorted) may join `bucket`."""
@@ -269,7 +340,7 @@ class ReftTrainer:
 
     def _micro_batch(self, indices: Sequence[int], total: int, *, backward: bool) -> Generator[None, None, Tensor]:
         """Loss contribution (token-loss sum / `total`) of one micro-batch; with `backward`, also its gradient."""
-        batch = [self.examples[i] for i in indices]
+        batch = [self._pool[i] for i in indices]
         if not self._reuse_frozen_context:  # no layer-by-layer path for this architecture: one slice
             loss = self._loss_full(batch) / total
             if backward:
@@ -382,18 +453,20 @@ def train_intervention(
     training: TrainingConfig = TrainingConfig(),
     on_progress: Callable[[TrainingProgress], None] | None = None,
     *,
+    validation: Sequence[TokenizedExample] = (),
     reuse_frozen_context: bool = True,
     context_budget_bytes: int | None = None,
     max_micro_batch_tokens: int | None = None,
 ) -> TrainingResult:
     started = time.perf_counter()
-    trainer = ReftTrainer(model, config, examples, training, reuse_frozen_context=reuse_frozen_context,
-                          context_budget_bytes=context_budget_bytes, max_micro_batch_tokens=max_micro_batch_tokens)
+    trainer = ReftTrainer(model, config, examples, training, validation=validation,
+                          reuse_frozen_context=reuse_frozen_context, context_budget_bytes=context_budget_bytes,
+                          max_micro_batch_tokens=max_micro_batch_tokens)
     while not trainer.done:
         progress = trainer.step()
         if on_progress is not None:
             on_progress(progress)
-    return TrainingResult(trainer.result(), trainer.losses, time.perf_counter() - started)
+    return TrainingResult(trainer.result(), trainer.losses, time.perf_counter() - started, trainer.epochs)
 
 
 def _drain(work: Generator[None, None, Tensor]) -> Tensor:

@@ -30,12 +30,17 @@ from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
 from server.errors import install_error_handlers
 from server.generation import GenerationService
 from server.limits import BodySizeLimit
+from server.logging_setup import current_format
 from server.metrics import Metrics
+from server.openapi import document_errors
 from server.playground import install_playground
 from server.quotas import Limiter, RateLimiter
 from server.registry import InterventionRegistry
+from server.request_context import RequestContext
 from server.routes import admin, completions, files, fine_tuning, health, interventions, models, trainings, versions
 from server.settings import Settings
+from server.timed_store import TimedStore
+from server.tracing import Tracing, build_tracing
 from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.app")
@@ -81,7 +86,7 @@ def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -
         model_dir = resolve_model_dir(settings.model, settings.model_cache_dir)  # any GGUF conversion happens once, here
         tokenizer = load_tokenizer(model_dir)
         spec = EngineProcessSpec(model_dir, settings.device, settings.dtype, engine_settings(settings),
-                                 logging.getLevelName(logging.getLogger().level).lower())
+                                 logging.getLevelName(logging.getLogger().level).lower(), current_format())
         remote = RemoteEngine(spec, metrics)
         try:
             info = remote.start()
@@ -98,10 +103,14 @@ def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -
 
 
 def build_services(
-    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: Limiter
+    settings: Settings, started: StartedEngine, tenants: TenantStore, rate_limiter: Limiter,
+    metrics: Metrics | None = None, tracing: Tracing | None = None,
 ) -> Services:
     engine, tokenizer, fingerprint, dims = started.engine, started.tokenizer, started.fingerprint, started.dims
-    store = open_artifact_store(settings, fingerprint)
+    metrics, tracing = metrics or Metrics(), tracing or Tracing()
+    store: ArtifactStore = TimedStore(  # type: ignore[assignment] - the store's interface, every call measured
+        open_artifact_store(settings, fingerprint), metrics, tracing,
+    )
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
         removed = store.gc()
         if removed:
@@ -110,10 +119,10 @@ def build_services(
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
                                     base_model_id=model_id)
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
-                                   capacity=started.capacity)
+                                   capacity=started.capacity, metrics=metrics, tracing=tracing)
     training = TrainingManager(
         engine, registry, tokenizer, open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s),
-        settings, dims, unavailable=started.training_unavailable,
+        settings, dims, unavailable=started.training_unavailable, metrics=metrics,
     )
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
@@ -133,10 +142,13 @@ def make_rate_limiter(settings: Settings, metrics: Metrics) -> Limiter:
 
 
 def create_app(
-    settings: Settings, *, base_model: BaseModel | None = None, start: EngineStarter | None = None
+    settings: Settings, *, base_model: BaseModel | None = None, start: EngineStarter | None = None,
+    span_exporter: Any = None,
 ) -> FastAPI:
-    """`start`: how the engine starts (default: `start_engine`, a thread or a process of its own)."""
+    """`start`: how the engine starts (default: `start_engine`, a thread or a process of its own); `span_exporter`:
+    an OpenTelemetry span exporter to trace into (tests), else `settings.otlp_endpoint`."""
     metrics = Metrics()
+    tracing = build_tracing(settings.otlp_endpoint, span_exporter)
     tenants = open_tenants(settings.state_location(""))
     rate_limiter = make_rate_limiter(settings, metrics)
 
@@ -146,7 +158,8 @@ def create_app(
         try:
             started_engine = (start(settings, metrics) if start is not None
                               else start_engine(settings, base_model, metrics))
-            app.state.services = build_services(settings, started_engine, tenants, rate_limiter)
+            app.state.services = build_services(settings, started_engine, tenants, rate_limiter, metrics,
+                                                 tracing)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and in 503 bodies, not a crash loop
             log.exception("failed to load the model")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -172,6 +185,7 @@ def create_app(
                     services.store.close()
                     services.training.jobs.close()
                 tenants.close()
+            tracing.shutdown()
 
     app = FastAPI(
         title="reft-serve",
@@ -180,6 +194,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.state.settings = settings
     app.state.tenants = tenants
     app.state.rate_limiter = rate_limiter
@@ -189,9 +204,11 @@ def create_app(
     app.state.drain = lambda: _drain(app)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, settings=settings)
-    app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)  # outermost: first
+    app.add_middleware(AuthenticateFirst, settings=settings, tenants=tenants, metrics=metrics)
+    app.add_middleware(RequestContext, metrics=metrics, tracing=tracing)  # outermost: every answer gets the id
     for module in (completions, models, interventions, versions, trainings, files, fine_tuning, admin, health):
         app.include_router(module.router)
+    document_errors(app)  # after every router: the schema lists the statuses each route can send
     install_playground(app)
     if not settings.auth_enabled and settings.auth == "auto":
         log.info("auth is off: bound to a loopback address (every caller is the admin of tenant 'default')")

@@ -1,5 +1,9 @@
 """The `reft-serve` command: run the server, train or import interventions locally, generate once, or manage
-tenants and API keys (`admin`)."""
+tenants and API keys (`admin`).
+
+A user's mistake (a missing file, a bad JSONL line, an unknown tenant, a bad flag value) ends with one line on
+stderr saying what to fix and exit code 1 (2 for usage errors, as argparse does), never a Python traceback.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,28 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from server.logging_setup import configure_logging
-from server.settings import Settings, default_data_dir
+from server.logging_setup import LOG_FORMATS, LOG_LEVELS, configure_logging
+from server.settings import TRAINING_EXAMPLES_CEILING, Settings, default_data_dir
+
+DATA_DIR_ENV = "REFT_SERVE_DATA_DIR"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (unless it has none, or its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] or \
+            action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _setting(name: str, text: str) -> str:
+    """Help for a serve flag whose default is the Settings field's (the flag itself defaults to None: not given)."""
+    default = Settings.model_fields[name].default
+    return f"{text} (default: {default})" if default is not None else text
 
 if TYPE_CHECKING:
     from adapters_store.backend import StoreBackend
@@ -24,7 +48,8 @@ if TYPE_CHECKING:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local HF model directory or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
-    parser.add_argument("--dtype", help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="default: auto, bfloat16 on GPU and float32 on CPU")
     parser.add_argument("--model-cache-dir", type=Path, help="where converted GGUF models are cached")
 
 
@@ -40,12 +65,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_running=args.max_running, resident_interventions=args.resident_interventions,
         training_share=args.training_share, auth=args.auth, admin_key=_admin_key(args),
         request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout, store=args.store,
-        limits_store=args.limits_store,
+        limits_store=args.limits_store, otlp_endpoint=args.otlp_endpoint,
     )
     given = {name: value for name, value in flags.items() if value is not None}  # flags left out: settings default
     settings = Settings(**(setting_overrides(args.set, os.environ) | given))
     if args.ray:
         return _serve_on_ray(args, settings)
+    if settings.model is not None and not Path(settings.model).expanduser().exists():
+        raise UserError(f"--model {settings.model}: no such file or directory (give a local HF model directory or "
+                        ".gguf file)")
     app = create_app(settings)
     _reserve_descriptors(settings.max_connections)
     # The guarded protocol bounds connections, header bytes and the time a request may take to arrive
@@ -129,6 +157,8 @@ def _admin(args: argparse.Namespace) -> int:
 
     if args.action == "migrate":
         return _migrate(args)
+    if args.store is None:
+        _check_data_dir(args.data_dir, args.init)
     location = args.store if args.store is not None else args.data_dir
     tenants = open_tenants(location)
     if args.action == "create-tenant":
@@ -179,6 +209,15 @@ def _store_backend(location: Path | str) -> StoreBackend:
     return LocalBackend(sqlite_path(location) / "store")
 
 
+def _check_data_dir(data_dir: Path, init: bool) -> None:
+    """`admin` works on an existing data directory: a mistyped --data-dir must not quietly create an empty one (keys
+    made there would never reach the server)."""
+    if init or (data_dir / "tenants.sqlite3").exists() or (data_dir / "store").exists():
+        return
+    raise UserError(f"{data_dir} is not a reft-serve data directory (no tenants or store there): check --data-dir "
+                    f"or ${DATA_DIR_ENV}, or pass --init to create one")
+
+
 def _load(args: argparse.Namespace):  # noqa: ANN202 - BaseModel import is deferred (torch is slow to import)
     from reft_core.base_model import load_base_model
 
@@ -201,18 +240,15 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_examples(path: Path) -> list:
-    from reft_core.examples import Example
+def _read_examples(path: Path) -> list:  # noqa: ANN202 - ExampleIn is imported late (the server's modules)
+    """The examples file, parsed exactly as the server parses an uploaded one (the same forms, the same errors)."""
+    from server.errors import APIError
+    from server.routes.trainings import _parse_jsonl
 
-    examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-            raise SystemExit(f"{path}:{number}: each line must be {{\"prompt\": str, \"completion\": str}}")
-        examples.append(Example(row["prompt"], row["completion"]))
-    return examples
+    try:
+        return _parse_jsonl(path.read_bytes(), TRAINING_EXAMPLES_CEILING)
+    except APIError as exc:
+        raise UserError(f"{path}: {exc.message}") from None
 
 
 def _train_remote(args: argparse.Namespace) -> int:
@@ -220,7 +256,7 @@ def _train_remote(args: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
-    examples = [{"prompt": e.prompt, "completion": e.completion} for e in _read_examples(args.examples)]
+    examples = [e.model_dump(exclude_none=True) for e in _read_examples(args.examples)]
     spec = {"rank": args.rank, "positions": args.positions, "type": args.type, "share_weights": args.share_weights}
     if args.layers:
         spec["layers"] = args.layers
@@ -230,13 +266,15 @@ def _train_remote(args: argparse.Namespace) -> int:
         "hyperparameters": {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
                             "seed": args.seed},
     }
+    if args.validation:
+        body["validation_examples"] = [e.model_dump(exclude_none=True) for e in _read_examples(args.validation)]
     base = args.server.rstrip("/")
     key = args.api_key or os.environ.get("REFT_SERVE_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(timeout=httpx.Timeout(30, read=None), headers=headers) as client:
         response = client.post(f"{base}/v1/trainings", json=body)
         if response.status_code != 202:
-            raise SystemExit(f"the server refused the job ({response.status_code}): {response.text}")
+            raise UserError(f"the server refused the job ({response.status_code}): {_error_message(response)}")
         job = response.json()
         if args.no_wait:
             print(json.dumps(job))
@@ -245,18 +283,35 @@ def _train_remote(args: argparse.Namespace) -> int:
             "GET", f"{base}/v1/trainings/{job['id']}/events"
         ) as events:
             for line in events.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                job = json.loads(line[6:])
-                progress = job.get("progress") or {}
-                if progress.get("total_steps"):
-                    bar.total = progress["total_steps"]
-                    bar.n = progress.get("step", 0)
-                    if "loss" in progress:
-                        bar.set_postfix(loss=f"{progress['loss']:.4f}", epoch=progress.get("epoch"))
-                    bar.refresh()
+                if line.startswith("data: "):
+                    job = _follow(job, json.loads(line[6:]), bar)
     print(json.dumps({k: job.get(k) for k in ("id", "status", "intervention", "result_version", "error")}))
     return 0 if job.get("status") == "succeeded" else 1
+
+
+def _follow(job: dict, event: dict, bar) -> dict:  # noqa: ANN001 - tqdm is imported lazily
+    """Apply one training event (server/training_events.py) to the job as the CLI shows it and to its progress bar."""
+    kind = event.get("type")
+    if kind == "snapshot":
+        job = event["job"]
+        progress = job.get("progress") or {}
+        bar.total, bar.n = progress.get("total_steps"), progress.get("step", 0)
+    elif kind == "status":
+        job = {**job, **{k: v for k, v in event.items() if k in ("status", "result_version", "error")}}
+        if event.get("total_steps"):
+            bar.total = event["total_steps"]
+    elif kind == "step":
+        bar.n = event["step"]
+        bar.set_postfix(loss=f"{event['loss']:.4f}", epoch=event["epoch"])
+    elif kind == "epoch" and event.get("validation_loss") is not None:
+        bar.write(f"epoch {event['epoch']}: validation loss {event['validation_loss']:.4f}")
+    elif kind == "auto_stop":
+        bar.total = bar.n  # stopped early: the bar ends here
+        bar.write(f"stopped after epoch {event['epochs_run']} ({event['reason']}); kept epoch {event['kept_epoch']}")
+    elif kind == "evaluation":
+        job = {**job, "evaluation": event["evaluation"]}
+    bar.refresh()
+    return job
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -276,17 +331,24 @@ def _train(args: argparse.Namespace) -> int:
     config = InterventionConfig(layers=layers, rank=args.rank, positions=args.positions, type=args.type,
                                 share_weights=args.share_weights)
     training = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
-    tokenized = tokenize_examples(base.tokenizer, examples, chat_template=not args.raw)
+    tokenized = tokenize_examples(base.tokenizer, [e.as_example() for e in examples], chat_template=not args.raw)
+    validation = (tokenize_examples(base.tokenizer, [e.as_example() for e in _read_examples(args.validation)],
+                                    chat_template=not args.raw) if args.validation else [])
     with tqdm(total=None, unit="step", desc=f"training {args.name}", file=sys.stderr) as bar:
         def progress(p) -> None:  # noqa: ANN001
             bar.total = p.total_steps
             bar.set_postfix(loss=f"{p.loss:.4f}", epoch=p.epoch)
             bar.update(1)
+            if p.epoch_end is not None and p.epoch_end.validation_loss is not None:
+                bar.write(f"epoch {p.epoch}: validation loss {p.epoch_end.validation_loss:.4f}")
 
-        result = train_intervention(base.model, config, tokenized, training, on_progress=progress)
+        result = train_intervention(base.model, config, tokenized, training, on_progress=progress, validation=validation)
     output = args.output or Path(f"{args.name}.safetensors")
-    save_artifact(output, result.intervention, base.fingerprint, result.metadata(training, len(examples)))
-    print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1)}))
+    metadata = result.metadata(training, len(examples))
+    save_artifact(output, result.intervention, base.fingerprint, metadata)
+    summary = {k: metadata[k] for k in ("validation_loss", "auto_stop") if k in metadata}
+    print(json.dumps({"artifact": str(output), "final_loss": result.losses[-1], "seconds": round(result.duration_s, 1),
+                      **summary}))
     return 0
 
 
@@ -301,34 +363,57 @@ def _import_pyreft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epochs(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer or "auto", got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"epochs must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reft_core import recipe  # torch-free: the train command's defaults
 
-    parser = argparse.ArgumentParser(prog="reft-serve", description=__doc__)
-    parser.add_argument("--log-level", default="info")
+    parser = argparse.ArgumentParser(prog="reft-serve", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    parser.add_argument("--log-format", default="json", choices=LOG_FORMATS,
+                        help="json: one object per line (for log collectors); text: for a terminal")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the HTTP server")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    serve = command("serve", "run the HTTP server")
     _add_model_args(serve)
     serve.add_argument("--model-id", help="name clients use for the bare model (default: the model's own id)")
-    serve.add_argument("--host", help="default 127.0.0.1")
-    serve.add_argument("--port", type=int, help="default 8000")
-    serve.add_argument("--data-dir", type=Path, help=f"artifact store location (default {default_data_dir()})")
+    serve.add_argument("--host", help=_setting("host", "address to bind"))
+    serve.add_argument("--port", type=int, help=_setting("port", "port to bind"))
+    serve.add_argument("--data-dir", type=Path,
+                       help=f"artifact store location (default: ${DATA_DIR_ENV}, else {default_data_dir()})")
+    serve.add_argument("--max-running", type=int, help=_setting("max_running", "rows in the running batch"))
+    serve.add_argument("--resident-interventions", type=int,
+                       help=_setting("resident_interventions", "interventions kept in the bank"))
+    serve.add_argument("--training-share", type=float, help=_setting(
+        "training_share", "training time per engine iteration while serving, as a fraction of a decode step"))
     serve.add_argument("--store", help="sqlite:///dir or postgresql://user@host/db: where interventions, tenants, "
                        "keys and jobs live; replicas sharing one PostgreSQL database serve one registry "
                        "(default: --data-dir)")
     serve.add_argument("--limits-store", help="redis://host:port/db: per-tenant rate limits shared by replicas "
                        "(default: in memory, per process)")
-    serve.add_argument("--max-running", type=int, help="rows in the running batch (default 64)")
-    serve.add_argument("--resident-interventions", type=int, help="interventions kept in the bank (default 256)")
-    serve.add_argument("--training-share", type=float,
-                       help="training time per engine iteration while serving, as a fraction of a decode step")
     serve.add_argument("--auth", choices=["auto", "on", "off"],
-                       help="require API keys (auto: on unless --host is a loopback address)")
-    serve.add_argument("--admin-key-file", type=Path, help="file holding the admin key (else $REFT_SERVE_ADMIN_KEY)")
-    serve.add_argument("--request-timeout", type=float, help="seconds before a generation is cancelled (default 600)")
+                       help="require API keys (default: auto, which is on unless --host is a loopback address)")
+    serve.add_argument("--admin-key-file", type=Path, help="file holding the admin key (default: $REFT_SERVE_ADMIN_KEY)")
+    serve.add_argument("--request-timeout", type=float,
+                       help=_setting("request_timeout_s", "seconds before a generation is cancelled"))
     serve.add_argument("--drain-timeout", type=float,
-                       help="on SIGTERM, seconds running requests get to finish")
+                       help=_setting("drain_timeout_s", "on SIGTERM, seconds running requests get to finish"))
+    serve.add_argument("--otlp-endpoint", help="send OpenTelemetry traces to this OTLP/HTTP URL, e.g. "
+                       "http://collector:4318/v1/traces (needs the otel extra; default: no tracing)")
     serve.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="any server setting, e.g. --set requests_per_minute=120 (see README; also "
                             "REFT_SERVE_<FIELD> in the environment)")
@@ -342,30 +427,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--ray: GPUs per engine replica (default 1 with --device cuda, else 0)")
     serve.set_defaults(run=_serve)
 
-    gen = commands.add_parser("generate", help="generate once, optionally with an intervention artifact")
+    gen = command("generate", "generate once, optionally with an intervention artifact")
     _add_model_args(gen)
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt (a user turn in the chat template, unless --raw)")
     gen.add_argument("--intervention", type=Path, help="a .safetensors artifact")
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(run=_generate)
 
-    train = commands.add_parser("train", help="train an intervention (locally, or on a running server with --server)")
+    train = command("train", "train an intervention (locally, or on a running server with --server)")
     _add_model_args(train)
-    train.add_argument("examples", type=Path, help="JSONL with {prompt, completion} per line")
-    train.add_argument("--name", required=True)
+    train.add_argument("examples", type=Path,
+                       help="JSONL, one example per line: {prompt, completion} or {messages} (as the server takes)")
+    train.add_argument("--name", required=True, help="name of the intervention")
     train.add_argument("--output", type=Path, help="artifact path (default: NAME.safetensors)")
     # defaults: the one recipe (reft_core/recipe.py), the same as the HTTP API's
     train.add_argument("--layers", type=int, nargs="+", help="default: 8/30, 16/30 and 24/30 of the model's depth")
-    train.add_argument("--rank", type=int, default=recipe.RANK)
-    train.add_argument("--positions", default=recipe.POSITIONS)
-    train.add_argument("--type", default=recipe.TYPE, choices=["loreft", "direft", "noreft"])
-    train.add_argument("--share-weights", action="store_true", default=recipe.SHARE_WEIGHTS)
-    train.add_argument("--epochs", type=int, default=recipe.EPOCHS)
-    train.add_argument("--lr", type=float, default=recipe.LEARNING_RATE)
-    train.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
-    train.add_argument("--seed", type=int, default=recipe.SEED)
+    train.add_argument("--rank", type=int, default=recipe.RANK, help="rank of each intervention")
+    train.add_argument("--positions", default=recipe.POSITIONS, help="intervened positions: f<n>, l<n>, f<n>+l<n>")
+    train.add_argument("--type", default=recipe.TYPE, choices=["loreft", "direft", "noreft"], help="intervention type")
+    train.add_argument("--share-weights", action="store_true", default=recipe.SHARE_WEIGHTS,
+                       help="one intervention for the first and last positions")
+    train.add_argument("--epochs", type=_epochs, default=recipe.EPOCHS,
+                       help='passes over the examples, or "auto": stop when the loss stops improving (at most '
+                            f'{recipe.AUTO_MAX_EPOCHS})')
+    train.add_argument("--lr", type=float, default=recipe.LEARNING_RATE, help="learning rate")
+    train.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE, help="examples per optimizer step")
+    train.add_argument("--seed", type=int, default=recipe.SEED, help="random seed")
     train.add_argument("--raw", action="store_true", help="do not apply the chat template to prompts")
+    train.add_argument("--validation", type=Path,
+                       help="JSONL of held-out examples: validation loss every epoch (and what --epochs auto watches)")
     train.add_argument("--server", help="URL of a running reft-serve: train there (the result is servable at once)")
     train.add_argument("--no-wait", action="store_true", help="with --server: print the queued job and exit")
     train.add_argument("--replace", action="store_true",
@@ -373,11 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--api-key", help="with --server: API key (default: $REFT_SERVE_API_KEY)")
     train.set_defaults(run=_train)
 
-    adm = commands.add_parser("admin", help="manage tenants, API keys and public interventions on a data directory")
+    adm = command("admin", "manage tenants, API keys and public interventions on a data directory")
     adm.add_argument("action", choices=["create-tenant", "create-key", "revoke-key", "list", "set-public", "migrate"])
     adm.add_argument("name", nargs="?", default="",
                      help="tenant (create-tenant, create-key), key id (revoke-key), tenant/name (set-public)")
-    adm.add_argument("--data-dir", type=Path, default=default_data_dir())
+    adm.add_argument("--data-dir", type=Path, default=Path(os.environ.get(DATA_DIR_ENV) or default_data_dir()),
+                     help=f"the server's data directory (default: ${DATA_DIR_ENV}, else {default_data_dir()})")
+    adm.add_argument("--init", action="store_true", help="create the data directory if it does not exist yet")
     adm.add_argument("--store", help="sqlite:///dir or postgresql://...: the store a server uses (default: --data-dir)")
     adm.add_argument("--from", dest="source", help="migrate: the store to copy (sqlite:///dir or postgresql://...)")
     adm.add_argument("--to", dest="destination", help="migrate: the store to copy into (created if missing)")
@@ -386,19 +479,61 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--private", action="store_true", help="set-public: make it private again")
     adm.set_defaults(run=_admin)
 
-    imp = commands.add_parser("import-pyreft", help="convert a pyreft save directory into an artifact")
+    imp = command("import-pyreft", "convert a pyreft save directory into an artifact")
     _add_model_args(imp)
-    imp.add_argument("directory", type=Path)
-    imp.add_argument("--positions", default="l1")
-    imp.add_argument("--output", type=Path, required=True)
+    imp.add_argument("directory", type=Path, help="a directory written by pyreft's save")
+    imp.add_argument("--positions", default="l1", help="the positions the interventions were trained on")
+    imp.add_argument("--output", type=Path, required=True, help="artifact path to write")
     imp.set_defaults(run=_import_pyreft)
     return parser
 
 
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one line, without a traceback."""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("reft-serve")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _error_message(response: object) -> str:
+    try:
+        return str(response.json()["error"]["message"])  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not our error body: show what came back
+        return str(getattr(response, "text", response))[:500]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's mistake raises: our own refusals, the libraries' typed input errors, files and settings."""
+    from pydantic import ValidationError
+
+    from adapters_store.errors import StoreError
+    from reft_core.errors import ReftError
+
+    return (UserError, ReftError, StoreError, ValidationError, OSError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError | NotADirectoryError):
+        return f"{exc.filename}: {exc.strerror}"
+    if type(exc).__name__ == "ValidationError":  # pydantic: one line per bad setting
+        return "invalid setting: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                              for e in exc.errors())  # type: ignore[attr-defined]
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    return int(args.run(args) or 0)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return int(args.run(args) or 0)
+    except _user_errors() as exc:
+        raise SystemExit(f"reft-serve {args.command}: error: {_describe(exc)}") from None
 
 
 if __name__ == "__main__":

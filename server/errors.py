@@ -19,6 +19,7 @@ from adapters_store import errors as store_errors
 from adapters_store import tenants as tenant_errors
 from adapters_store.jobs import JobNotFoundError
 from reft_core import errors as core_errors
+from server.request_context import request_id_of
 
 log = logging.getLogger("reft_serve.errors")
 
@@ -95,8 +96,12 @@ def _respond(request: Request, error: APIError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.errors.labels(type=error.type).inc()
+    headers = dict(error.headers or {})
+    request_id = request_id_of(request.scope)
+    if request_id is not None:  # the 500 handler answers outside RequestContext, which would otherwise add it
+        headers["X-Request-Id"] = request_id
     return JSONResponse(error_body(error.message, error.type, error.code, error.param), status_code=error.status,
-                        headers=error.headers)
+                        headers=headers or None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -106,11 +111,37 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
 
 
+async def _body_error(request: Request, exc: RequestValidationError) -> APIError | None:
+    """The two body mistakes a person makes with curl, said so they can fix them: malformed JSON (with its line and
+    column, not a byte offset) and a JSON body sent without `Content-Type: application/json` (curl -d sends
+    `application/x-www-form-urlencoded`, and the body then arrives as a string, not an object)."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        try:
+            json.loads(await request.body())
+        except json.JSONDecodeError as bad:
+            return APIError(400, f"the request body is not valid JSON: {bad.msg} at line {bad.lineno}, column "
+                            f"{bad.colno}", code="invalid_json")
+        except UnicodeDecodeError:
+            return APIError(400, "the request body is not UTF-8 JSON", code="invalid_json")
+    content_type = request.headers.get("content-type", "")
+    body_not_object = tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type",
+                                                                                         "dict_type")
+    if body_not_object and "json" not in content_type.lower():
+        return APIError(400, f"the request body must be a JSON object sent with `Content-Type: application/json` "
+                        f"(got {content_type or 'no Content-Type'}; with curl add -H 'Content-Type: application/json')",
+                        code="invalid_content_type")
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return _respond(request, APIError(400, message, param=param, code="invalid_value"))
+        error = await _body_error(request, exc)
+        if error is None:
+            message, param = _validation_message(exc)
+            error = APIError(400, message, param=param, code="invalid_value")
+        return _respond(request, error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -25,7 +25,7 @@ from adapters_store.jobs import JobRecord
 from reft_core import recipe
 from reft_core.config import MAX_RANK
 from server.errors import APIError
-from server.training import ExampleIn, TrainingRequest
+from server.training_request import ExampleIn, TrainingRequest
 
 Auto = Literal["auto"]
 # the trainer takes learning rates up to 1, so the multiplier is bounded by the recipe's rate

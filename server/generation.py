@@ -12,6 +12,7 @@ when the request ends). A request that runs longer than `request_timeout_s` is c
 from __future__ import annotations
 
 import asyncio
+import difflib
 import threading
 import uuid
 from collections import deque
@@ -28,10 +29,13 @@ from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
 )
 from server.errors import APIError, rate_limited
+from server.metrics import Metrics
 from server.quotas import Limiter, RateLimiter
 from server.registry import InterventionRegistry
+from server.request_context import current_request_id
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
+from server.tracing import Tracing
 from adapters_store import InterventionNotFoundError, InvalidNameError
 
 
@@ -84,9 +88,12 @@ class Caller:
 class GenerationService:
     def __init__(
         self, engine: EngineHandle, tokenizer: Any, registry: InterventionRegistry, settings: Settings, model_id: str,
-        rate_limiter: Limiter | None = None, capacity: int | None = None,
+        rate_limiter: Limiter | None = None, capacity: int | None = None, *, metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing()
         self.tokenizer = tokenizer
         self.registry = registry
         self.settings = settings
@@ -127,6 +134,7 @@ class GenerationService:
                 self._preparing -= 1
 
     async def prepare_chat(self, body: ChatCompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
+        _refuse_unsupported(body)
         with self.admission():
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
@@ -134,6 +142,7 @@ class GenerationService:
             return await self._prepare(body, prompt_ids, body.requested_max_tokens, caller)
 
     async def prepare_completion(self, body: CompletionRequest, caller: Caller = Caller()) -> PreparedRequest:
+        _refuse_unsupported(body)
         with self.admission():
             return await self._prepare_completion(body, caller)
 
@@ -196,7 +205,7 @@ class GenerationService:
             ignore_eos=body.ignore_eos,
             seed=body.seed,
         )
-        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params, ref)
+        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params, ref, current_request_id())
         reserved = 0
         if caller.tokens_per_minute is not None:
             reserved = len(prompt_ids) + effective_max
@@ -214,11 +223,27 @@ class GenerationService:
             target = self.registry.lookup_cached(model, tenant)
             return (target or await run_in_threadpool(self.registry.lookup, model, tenant)).ref
         except (InterventionNotFoundError, InvalidNameError):
-            raise _model_not_found(model) from None
+            raise await self._not_found(model, tenant) from None
         except PartNotFoundError as exc:
-            raise _model_not_found(exc.part) from None
+            raise await self._not_found(exc.part, tenant) from None
         except CompositionError as exc:
             raise APIError(400, str(exc), param="model", code="invalid_value") from None
+
+    async def _not_found(self, model: str, tenant: str) -> APIError:
+        close = await run_in_threadpool(self._close_names, model, tenant)
+        hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+        return _model_not_found(model, hint)
+
+    def _close_names(self, model: str, tenant: str) -> list[str]:
+        """Names close to `model` among those the caller may use (the base model, its own interventions, others'
+        public ones as `owner/name`): never another tenant's private name."""
+        try:
+            store = self.registry.store
+            names = [self.model_id, *(r.name for r in store.list(tenant))]
+            names += [f"{r.tenant}/{r.name}" for r in store.list_public() if r.tenant != tenant]
+        except Exception:  # noqa: BLE001 - a hint is not worth failing the 404 over
+            return []
+        return difflib.get_close_matches(model, names, n=3, cutoff=0.6)
 
     async def events(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit and yield events until the final one; cancels the request if the consumer stops early."""
@@ -249,6 +274,8 @@ class GenerationService:
                 event = _coalesce(event, queue)
                 generated += len(event.token_ids)
                 finished = event.finish_reason is not None
+                if finished:
+                    self._observe(event, prepared)
                 yield event
                 if finished:
                     return
@@ -264,7 +291,30 @@ class GenerationService:
                                          prepared.tokens_per_minute)
 
 
+    def _observe(self, final: GenerationEvent, prepared: PreparedRequest) -> None:
+        """Per-request metrics and the engine's trace spans, from the timings that came back with the final event."""
+        timings, m = final.timings, self.metrics
+        if "engine_s" in timings:
+            m.request_latency.observe(timings["engine_s"])
+            m.request_queue.observe(timings["queue_s"])
+        if "prefill_s" in timings:
+            m.request_prefill.observe(timings["prefill_s"])
+        if "decode_s" in timings:
+            m.request_decode.observe(timings["decode_s"])
+        m.request_prompt_tokens.observe(final.prompt_tokens)
+        m.request_generation_tokens.observe(final.completion_tokens)
+        self.tracing.engine_spans(timings, **{"reft.prompt_tokens": final.prompt_tokens,
+                                              "reft.completion_tokens": final.completion_tokens})
+
+
 _TIMED_OUT = GenerationEvent(text="", token_ids=())  # identity marker: the request's deadline passed
+
+
+def _refuse_unsupported(body: SamplingFields) -> None:
+    field = body.unsupported()
+    if field is not None:
+        raise APIError(400, f"{field} is not supported by this server; remove it from the request", param=field,
+                       code="unsupported_parameter")
 
 
 def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> GenerationEvent:
@@ -283,8 +333,8 @@ def _coalesce(event: GenerationEvent, queue: asyncio.Queue[GenerationEvent]) -> 
 TIMEOUT_ERROR = "the request timed out after {:g} s"
 
 
-def _model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist", type="not_found_error", param="model",
+def _model_not_found(model: str, hint: str = "") -> APIError:
+    return APIError(404, f"The model '{model}' does not exist{hint}", type="not_found_error", param="model",
                     code="model_not_found")
 
 # One table from why a request failed to what the caller gets (streams carry the same body as an error event).

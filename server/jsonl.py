@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from server.errors import APIError
-from server.training import ExampleIn
+from server.training_request import ExampleIn
 
 
 def parse_examples(payload: bytes, max_examples: int, *, source: str = "the examples file",

@@ -32,9 +32,23 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # accepted so they can be refused by name (never silently ignored): see `unsupported`
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def unsupported(self) -> str | None:
+        """The first field asking for something this server does not do (a 400 names it), or None."""
+        if self.logprobs not in (None, False, 0):
+            return "logprobs"
+        if self.top_logprobs not in (None, 0):
+            return "top_logprobs"
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return None
 
 
 class TextPart(BaseModel):

@@ -51,6 +51,11 @@ class Settings(BaseModel):
         "falling back to per-process buckets",
     )
 
+    otlp_endpoint: str | None = Field(
+        None, description="send OpenTelemetry traces to this OTLP/HTTP endpoint (e.g. http://collector:4318/v1/traces); "
+        "needs the otel extra",
+    )
+
     # tenants and API keys
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="require `Authorization: Bearer <key>`; auto: on unless bound to a loopback address"
@@ -140,6 +145,13 @@ class Settings(BaseModel):
     )
     max_example_tokens: int = Field(1024, ge=8, description="prompt + completion tokens per example")
     max_training_epochs: int = Field(1000, ge=1, description="epochs per training job")
+    training_eval_max_tokens: int = Field(
+        48, ge=1, le=512, description="tokens of each greedy answer in a finished job's evaluation (persona and base)"
+    )
+    training_events_keepalive_s: float = Field(
+        15.0, gt=0, le=300, description="seconds of silence after which a training event stream sends a keep-alive "
+        "comment (proxies close idle connections)"
+    )
     training_share: float = Field(
         0.5, gt=0, le=10, description="training time per engine iteration while serving, as a fraction of a decode step"
     )

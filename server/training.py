@@ -2,9 +2,10 @@
 
 The engine runs training in short slices between serving steps (see `TrainingTask`), so generation keeps flowing
 while a persona trains. This module owns the job records: their state in memory (guarded by a lock, since
-engine callbacks arrive on the engine thread), their persistence in the job store, and the event streams of
-clients watching a job. A job registers its intervention only on success; a failed or cancelled job registers
-nothing.
+engine callbacks arrive on the engine thread), their persistence in the job store, and each live job's event log
+(training_events.py) with the clients watching it. A job registers its intervention only on success; a failed or
+cancelled job registers nothing. Between the last step and success the job is evaluated (evaluation.py) on a
+worker thread: validation loss, and greedy answers of the persona and the bare model, stored with the version.
 """
 
 from __future__ import annotations
@@ -15,95 +16,59 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionExistsError, InterventionNotFoundError, validate_name
-from adapters_store.jobs import JobNotFoundError, JobRecord, JobStore, now
+from adapters_store.jobs import JobNotFoundError, JobRecord, JobStatus, JobStore, now
 from reft_core import recipe
-from reft_core.config import MAX_RANK, InterventionConfig, check_rank
-from reft_core.examples import TokenizedExample, encode_prompt
+from reft_core.artifact import encode_artifact
+from reft_core.config import InterventionConfig, check_rank
+from reft_core.early_stop import auto_stop_summary
+from reft_core.examples import TokenizedExample, encode_chat_prompt, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, training_metadata
 from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
+from server.engine.types import TrainingEnd, TrainingFailure
 from server.engine.remote import EngineHandle
+from server.engine.types import InterventionRef
 from server.errors import APIError
+from server.evaluation import MAX_EVAL_PROMPTS, EvalPrompt, evaluate
+from server.metrics import Metrics
 from server.registry import InterventionRegistry
-from server.settings import TRAINING_EXAMPLES_CEILING, Settings
+from server.settings import Settings
+from server.training_events import (
+    Event, auto_stop_event, epoch_event, evaluation_event, is_final, job_events, status_event, step_event,
+)
+from server.training_request import ExampleIn, TrainingRequest, shown_prompt, split_validation
 
 log = logging.getLogger("reft_serve.training")
-ACTIVE = ("queued", "running")
-
-
-class ExampleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = None
-    completion: str | None = None
-    messages: list[dict[str, str]] | None = None
-
-    @model_validator(mode="after")
-    def _one_form(self) -> ExampleIn:
-        if self.messages is None and (not self.prompt or not self.completion):
-            raise ValueError("each example needs a non-empty prompt and completion, or messages")
-        if self.messages is not None:
-            if len(self.messages) < 2 or self.messages[-1].get("role") != "assistant":
-                raise ValueError("messages must end with the assistant turn to learn")
-            if not all(isinstance(m.get("content"), str) and m.get("content") for m in self.messages):
-                raise ValueError("every message needs non-empty text content")
-        return self
-
-
-class InterventionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["loreft", "direft", "noreft"] = recipe.TYPE
-    layers: list[int] | None = None  # default: the recipe's, relative to the model's depth
-    rank: int = Field(recipe.RANK, ge=1, le=MAX_RANK)  # and at most the server's max_intervention_rank (at submit)
-    positions: str = recipe.POSITIONS
-    share_weights: bool = recipe.SHARE_WEIGHTS
-
-
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(recipe.EPOCHS, ge=1)
-    learning_rate: float = Field(recipe.LEARNING_RATE, gt=0, le=1)
-    batch_size: int = Field(recipe.BATCH_SIZE, ge=1, le=1024)
-    seed: int = Field(recipe.SEED, ge=0)
-
-
-class TrainingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    # max_length is checked on the raw list before its items are validated (the configured limit comes after)
-    examples: list[ExampleIn] = Field(min_length=1, max_length=TRAINING_EXAMPLES_CEILING)
-    intervention: InterventionSpec = InterventionSpec()
-    hyperparameters: Hyperparameters = Hyperparameters()
-    chat_template: bool = True
-    description: str | None = Field(None, max_length=2000)  # None: empty, or the current version's when replacing
-    replace: bool = False  # store a new version if the name exists; otherwise an existing name is a 409 at submit
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+# How an engine-side ending becomes the job's record: a cancelled job has no error; a failed or shut-down one says why
+_ENDED_AS: dict[TrainingEnd, JobStatus] = {
+    TrainingEnd.FAILED: JobStatus.FAILED, TrainingEnd.SHUTDOWN: JobStatus.FAILED, TrainingEnd.CANCELLED: JobStatus.CANCELLED,
+}
 
 
 class TrainingManager:
     def __init__(
         self, engine: EngineHandle, registry: InterventionRegistry, tokenizer: Any, jobs: JobStore, settings: Settings,
-        dims: ModelDims, *, unavailable: str | None = None,
+        dims: ModelDims, *, unavailable: str | None = None, metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.unavailable = unavailable  # why this deployment cannot train (every submit answers 501), or None
         self.engine, self.registry, self.tokenizer, self.jobs, self.settings = engine, registry, tokenizer, jobs, settings
         self.dims = dims  # the model's sizes (config numbers only), for admission estimates
         self.num_layers, self.hidden_size = dims.num_layers, dims.hidden_size
         self._lock = threading.Lock()
         self._live: dict[str, JobRecord] = {}
-        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobRecord]]]] = {}
+        self._logs: dict[str, list[Event]] = {}  # live jobs' events (an ended job's are rebuilt from its record)
+        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[int, Event]]]]] = {}
         self._started: dict[str, float] = {}
         for job in jobs.recover_interrupted():
             log.warning("marked interrupted training job failed", extra={"job": job.id, "intervention": job.name})
@@ -122,8 +87,12 @@ class TrainingManager:
         s = self.settings
         if len(body.examples) > s.max_training_examples:
             raise APIError(400, f"{len(body.examples)} examples; the limit is {s.max_training_examples}", param="examples")
-        if body.hyperparameters.epochs > s.max_training_epochs:
+        epochs = body.hyperparameters.epochs
+        if isinstance(epochs, int) and epochs > s.max_training_epochs:
             raise APIError(400, f"epochs is limited to {s.max_training_epochs}", param="hyperparameters.epochs")
+        if body.validation_examples is not None and len(body.validation_examples) > s.max_training_examples:
+            raise APIError(400, f"{len(body.validation_examples)} validation examples; the limit is "
+                           f"{s.max_training_examples}", param="validation_examples")
         spec = body.intervention
         layers = tuple(spec.layers) if spec.layers else recipe.default_layers(self.num_layers)
         config = InterventionConfig(layers=layers, rank=spec.rank, positions=spec.positions, type=spec.type,
@@ -134,8 +103,12 @@ class TrainingManager:
         training = TrainingConfig(epochs=h.epochs, learning_rate=h.learning_rate, batch_size=h.batch_size, seed=h.seed)
         if not body.replace:  # fail before the job runs (the write checks again: a name may appear meanwhile)
             await run_in_threadpool(self._check_new_name, tenant, body.name)
-        examples = await run_in_threadpool(self._tokenize, body)
-        memory = self._admit_memory(config, examples, training.batch_size)
+        train_in, validation_in = split_validation(body)
+        examples = await run_in_threadpool(self._tokenize, train_in, body.chat_template, "examples")
+        validation = await run_in_threadpool(self._tokenize, validation_in, body.chat_template, "validation_examples")
+        prompts = await run_in_threadpool(self._eval_prompts, body, validation_in, validation)
+        memory = self._admit_memory(config, examples + validation, training.batch_size)
+        steps_per_epoch = -(-len(examples) // training.batch_size)
         with self._lock:
             active = [j for j in self._live.values() if j.status in ACTIVE]
             if len(active) >= s.max_queued_trainings:
@@ -147,20 +120,26 @@ class TrainingManager:
                 raise APIError(429, f"this tenant has {own} training jobs queued or running; its limit is "
                                f"{max_for_tenant}", type="rate_limit_error", code="too_many_trainings",
                                headers={"Retry-After": "30"})
-            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status="queued", tenant=tenant,
+            job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status=JobStatus.QUEUED, tenant=tenant,
                             spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
-                                  "examples": len(examples), "description": body.description,
+                                  "examples": len(examples), "validation_examples": len(validation),
+                                  "eval_prompts": len(prompts), "steps_per_epoch": steps_per_epoch,
+                                  "planned_steps": steps_per_epoch * training.max_epochs,
+                                  "description": body.description,
                                   "tokens": sum(len(e.input_ids) for e in examples),  # per epoch
                                   "memory": {"kept_bytes": memory.kept_bytes, "working_bytes": memory.working_bytes},
                                   **({"fine_tuning": fine_tuning} if fine_tuning is not None else {})})
             self._live[job.id] = job
+            self._logs[job.id] = [status_event(job)]
+        self.metrics.training_jobs.labels(status=JobStatus.QUEUED.value).inc()
         try:
             await run_in_threadpool(self.jobs.save, job)
         except Exception:  # e.g. a read-only data directory: the job was never accepted
             with self._lock:
                 self._live.pop(job.id, None)
+                self._logs.pop(job.id, None)
             raise
-        self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples))
+        self.engine.submit_training(self._task(job.id, tenant, body, config, training, examples, validation, prompts))
         return job
 
     def _admit_memory(self, config: InterventionConfig, examples: list[TokenizedExample], batch_size: int) -> TrainingMemory:
@@ -179,24 +158,39 @@ class TrainingManager:
                            param="examples", code="training_memory_exceeded")
         return memory
 
-    def _tokenize(self, body: TrainingRequest) -> list[TokenizedExample]:
+    def _tokenize(self, examples: list[ExampleIn], chat_template: bool, param: str) -> list[TokenizedExample]:
         tokenized = []
         eos = self.tokenizer.eos_token_id
-        for index, example in enumerate(body.examples):
+        for index, example in enumerate(examples):
             if example.messages is not None:
-                prompt_ids = list(self.tokenizer(self.tokenizer.apply_chat_template(
-                    example.messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
-                )["input_ids"])
-                completion = example.messages[-1]["content"]
+                chat = example.as_chat()
+                prompt_ids, completion = encode_chat_prompt(self.tokenizer, chat), chat.completion
             else:
-                prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=body.chat_template)
+                prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=chat_template)
                 completion = example.completion or ""
             completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"]) + [eos]
             if len(prompt_ids) + len(completion_ids) > self.settings.max_example_tokens:
                 raise APIError(400, f"example {index} has {len(prompt_ids) + len(completion_ids)} tokens; the limit "
-                               f"is {self.settings.max_example_tokens}", param=f"examples.{index}")
+                               f"is {self.settings.max_example_tokens}", param=f"{param}.{index}")
             tokenized.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids)))
         return tokenized
+
+    def _eval_prompts(self, body: TrainingRequest, validation_in: list[ExampleIn],
+                      validation: list[TokenizedExample]) -> list[EvalPrompt]:
+        """The prompts evaluated at the end: `eval_prompts`, else the first validation prompts, else none."""
+        if body.eval_prompts is None:
+            return [EvalPrompt(shown_prompt(e), t.prompt_ids)
+                    for e, t in zip(validation_in[:MAX_EVAL_PROMPTS], validation)]
+        prompts = []
+        for index, text in enumerate(body.eval_prompts):
+            ids = encode_prompt(self.tokenizer, text, chat_template=body.chat_template)
+            answer = self.settings.training_eval_max_tokens
+            limit = min(self.settings.max_example_tokens, self.engine.max_context)
+            if len(ids) + answer > limit:
+                raise APIError(400, f"eval prompt {index} has {len(ids)} tokens; with the {answer} tokens of its "
+                               f"answer the limit is {limit}", param=f"eval_prompts.{index}")
+            prompts.append(EvalPrompt(text, tuple(ids)))
+        return prompts
 
     def get(self, job_id: str, tenant: str = "default") -> JobRecord:
         with self._lock:
@@ -212,9 +206,10 @@ class TrainingManager:
             stored.update({k: j for k, j in self._live.items() if j.tenant == tenant})
         return sorted(stored.values(), key=lambda j: j.created_at)
 
-    def jobs_by_version(self, tenant: str, name: str) -> dict[int, str]:
-        """The id of the job that trained each version of one of the tenant's names (uploads have none)."""
-        return {j.result_version: j.id for j in self.jobs.list(tenant) if j.name == name and j.result_version}
+    def jobs_by_version(self, tenant: str, name: str) -> dict[int, JobRecord]:
+        """The job that trained each version of one of the tenant's names (uploads have none): its id, and the
+        evaluation shown with the version (kept in the job record, not the artifact: it is not part of the weights)."""
+        return {j.result_version: j for j in self.jobs.list(tenant) if j.name == name and j.result_version}
 
     def cancel(self, job_id: str, tenant: str = "default") -> JobRecord:
         job = self.get(job_id, tenant)
@@ -222,37 +217,72 @@ class TrainingManager:
             self.engine.cancel_training(job_id)
         return job
 
-    async def events(self, job_id: str, tenant: str = "default") -> AsyncGenerator[JobRecord, None]:
-        """The job now, then every update until it ends."""
-        queue: asyncio.Queue[JobRecord] = asyncio.Queue()
-        entry = (asyncio.get_running_loop(), queue)
+    def snapshot(self, job_id: str, tenant: str = "default") -> tuple[JobRecord, int]:
+        """The job now and the id of the last event it reflects (a watcher continues after it)."""
+        job = self.get(job_id, tenant)
         with self._lock:
-            self._watchers.setdefault(job_id, []).append(entry)
+            log = self._logs.get(job_id)
+            if log is not None:
+                return self._live[job_id], len(log)
+            job = self._live.get(job_id, job)
+        return job, len(job_events(job))
+
+    async def events(self, job_id: str, tenant: str = "default", after: int = 0,
+                     keepalive_s: float | None = None) -> AsyncGenerator[tuple[int, Event] | None, None]:
+        """(id, event) for the job's events after id `after`, then each new one until the job ends; None after
+        `keepalive_s` without one (a keep-alive: the caller sends a comment)."""
+        job = self.get(job_id, tenant)  # 404 for another tenant's job
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        entry = (asyncio.get_running_loop(), queue)
+        with self._lock:  # the backlog and the registration together: no event falls between them
+            log = self._logs.get(job_id)
+            if log is not None:
+                backlog = list(enumerate(log, start=1))[after:]
+                self._watchers.setdefault(job_id, []).append(entry)
+            else:
+                job = self._live.get(job_id, job)
+        if log is None:  # ended: rebuilt from the record, with the ids the live log gave
+            for item in list(enumerate(job_events(job), start=1))[after:]:
+                yield item
+            return
         try:
-            job = self.get(job_id, tenant)
-            while True:
-                yield job
-                if job.status not in ACTIVE:
+            last = after
+            for item in backlog:
+                last = item[0]
+                yield item
+                if is_final(item[1]):
                     return
-                job = await queue.get()
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), keepalive_s)
+                except TimeoutError:
+                    yield None
+                    continue
+                if item[0] <= last:
+                    continue
+                last = item[0]
+                yield item
+                if is_final(item[1]):
+                    return
         finally:
             with self._lock:
                 self._watchers.get(job_id, []).remove(entry)
 
     # -- engine callbacks (engine thread) --------------------------------------------------------------------------
     def _task(self, job_id: str, tenant: str, body: TrainingRequest, config: InterventionConfig,
-              training: TrainingConfig, examples: list[TokenizedExample]) -> TrainingTask:
+              training: TrainingConfig, examples: list[TokenizedExample], validation: list[TokenizedExample],
+              prompts: list[EvalPrompt]) -> TrainingTask:
         # a partial, not a closure: it crosses to the engine process, which calls it with its model
         s = self.settings
         make_trainer = functools.partial(
-            ReftTrainer, config=config, examples=examples, training=training,
+            ReftTrainer, config=config, examples=examples, training=training, validation=validation,
             micro_batch_tokens=s.training_micro_batch_tokens, head_chunk_tokens=s.training_head_chunk_tokens,
             context_budget_bytes=s.training_context_budget_bytes, max_micro_batch_tokens=s.training_max_micro_batch_tokens,
         )
 
         def on_start(total: int) -> None:
             self._started[job_id] = time.perf_counter()
-            self._update(job_id, persist=True, status="running", started_at=now(),
+            self._update(job_id, persist=True, status=JobStatus.RUNNING, started_at=now(),
                          progress={"step": 0, "total_steps": total, "epoch": 0})
 
         def on_progress(p: TrainingProgress) -> None:
@@ -260,25 +290,59 @@ class TrainingManager:
             remaining = elapsed / p.step * (p.total_steps - p.step)
             progress = {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss,
                         "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2)}
-            with self._lock:
-                losses = [*self._live[job_id].losses, p.loss]
-            self._update(job_id, persist=p.step % 10 == 0, progress=progress, losses=losses)
+            job = self._get_live(job_id)
+            self.metrics.training_steps.inc(max(0, p.step - job.progress.get("step", 0)))
+            self.metrics.training_step_rate.set(p.step / max(elapsed, 1e-9))
+            fields: dict[str, Any] = {"progress": progress, "losses": [*job.losses, p.loss]}
+            events = [step_event(p.step, p.epoch, p.loss)]
+            end = p.epoch_end
+            if end is not None:
+                fields["epoch_losses"] = [*job.epoch_losses, end.train_loss]
+                if end.validation_loss is not None:
+                    fields["validation_losses"] = [*job.validation_losses, end.validation_loss]
+                events.append(epoch_event(end.epoch, end.train_loss, end.validation_loss))
+                if end.decision is not None and end.decision.stop:
+                    fields["auto_stop"] = auto_stop_summary(end, validated=end.validation_loss is not None)
+                    events.append(auto_stop_event(fields["auto_stop"]))
+            self._update(job_id, persist=end is not None or p.step % 10 == 0, events=events, **fields)
 
-        def on_finish(result: Intervention | None, losses: list[float], error: str | None) -> None:
+        def on_finish(result: Intervention | None, losses: list[float], failure: TrainingFailure | None) -> None:
+            self.metrics.training_step_rate.set(0)
             if result is None:
-                status = "cancelled" if error == "cancelled" else "failed"
+                assert failure is not None, "the engine ends a job without a result only with a failure"
+                status = _ENDED_AS[failure.kind]
                 self._update(job_id, persist=True, status=status, finished_at=now(),
-                             error=None if status == "cancelled" else error)
+                             error=None if status is JobStatus.CANCELLED else failure.message)
                 return
-            try:
-                metadata = training_metadata(training, len(examples), losses)
-                record = self._register(tenant, body, result, metadata)
-            except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
-                self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
-                return
-            self._update(job_id, persist=True, status="succeeded", finished_at=now(), result_version=record.version)
+            # evaluating waits on the engine: never on its thread (nor the reader thread that relays its callbacks)
+            threading.Thread(target=self._complete, args=(job_id, tenant, body, training, len(examples), result,
+                                                          losses, prompts),
+                             name=f"reft-eval-{job_id}", daemon=True).start()
 
         return TrainingTask(job_id, make_trainer, on_start, on_progress, on_finish)
+
+    def _complete(self, job_id: str, tenant: str, body: TrainingRequest, training: TrainingConfig, examples: int,
+                  result: Intervention, losses: list[float], prompts: list[EvalPrompt]) -> None:
+        """Evaluate the trained intervention, store it as a new version, end the job with its evaluation."""
+        metadata = training_metadata(training, examples, losses) | _epoch_metadata(self._get_live(job_id))
+        max_tokens = self.settings.training_eval_max_tokens
+        evaluation: dict[str, Any] = {"samples": [], "validation_loss": metadata.get("validation_loss"),
+                                      "max_tokens": max_tokens}
+        if prompts:
+            key = encode_artifact(result, self.registry.fingerprint, metadata)[1].digest  # the version's digest
+            try:
+                evaluation["samples"] = evaluate(self.engine, prompts, InterventionRef(body.name, key, result),
+                                                 max_tokens=max_tokens, timeout_s=self.settings.request_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the persona is still good; say why there are no samples
+                log.warning("evaluation failed", extra={"job": job_id, "error": str(exc)})
+                evaluation["error"] = str(exc)
+        try:
+            record = self._register(tenant, body, result, metadata)
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
+            self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
+            return
+        self._update(job_id, persist=True, events=[evaluation_event(evaluation)], evaluation=evaluation,
+                     status="succeeded", finished_at=now(), result_version=record.version)
 
     def _check_new_name(self, tenant: str, name: str) -> None:
         try:
@@ -296,15 +360,39 @@ class TrainingManager:
         with self._lock:
             return self._live[job_id]
 
-    def _update(self, job_id: str, *, persist: bool, **fields: Any) -> None:
+    def _update(self, job_id: str, *, persist: bool, events: Sequence[Event] = (), **fields: Any) -> None:
+        """Change a live job's record; append `events` to its log (and a status event when the status changes) and
+        hand them to its watchers. The log of a job that ended is dropped: its record rebuilds it."""
+        if "status" in fields:
+            self.metrics.training_jobs.labels(status=JobStatus(fields["status"]).value).inc()
         with self._lock:
             job = replace(self._live[job_id], **fields)
             self._live[job_id] = job
+            log = self._logs.get(job_id)
+            new = [*events, status_event(job)] if "status" in fields else list(events)
+            items = []
+            if log is not None:
+                items = [(len(log) + i, event) for i, event in enumerate(new, start=1)]
+                log.extend(new)
+                if job.status not in ACTIVE:
+                    del self._logs[job_id]
             watchers = list(self._watchers.get(job_id, []))
         for loop, queue in watchers:
-            loop.call_soon_threadsafe(queue.put_nowait, job)
+            for item in items:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
         if persist:
             self.jobs.save(job)
+
+
+def _epoch_metadata(job: JobRecord) -> dict[str, Any]:
+    """The epoch fields of a trained version's metadata, as the library trainer writes them (epoch_metadata)."""
+    out: dict[str, Any] = {}
+    if job.validation_losses:
+        kept = job.auto_stop["kept_epoch"] if job.auto_stop else len(job.validation_losses)
+        out |= {"validation_losses": job.validation_losses, "validation_loss": job.validation_losses[kept - 1]}
+    if job.auto_stop is not None:
+        out["auto_stop"] = job.auto_stop
+    return out
 
 
 def _mib(size: int) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -25,6 +26,28 @@ def zip_of(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def sse_events(lines: Iterable[str], *, until: Callable[[dict], bool] | None = None) -> list[dict]:
+    """Server-sent events from a stream's lines: {"id", "data" (parsed JSON)} per event, {"comment"} per comment
+    line. Stops after the first event for which `until` holds (a stream may stay open)."""
+    events: list[dict] = []
+    current: dict = {}
+    for line in lines:
+        if line.startswith(":"):
+            events.append({"comment": line[1:].strip()})
+            if until is not None and until(events[-1]):
+                break
+        elif line.startswith("id:"):
+            current["id"] = int(line[3:].strip())
+        elif line.startswith("data:"):
+            current["data"] = json.loads(line[5:].strip())
+        elif not line and current:
+            events.append(current)
+            if until is not None and until(current):
+                break
+            current = {}
+    return events
 
 
 def random_intervention(config: InterventionConfig, seed: int = 0, hidden: int = tiny.HIDDEN, scale: float = 1.0) -> Intervention:
@@ -78,3 +101,15 @@ def composed_reference_generate(model: Any, prompt: list[int], parts: list[Any],
     for _ in range(max_new_tokens):
         ids.append(int(composed_reference_logits(model, ids, parts, len(prompt))[-1].argmax()))
     return ids[len(prompt):]
+
+
+def documented(schema: dict, method: str, path: str, status: int) -> bool:
+    """Whether the OpenAPI `schema` lists `status` for the operation serving `method path` (True when no operation
+    serves it: unknown routes and methods are not operations)."""
+    import re
+
+    bare = path.split("?")[0]
+    for template, operations in schema["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), bare) and method.lower() in operations:
+            return str(status) in operations[method.lower()]["responses"]
+    return True

@@ -73,3 +73,12 @@ def test_docker_images_install_with_the_constraints(dockerfile: str) -> None:
     assert installs
     for command in installs:
         assert "-c constraints.txt" in command or "--no-deps" in command, command
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_docker_images_run_as_a_user_and_check_health(dockerfile: str) -> None:
+    text = (ROOT / "docker" / dockerfile).read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
+    assert text.index("USER") < text.index("ENTRYPOINT")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, flags=re.MULTILINE), "no HEALTHCHECK on /health"

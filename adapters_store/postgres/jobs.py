@@ -14,10 +14,9 @@ import logging
 import threading
 import uuid
 from dataclasses import replace
-from typing import Any
 
 from adapters_store.errors import StoreError
-from adapters_store.jobs import STATUSES, JobNotFoundError, JobRecord, now
+from adapters_store.jobs import STATUSES, JobNotFoundError, JobRecord, extra_json, now, record_from_row
 from adapters_store.postgres.db import Database
 
 LEASE_S = 15.0
@@ -32,9 +31,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_tenant ON jobs (tenant, created_at)",
         "CREATE INDEX jobs_active ON jobs (lease_until) WHERE status IN ('queued', 'running')",
     ),
+    # fields added after the first columns (validation, auto stop, evaluation...) travel as one JSON object
+    ("ALTER TABLE jobs ADD COLUMN extra TEXT NOT NULL DEFAULT '{}'",),
 )
 _FIELDS = ("id, tenant, name, status, spec, progress, losses, error, created_at, started_at, finished_at, "
-           "result_version")
+           "result_version, extra")
 
 
 class PostgresJobStore:
@@ -60,10 +61,10 @@ class PostgresJobStore:
         active = job.status in ACTIVE
         row = (job.id, job.tenant, job.name, job.status, json.dumps(job.spec), json.dumps(job.progress),
                json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version,
-               self.owner if active else None, self.lease_s if active else None)
+               extra_json(job), self.owner if active else None, self.lease_s if active else None)
         with self.db.transaction() as cur:
             cur.execute(
-                f"INSERT INTO jobs ({_FIELDS}, owner, lease_until) VALUES ({', '.join(['%s'] * 13)}, "
+                f"INSERT INTO jobs ({_FIELDS}, owner, lease_until) VALUES ({', '.join(['%s'] * 14)}, "
                 "now() + make_interval(secs => %s)) ON CONFLICT (id) DO UPDATE SET "
                 + ", ".join(f"{c}=EXCLUDED.{c}" for c in _FIELDS.split(", ")[1:]) + ", owner=EXCLUDED.owner, "
                 "lease_until=EXCLUDED.lease_until", row)
@@ -75,16 +76,16 @@ class PostgresJobStore:
             row = cur.execute(f"SELECT {_FIELDS} FROM jobs WHERE id=%s", (job_id,)).fetchone()
         if row is None:
             raise JobNotFoundError(job_id)
-        return _record(row)
+        return record_from_row(row)
 
     def list(self, tenant: str = "default") -> list[JobRecord]:
         with self.db.transaction() as cur:
             rows = cur.execute(f"SELECT {_FIELDS} FROM jobs WHERE tenant=%s ORDER BY created_at", (tenant,)).fetchall()
-        return [_record(row) for row in rows]
+        return [record_from_row(row) for row in rows]
 
     def all(self) -> list[JobRecord]:
         with self.db.transaction() as cur:
-            return [_record(row) for row in cur.execute(f"SELECT {_FIELDS} FROM jobs ORDER BY created_at").fetchall()]
+            return [record_from_row(row) for row in cur.execute(f"SELECT {_FIELDS} FROM jobs ORDER BY created_at").fetchall()]
 
     def recover_interrupted(self) -> list[JobRecord]:
         """Fail the active jobs whose replica stopped renewing their lease (claimed with SKIP LOCKED: two replicas
@@ -95,7 +96,7 @@ class PostgresJobStore:
             failed = [replace(job, status="failed", finished_at=now(),
                               error=f"the replica running this job stopped or restarted while it was {job.status}; "
                                     "submit it again")
-                      for job in map(_record, rows)]
+                      for job in map(record_from_row, rows)]
             for job in failed:
                 cur.execute("UPDATE jobs SET status=%s, finished_at=%s, error=%s, owner=NULL, lease_until=NULL "
                             "WHERE id=%s", (job.status, job.finished_at, job.error, job.id))
@@ -122,7 +123,3 @@ class PostgresJobStore:
                 log.warning("could not renew training job leases", extra={"reason": str(exc)})
 
 
-def _record(row: Any) -> JobRecord:
-    (job_id, tenant, name, status, spec, progress, losses, error, created, started, finished, version) = row
-    return JobRecord(job_id, name, status, json.loads(spec), tenant, json.loads(progress), json.loads(losses), error,
-                     created, started, finished, version)

@@ -37,7 +37,10 @@ from server.engine.runner import ModelRunner, PrefillRow
 from server.engine.sampler import sample
 from server.engine.scheduler import KVBudget, Scheduler
 from server.engine.sequence import EventSink, Sequence
-from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
+from server.engine.types import (
+    CANCELLED_JOB, SHUTDOWN_BEFORE_JOB_ENDED, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, TrainingEnd,
+    TrainingFailure,
+)
 from server.metrics import Metrics
 
 log = logging.getLogger("reft_serve.engine")
@@ -76,8 +79,8 @@ class EngineSettings:
 class TrainingTask:
     """A training job handed to the engine: it runs in short slices between serving steps (see `_train_slice`).
 
-    Callbacks run on the engine thread and must be quick. `on_finish(intervention, losses, error)`: intervention is
-    None when the job failed (`error` says why) or was cancelled (`error == "cancelled"`).
+    Callbacks run on the engine thread and must be quick. `on_finish(intervention, losses, failure)`: intervention is
+    None when the job did not succeed, and `failure` says how it ended (failed, cancelled, shut down) and why.
     """
 
     job_id: str
@@ -86,7 +89,7 @@ class TrainingTask:
     make_trainer: Callable[[nn.Module], ReftTrainer]
     on_start: Callable[[int], None]  # total steps
     on_progress: Callable[[TrainingProgress], None]
-    on_finish: Callable[[Intervention | None, list[float], str | None], None]
+    on_finish: Callable[[Intervention | None, list[float], TrainingFailure | None], None]
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
@@ -262,16 +265,22 @@ class Engine:
         pending = [self._training[0]] if self._training is not None else []
         self._training = None
         for task in pending + list(self._trainings):
-            _call_quietly(task.on_finish, None, [], "the server shut down before the job finished")
+            _call_quietly(task.on_finish, None, [], SHUTDOWN_BEFORE_JOB_ENDED)
         self._trainings.clear()
         self._update_gauges()
 
     def step(self) -> None:
         """One iteration: admit and prefill new rows (a long prompt while rows decode: one chunk of it per
         iteration), then one decode step for every row in the batch, then a training slice."""
+        loads = self.slots.loads
         admitted, refused = self.scheduler.admit()
+        if self.slots.loads > loads:
+            self.metrics.intervention_loads.inc(self.slots.loads - loads)
+        now = time.perf_counter()
+        for seq in admitted:
+            seq.admitted_at = now
         for seq, exc in refused:
-            log.warning("could not load the intervention", extra={"request": seq.request.request_id, "error": repr(exc)})
+            log.warning("could not load the intervention", extra={**_ids(seq), "error": repr(exc)})
             self._finish(seq, FinishReason.ERROR, error=f"the intervention could not be loaded: {type(exc).__name__}")
         self._update_gauges()
         whole, chunked = self._split_for_chunking(admitted)
@@ -291,6 +300,10 @@ class Engine:
         self.metrics.running_rows.set(len(self.scheduler.running))
         self.metrics.resident_interventions.set(self.slots.resident)
         self.metrics.bank_bytes.set(self.slots.nbytes)
+        # a count of distinct interventions, not a series per name: bounded, and no tenant's names in /metrics
+        for state, seqs in (("running", self.scheduler.running.values()), ("waiting", self.scheduler.waiting)):
+            active = {part.key for s in seqs for part in s.request.parts}
+            self.metrics.active_interventions.labels(state=state).set(len(active))
 
     def _pending_commands(self) -> Iterator[tuple[str, Any]]:
         """The commands queued by other threads, oldest first, until the queue is empty."""
@@ -325,11 +338,11 @@ class Engine:
         if self._training is not None and self._training[0].job_id == job_id:
             task, trainer = self._training
             self._training = None
-            _call_quietly(task.on_finish, None, trainer.losses, "cancelled")
+            _call_quietly(task.on_finish, None, trainer.losses, CANCELLED_JOB)
             return
         for task in [t for t in self._trainings if t.job_id == job_id]:
             self._trainings.remove(task)
-            _call_quietly(task.on_finish, None, [], "cancelled")
+            _call_quietly(task.on_finish, None, [], CANCELLED_JOB)
 
     def _train_slice(self) -> None:
         """Run the current training job for a bounded time (starting the next queued one if needed)."""
@@ -341,7 +354,7 @@ class Engine:
                 trainer = task.make_trainer(self.model)
             except Exception as exc:  # noqa: BLE001 - a bad job fails alone
                 log.exception("training set-up failed", extra={"job": task.job_id})
-                _call_quietly(task.on_finish, None, [], f"training could not start: {exc}")
+                _call_quietly(task.on_finish, None, [], _failed(f"training could not start: {exc}"))
                 return
             self._training = (task, trainer)
             _call_quietly(task.on_start, trainer.total_steps)
@@ -356,7 +369,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             log.exception("training step failed", extra={"job": task.job_id})
             self._training = None
-            _call_quietly(task.on_finish, None, trainer.losses, f"training failed: {exc}")
+            _call_quietly(task.on_finish, None, trainer.losses, _failed(f"training failed: {exc}"))
             return
         if progress is None:
             return
@@ -367,7 +380,7 @@ class Engine:
                 result = trainer.result()
             except Exception as exc:  # noqa: BLE001
                 log.exception("training result failed", extra={"job": task.job_id})
-                _call_quietly(task.on_finish, None, trainer.losses, f"training failed: {exc}")
+                _call_quietly(task.on_finish, None, trainer.losses, _failed(f"training failed: {exc}"))
                 return
             _call_quietly(task.on_finish, result, trainer.losses, None)
 
@@ -456,7 +469,7 @@ class Engine:
             try:
                 self._postprocess(seq, token)
             except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer failure fails this row only
-                log.exception("postprocessing failed", extra={"request": seq.request.request_id})
+                log.exception("postprocessing failed", extra=_ids(seq))
                 self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
@@ -533,9 +546,16 @@ class Engine:
 
     @staticmethod
     def _timings(seq: Sequence) -> dict[str, float]:
-        timings = {}
+        """Where the request's time went, sent back with its final event: the API process turns these into
+        per-request metrics and trace spans (no tracing across the process boundary)."""
+        end = time.perf_counter()
+        admitted = seq.admitted_at if seq.admitted_at is not None else end
+        timings = {"queue_s": admitted - seq.arrived_at, "engine_s": end - seq.arrived_at}
+        if seq.admitted_at is not None:
+            timings["prefill_s"] = (seq.first_token_at or end) - seq.admitted_at
         if seq.first_token_at is not None:
             timings["ttft_s"] = seq.first_token_at - seq.arrived_at
+            timings["decode_s"] = (seq.last_token_at or seq.first_token_at) - seq.first_token_at
         if seq.last_token_at is not None:
             timings["total_s"] = seq.last_token_at - seq.arrived_at
         return timings
@@ -556,6 +576,16 @@ def closed_reason(failure: str | None) -> tuple[ErrorKind, str]:
     if failure is not None:
         return ErrorKind.ENGINE_DEAD, f"the generation engine stopped ({failure}); the server must restart"
     return ErrorKind.SHUTDOWN, SHUTDOWN_ERROR
+
+
+def _failed(message: str) -> TrainingFailure:
+    return TrainingFailure(TrainingEnd.FAILED, message)
+
+
+def _ids(seq: Sequence) -> dict[str, str]:
+    """Log fields naming a request: the engine's id and the caller's X-Request-Id (the engine thread and process
+    have no request context of their own)."""
+    return {"request": seq.request.request_id, "request_id": seq.request.client_request_id or ""}
 
 
 def _deliver(sink: EventSink, event: GenerationEvent) -> None:

@@ -35,7 +35,9 @@ from reft_core.frozen_context import ModelDims
 from server.engine.engine import Engine, EngineSettings, TrainingTask, closed_reason
 from server.engine.metrics_relay import MetricsRecorder, replay
 from server.engine.sequence import EventSink
-from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
+from server.engine.types import (
+    SHUTDOWN_BEFORE_JOB_ENDED, ErrorKind, FinishReason, GenerationEvent, GenerationRequest,
+)
 from server.metrics import Metrics
 
 log = logging.getLogger("reft_serve.engine_process")
@@ -50,6 +52,7 @@ class EngineProcessSpec:
     dtype: str | None
     engine: EngineSettings
     log_level: str = "info"
+    log_format: str = "json"
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class RemoteEngine:
         if not (accepted and self._send(("train", task.job_id, task.make_trainer))):
             with self._state_lock:
                 self._tasks.pop(task.job_id, None)
-            task.on_finish(None, [], "the server shut down before the job finished")
+            task.on_finish(None, [], SHUTDOWN_BEFORE_JOB_ENDED)
 
     def cancel_training(self, job_id: str) -> None:
         self._send(("cancel_training", job_id))
@@ -235,7 +238,7 @@ class RemoteEngine:
         for sink in sinks.values():
             sink(GenerationEvent(text="", token_ids=(), finish_reason=FinishReason.ERROR, error=error, error_kind=kind))
         for task in tasks.values():
-            task.on_finish(None, [], "the server shut down before the job finished")
+            task.on_finish(None, [], SHUTDOWN_BEFORE_JOB_ENDED)
 
 
 class EngineHandle(Protocol):
@@ -299,7 +302,7 @@ def engine_process_main(spec: EngineProcessSpec, conn: Connection) -> None:
     from reft_core.base_model import load_base_model
     from server.logging_setup import configure_logging
 
-    configure_logging(spec.log_level)
+    configure_logging(spec.log_level, spec.log_format)
     try:
         base = load_base_model(spec.model_dir, device=spec.device, dtype=spec.dtype)
     except Exception as exc:  # noqa: BLE001 - reported to the API process, which reports it on /ready

@@ -34,6 +34,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     arrived_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None  # given a batch row (queue time ends, prefill begins)
     first_token_at: float | None = None
     last_token_at: float | None = None
 

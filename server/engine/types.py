@@ -28,6 +28,24 @@ class ErrorKind(str, Enum):
     OVERLOADED = "overloaded"  # every engine replica's queue was full (Ray Serve): 429, retry shortly
 
 
+class TrainingEnd(str, Enum):
+    """Why a training job ended without an intervention (the job record's status follows from it, server.training)."""
+
+    FAILED = "failed"  # set-up, a step or the result failed; the message says why
+    CANCELLED = "cancelled"  # the owner cancelled it
+    SHUTDOWN = "shutdown"  # the engine stopped (or died) before the job finished
+
+
+@dataclass(frozen=True)
+class TrainingFailure:
+    kind: TrainingEnd
+    message: str
+
+
+SHUTDOWN_BEFORE_JOB_ENDED = TrainingFailure(TrainingEnd.SHUTDOWN, "the server shut down before the job finished")
+CANCELLED_JOB = TrainingFailure(TrainingEnd.CANCELLED, "cancelled")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -76,6 +94,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     intervention: InterventionRef | ComposedRef | None = None
+    client_request_id: str | None = None  # the HTTP request's X-Request-Id, for the engine's log lines
 
     @property
     def parts(self) -> tuple[InterventionRef, ...]:
@@ -96,4 +115,5 @@ class GenerationEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_kind: ErrorKind | None = None  # set when finish_reason is ERROR
+    # on the final event: queue_s, prefill_s, decode_s, ttft_s, total_s, engine_s (seconds, measured by the engine)
     timings: dict[str, float] = field(default_factory=dict)

@@ -31,7 +31,8 @@ from server.fine_tuning import (
 )
 from server.jsonl import parse_examples
 from server.pagination import cursor_page, list_body
-from server.training import ACTIVE, ExampleIn
+from server.training import ACTIVE
+from server.training_request import ExampleIn
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 CANCEL_WAIT_S = 5.0  # a cancel answers once the job has stopped (a running step finishes first), or after this

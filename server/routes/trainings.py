@@ -6,9 +6,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +17,8 @@ from server.auth import Principal, principal
 from server.dependencies import services
 from server.errors import APIError
 from server.jsonl import parse_examples
-from server.training import TrainingManager, TrainingRequest
+from server.training import TrainingManager
+from server.training_request import TrainingRequest
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
 
@@ -108,16 +110,33 @@ async def cancel_training(
     return _job(await run_in_threadpool(trainings.cancel, job_id, who.tenant))
 
 
-@router.get("/{job_id}/events")
+async def _events_after(
+    job_id: str, last_event_id: str | None = Header(None, description="resume after this event id (SSE reconnect)"),
+    who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager),
+) -> int | None:
+    """The id to resume after (None: a new watcher; 0: replay the whole log); checked before the stream starts, so
+    errors are JSON bodies."""
+    await run_in_threadpool(trainings.get, job_id, who.tenant)  # 404 for an unknown (or another tenant's) job
+    if last_event_id is None or not last_event_id.strip():
+        return None
+    if not last_event_id.strip().isdigit() or len(last_event_id.strip()) > 12:
+        raise APIError(400, f"Last-Event-ID must be an event id from this stream, got {last_event_id[:40]!r}",
+                       param="Last-Event-ID", code="invalid_value")
+    return int(last_event_id)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def training_events(
-    job_id: str, who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager)
-) -> StreamingResponse:
-    """Server-sent events: the job record on every update until it ends."""
-    await run_in_threadpool(trainings.get, job_id, who.tenant)  # 404 before the stream starts
-
-    async def stream() -> AsyncIterator[str]:
-        async for job in trainings.events(job_id, who.tenant):
-            yield f"data: {json.dumps(_job(job))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    job_id: str, after: int | None = Depends(_events_after), who: Principal = Depends(principal),
+    trainings: TrainingManager = Depends(manager),
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: a snapshot of the job, then its deltas (status, step, epoch, evaluation) until it ends."""
+    if after is None:  # a new watcher starts from the record as it is now, not from a replay of every step
+        job, after = await run_in_threadpool(trainings.snapshot, job_id, who.tenant)
+        yield ServerSentEvent(id=str(after), data={"type": "snapshot", "job": _job(job)})
+    keepalive = trainings.settings.training_events_keepalive_s
+    async for item in trainings.events(job_id, who.tenant, after, keepalive):
+        if item is None:
+            yield ServerSentEvent(comment="keep-alive")
+        else:
+            yield ServerSentEvent(id=str(item[0]), data=item[1])

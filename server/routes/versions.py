@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Path
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import MAX_VERSION, InterventionRecord
+from adapters_store.jobs import JobRecord
 from server.auth import Principal, principal
 from server.dependencies import Services, services
 from server.routes.interventions import OWNER, record_body
@@ -25,15 +26,17 @@ router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="a version number, as listed")]
 
 
-def version_body(record: InterventionRecord, current: int, tenant: str, job: str | None = None) -> dict[str, Any]:
-    """One version as clients see it; `id` is what they put in `model` to pin it; `job` the training job behind it."""
+def version_body(record: InterventionRecord, current: int, tenant: str, job: JobRecord | None = None) -> dict[str, Any]:
+    """One version as clients see it; `id` is what they put in `model` to pin it; `job` the training job behind it
+    (its evaluation is shown with the version)."""
     training = record.training  # what training stored with the artifact (an upload's is the uploader's claim)
     return {
         "object": "intervention.version", "id": f"{model_name(record, tenant)}@{record.version}",
         "name": record.name, "owner": record.tenant, "version": record.version, "digest": record.digest,
         "created": int(datetime.fromisoformat(record.created_at).timestamp()), "created_at": record.created_at,
         "size_bytes": record.size_bytes, "source": record.source, "description": record.description,
-        "training_job": job, "validation_loss": training.get("validation_loss"),
+        "training_job": job.id if job else None, "validation_loss": training.get("validation_loss"),
+        "evaluation": job.evaluation if job else None,
         "current": record.version == current,
     }
 

@@ -10,7 +10,6 @@ import pytest
 
 from adapters_store import ArtifactStore, ArtifactUnavailableError, QuotaExceededError, StorageQuota, StoreError
 from adapters_store.errors import StoreUnavailableError
-from adapters_store.postgres.artifacts import _MIGRATIONS as ARTIFACT_MIGRATIONS
 from adapters_store.postgres.db import Database
 from reft_core.fingerprint import ModelFingerprint
 from tests.adapters_store.conftest import make_payload
@@ -84,7 +83,9 @@ def test_a_schema_from_a_newer_build_is_refused(url: str, fingerprint: ModelFing
     with store.backend.db.transaction() as cur:  # type: ignore[attr-defined]
         cur.execute("UPDATE schema_versions SET version=99 WHERE component='artifacts'")
     store.close()
-    with pytest.raises(StoreError, match=f"version 99, newer than this build's {len(ARTIFACT_MIGRATIONS)}:"):
+    from adapters_store.postgres.artifacts import _MIGRATIONS
+
+    with pytest.raises(StoreError, match=f"version 99, newer than this build's {len(_MIGRATIONS)}"):
         ArtifactStore(url, fingerprint)
 
 

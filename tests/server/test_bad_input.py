@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from reft_core.artifact import MANIFEST_KEY
 from reft_core.config import InterventionConfig
 from server.app import create_app
-from tests.builders import zip_of
+from tests.builders import documented, zip_of
 from tests.reft_core.test_pyreft_import import loreft_states, write_pyreft_dir
 
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
@@ -443,6 +443,28 @@ CASES = [
     ("model-delete-version-unknown", "DELETE", "/v1/models/nope@1", {}, 404, "not_found_error"),
     ("model-delete-other-tenant", "DELETE", "/v1/models/acme/nope", {}, 404, "not_found_error"),
     ("model-delete-base", "DELETE", f"/v1/models/{MODEL_ID}", {}, 403, "permission_error"),
+    ("training-validation-split-too-big", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "validation_split": 1.5}}, 400, INVALID),
+    ("training-validation-split-leaves-nothing", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "validation_split": 0.5}}, 400, INVALID),
+    ("training-validation-split-and-examples", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}] * 4, "validation_split": 0.5,
+               "validation_examples": [{"prompt": "a", "completion": "b"}]}}, 400, INVALID),
+    ("training-validation-example-empty", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}],
+               "validation_examples": [{"prompt": "a", "completion": ""}]}}, 400, INVALID),
+    ("training-nine-eval-prompts", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "eval_prompts": ["q"] * 9}}, 400, INVALID),
+    ("training-eval-prompt-empty", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "eval_prompts": [""]}}, 400, INVALID),
+    ("training-eval-prompt-too-long", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "eval_prompts": ["q" * 1900]}},
+     400, INVALID),
+    ("training-epochs-sometimes", "POST", "/v1/trainings",
+     {"json": {"name": "t", "examples": [{"prompt": "a", "completion": "b"}], "hyperparameters": {"epochs": "sometimes"}}},
+     400, INVALID),
+    ("training-events-unknown-job", "GET", "/v1/trainings/ftjob-nope/events", {"headers": {"Last-Event-ID": "x"}},
+     404, "not_found_error"),
     # the playground's static files: only what is under server/static, and errors in the API's shape
     ("playground-missing-file", "GET", "/playground/js/nothing.js", {}, 404, "not_found_error"),
     ("playground-dotdot", "GET", "/playground/%2e%2e/app.py", {}, 404, "not_found_error"),
@@ -467,6 +489,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(
     request = kwargs(client, tmp_path) if callable(kwargs) else kwargs
     response = client.request(method, path, **request)
     assert response.status_code == status, (case_id, response.status_code, response.text[:300])
+    assert documented(client.get("/openapi.json").json(), method, path, status), "the OpenAPI schema omits it"
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == error_type and body["error"]["message"]

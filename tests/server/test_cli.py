@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,8 @@ from reft_core.base_model import load_base_model
 from server.cli import main
 from tests import tiny
 from tests.reft_core.test_pyreft_import import FIXTURES
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +41,90 @@ def test_train_writes_a_loadable_artifact_and_shows_progress(model_dir, tmp_path
     assert main(["generate", "hello", "--model", str(model_dir), "--intervention", str(output), "--max-tokens", "4"]) == 0
 
 
-def test_bad_examples_file_is_a_clear_error(model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("text,expected", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "only a prompt"}\n', "bad.jsonl: line 2 of the examples file"),
+    ('{"prompt": "a", "completion": "b"}\n\n{not json\n', "bad.jsonl: line 3 of the examples file"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1 .*assistant turn"),
+    ("", "no examples"),
+])
+def test_bad_examples_file_is_a_clear_error(model_dir, tmp_path, text, expected) -> None:
     examples = tmp_path / "bad.jsonl"
-    examples.write_text('{"prompt": "only a prompt"}\n')
-    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+    examples.write_text(text)
+    with pytest.raises(SystemExit, match=expected):
         main(["train", str(examples), "--name", "x", "--model", str(model_dir)])
+
+
+def test_train_takes_the_same_jsonl_forms_as_the_server(model_dir, tmp_path, capsys) -> None:
+    """{prompt, completion} and {messages} lines in one file, as POST /v1/trainings/upload takes them."""
+    examples = tmp_path / "mixed.jsonl"
+    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "yo"}]}
+    examples.write_text("\n".join([json.dumps({"prompt": "hi 0", "completion": "yo"}), json.dumps(chat)]))
+    output = tmp_path / "mixed.safetensors"
+    assert main(["train", str(examples), "--name", "mixed", "--model", str(model_dir), "--layers", "1", "--rank", "2",
+                 "--epochs", "1", "--batch-size", "2", "--output", str(output)]) == 0
+    assert load_artifact(output).training["steps"] == 1 and capsys.readouterr().out
+
+
+def test_the_chat_form_tokenizes_as_the_server_does() -> None:
+    from reft_core.examples import ChatExample, encode_chat_prompt, tokenize_examples
+    from server.training import ExampleIn
+
+    tokenizer = tiny.tiny_tokenizer()
+    example = ExampleIn(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    [tokenized] = tokenize_examples(tokenizer, [example.as_example()])
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert list(tokenized.prompt_ids) == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert list(tokenized.prompt_ids) == encode_chat_prompt(tokenizer, ChatExample((("user", "hi"), ("assistant", "yo"))))
+    assert list(tokenized.completion_ids) == [*tokenizer("yo", add_special_tokens=False)["input_ids"],
+                                              tokenizer.eos_token_id]
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def test_version_and_a_bad_flag_from_a_real_process() -> None:
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("reft-serve ")
+    bad = _run("--log-level", "loud", "admin", "list")
+    assert bad.returncode == 2 and "invalid choice: 'loud'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "{tmp}/missing.jsonl", "--name", "x"], "missing.jsonl: No such file or directory"),
+    (["admin", "list", "--data-dir", "{tmp}/typo"], "is not a reft-serve data directory"),
+    (["admin", "create-key", "ghost", "--data-dir", "{tmp}/data", "--init"], "tenant 'ghost' does not exist"),
+    (["serve", "--model", "{tmp}/no-model"], "no such file or directory"),
+    (["serve", "--set", "port=eighty"], "invalid setting: port"),
+], ids=["missing-file", "no-data-dir", "unknown-tenant", "missing-model", "bad-setting"])
+def test_user_mistakes_end_in_one_line_not_a_traceback(tmp_path, args, message) -> None:
+    """SystemExit with a message: Python prints it as one line on stderr and exits 1, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(tmp=tmp_path) for arg in args])
+    assert isinstance(exit_info.value.code, str) and message in exit_info.value.code
+    assert "\n" not in exit_info.value.code and exit_info.value.code.startswith(f"reft-serve {args[0]}: error: ")
+    assert not (tmp_path / "typo").exists()  # refused, not created empty
+
+
+def test_admin_honours_the_data_dir_environment_variable(tmp_path, monkeypatch, capsys) -> None:
+    data = tmp_path / "from-env"
+    monkeypatch.setenv("REFT_SERVE_DATA_DIR", str(data))
+    assert main(["admin", "create-tenant", "acme", "--init"]) == 0
+    assert (data / "tenants.sqlite3").exists()
+    capsys.readouterr()
+    assert main(["admin", "list"]) == 0 and json.loads(capsys.readouterr().out)["name"] == "acme"
+
+
+def test_help_shows_defaults() -> None:
+    from server.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    train, serve = commands["train"].format_help(), commands["serve"].format_help()
+    assert "(default: 2)" in train and "(default: f1+l1)" in " ".join(train.split())
+    assert "(default: 8000)" in serve and "(default: 600.0)" in " ".join(serve.split())
 
 
 def test_import_pyreft_command(tmp_path, capsys) -> None:
@@ -91,7 +176,7 @@ def test_admin_commands_manage_tenants_keys_and_public_flags_on_the_data_dir(tmp
     from .conftest import artifact_bytes, make_settings, persona
 
     data = str(tmp_path / "data")
-    assert main(["admin", "create-tenant", "acme", "--requests-per-minute", "50", "--data-dir", data]) == 0
+    assert main(["admin", "create-tenant", "acme", "--requests-per-minute", "50", "--data-dir", data, "--init"]) == 0
     assert json.loads(capsys.readouterr().out)["limits"] == {"requests_per_minute": 50}
     assert main(["admin", "create-key", "acme", "--data-dir", data]) == 0
     created = json.loads(capsys.readouterr().out)

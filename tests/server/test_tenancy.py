@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from tests.builders import documented
 
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
 
@@ -200,6 +201,7 @@ def test_isolation_matrix(world, caller, method, path, body, status) -> None:
         kwargs = {"json": {**body, "training_file": world["file"]}}
     response = client.request(method, path.format(job=world["job"], file=world["file"]), headers=headers, **kwargs)
     assert response.status_code == status, (response.status_code, response.text[:300])
+    assert documented(client.get("/openapi.json").json(), method, path, status), "the OpenAPI schema omits it"
     if status >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
@@ -215,7 +217,10 @@ def test_another_tenants_versions_are_indistinguishable_from_missing_ones(world)
     def refused(model: str) -> dict:
         response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
         assert response.status_code == 404
-        return {**response.json()["error"], "message": response.json()["error"]["message"].replace(model, "M")}
+        # "did you mean" hints come from the names this caller may use only (public ones here), never private ones
+        message, _, hint = response.json()["error"]["message"].partition("; did you mean")
+        assert "secret" not in hint
+        return {**response.json()["error"], "message": message.replace(model, "M")}
 
     assert refused("acme/secret@1") == refused("acme/ghost@1") == refused("acme/shared@99") == refused("secret@1")
 
@@ -234,7 +239,10 @@ def test_a_composition_refuses_another_tenants_private_part_like_a_missing_one(w
     def error(model: str) -> dict:
         response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
         assert response.status_code == 404
-        return response.json()["error"]
+        # a "did you mean" hint lists only names this caller may use (public ones here), never the private part
+        message, _, hint = response.json()["error"]["message"].partition("; did you mean")
+        assert "secret" not in hint
+        return {**response.json()["error"], "message": message}
 
     private, missing = error("acme/shared+acme/secret"), error("acme/shared+acme/ghost")
     assert private["message"] == "The model 'acme/secret' does not exist"

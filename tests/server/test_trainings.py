@@ -1,4 +1,5 @@
-"""Training over HTTP on the tiny model: lifecycle, events, cancel, failures, restart, serving while training."""
+"""Training over HTTP on the tiny model: lifecycle, cancel, failures, restart, serving while training (events:
+test_training_events.py; evaluation: test_training_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -46,17 +47,6 @@ def test_job_runs_to_a_servable_intervention(client) -> None:
                                                "replace": True}).json()
     assert wait_for(client, again["id"], ("succeeded", "failed"))["result_version"] == 2  # a new version: hot swap
     assert [j["id"] for j in client.get("/v1/trainings").json()["data"]] == [created.json()["id"], again["id"]]
-
-
-def test_events_stream_until_the_job_ends(client) -> None:
-    job = client.post("/v1/trainings", json={"name": "evented", "examples": EXAMPLES, **SMALL}).json()
-    with client.stream("GET", f"/v1/trainings/{job['id']}/events") as response:
-        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]"
-    records = [json.loads(line[6:]) for line in lines[:-1]]
-    assert records[-1]["status"] == "succeeded"
-    steps = [r["progress"].get("step") for r in records if r["status"] == "running"]
-    assert steps == sorted(steps) and len(records) >= 2
 
 
 def test_cancel_registers_nothing(client) -> None:
