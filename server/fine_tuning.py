@@ -122,8 +122,11 @@ def intervention_name(suffix: str | None) -> str:
                        param="suffix", code="invalid_name") from None
 
 
-def training_request(body: FineTuningJobCreate, name: str, examples: list[ExampleIn]) -> TrainingRequest:
-    """The native request the job runs as; settings not given (or "auto") stay the recipe's."""
+def training_request(
+    body: FineTuningJobCreate, name: str, examples: list[ExampleIn], validation: list[ExampleIn] | None = None
+) -> TrainingRequest:
+    """The native request the job runs as; settings not given (or "auto") stay the recipe's. `validation` (the
+    validation file's examples) becomes the native `validation_examples`: a validation loss every epoch."""
     h = body.supervised()
     hyperparameters: dict[str, Any] = {}
     if h.n_epochs != "auto":
@@ -140,6 +143,7 @@ def training_request(body: FineTuningJobCreate, name: str, examples: list[Exampl
         "name": name, "examples": examples, "hyperparameters": hyperparameters, "replace": body.replace,
         "intervention": {key: value for key, value in given.items() if value is not None},
         "description": body.description,
+        **({"validation_examples": validation} if validation is not None else {}),
     })
 
 
@@ -220,9 +224,20 @@ def openai_events(job: JobRecord) -> list[dict[str, Any]]:
 
 
 def _metrics(job: JobRecord, started: int) -> list[Event]:
+    """One event per step (train_loss), and after an epoch's last step its validation loss (`full_valid_loss`, as
+    OpenAI names the loss over the whole validation file) once computed: it is computed before the next step, so
+    the list only grows at its end and ids stay put."""
     total = job.progress.get("total_steps", len(job.losses))
     latest, elapsed = job.progress.get("step") or len(job.losses), job.progress.get("elapsed_s", 0.0)
-    return [(started + int(elapsed * step / latest), "info", "metrics",
-             f"Step {step}/{total}: training loss={loss:.4f}",
-             {"step": step, "total_steps": total, "train_loss": loss})
-            for step, loss in enumerate(job.losses, start=1)]
+    per_epoch = job.spec.get("steps_per_epoch") or 0
+    events: list[Event] = []
+    for step, loss in enumerate(job.losses, start=1):
+        at = started + int(elapsed * step / latest)
+        events.append((at, "info", "metrics", f"Step {step}/{total}: training loss={loss:.4f}",
+                       {"step": step, "total_steps": total, "train_loss": loss}))
+        epoch = step // per_epoch if per_epoch and step % per_epoch == 0 else 0
+        if 0 < epoch <= len(job.validation_losses):
+            valid = job.validation_losses[epoch - 1]
+            events.append((at, "info", "metrics", f"Epoch {epoch}: validation loss={valid:.4f}",
+                           {"step": step, "total_steps": total, "full_valid_loss": valid}))
+    return events

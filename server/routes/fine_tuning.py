@@ -61,7 +61,7 @@ async def create_job(
     if body.validation_file is not None:
         validation = await _examples(svc, who.tenant, body.validation_file, "validation_file")
     try:
-        request = training_request(body, name, examples)
+        request = training_request(body, name, examples, validation)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     cap = None if who.admin else svc.settings.limit("max_trainings_per_tenant", who.limits)

@@ -21,7 +21,7 @@ from server.fine_tuning import (
     job_object,
     training_request,
 )
-from server.training import ExampleIn, TrainingRequest
+from server.training_request import ExampleIn, TrainingRequest
 
 EXAMPLES = [ExampleIn(prompt="hi", completion="ok")]
 BASE = {"model": "base", "training_file": "file-1"}
@@ -137,6 +137,29 @@ def test_events_keep_their_ids_as_the_job_grows(first: int, second: int) -> None
     metrics = [e for e in after if e["type"] == "metrics"]
     assert [e["data"]["step"] for e in metrics] == list(range(1, later + 1))
     assert all(isinstance(e["created_at"], int) for e in after)
+
+
+@given(steps=st.integers(0, 6), validated=st.integers(0, 3))
+def test_validation_losses_follow_their_epochs_last_step(steps: int, validated: int) -> None:
+    """Two steps an epoch: each computed validation loss is a metrics event right after its epoch's last step, and
+    a job that has gone further keeps the earlier events (ids and data) unchanged."""
+    validated = min(validated, steps // 2)
+    losses = [0.5 / (n + 1) for n in range(validated)]
+    grown = job("running", steps, spec={**job().spec, "steps_per_epoch": 2}, validation_losses=losses)
+    events = openai_events(grown)
+    valid = [(e["data"]["step"], e["data"]["full_valid_loss"]) for e in events if "full_valid_loss" in (e["data"] or {})]
+    assert valid == [(2 * (n + 1), loss) for n, loss in enumerate(losses)]
+    further = replace(grown, losses=grown.losses + [0.1, 0.1], validation_losses=losses + [0.01],
+                      progress={**grown.progress, "step": steps + 2})
+    if validated == steps // 2:  # the next epoch's loss comes after its steps, never before an existing event
+        before = [(e["id"], e["message"], e["data"]) for e in events]
+        assert before == [(e["id"], e["message"], e["data"]) for e in openai_events(further)[:len(events)]]
+
+
+def test_a_validation_file_becomes_the_native_validation_examples() -> None:
+    body = FineTuningJobCreate.model_validate({"model": "base", "training_file": "file-a", "validation_file": "file-b"})
+    assert training_request(body, "p", EXAMPLES, EXAMPLES[:1]).validation_examples == EXAMPLES[:1]
+    assert training_request(body, "p", EXAMPLES).validation_examples is None
 
 
 def test_a_finished_job_ends_its_events() -> None:

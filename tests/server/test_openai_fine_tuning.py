@@ -43,7 +43,7 @@ def server(tmp_path_factory, tiny_base) -> Iterator[dict]:
     settings = make_settings(tmp_path_factory.mktemp("fine-tuning"), auth="on", admin_key=ADMIN_KEY,
                              max_trainings_per_tenant=8)
     with live_server(create_app(settings, base_model=tiny_base)) as url:
-        keys = {t: new_tenant(url, t) for t in ("acme", "globex", "initech")}
+        keys = {t: new_tenant(url, t) for t in ("acme", "globex", "initech", "umbrella")}
         keys["small"] = new_tenant(url, "small", max_bytes_per_tenant=80)
         yield {"url": url, "keys": keys, "base": MODEL_ID}
 
@@ -121,6 +121,21 @@ def test_the_sdk_trains_a_persona_then_chats_with_it(server, tiny_base) -> None:
     with pytest.raises(openai.PermissionDeniedError):
         client.models.delete(server["base"])
     assert client.files.delete(uploaded.id).deleted and client.files.list().data == []
+
+
+def test_a_validation_file_gives_a_validation_loss_every_epoch(server) -> None:
+    client = sdk(server, "umbrella")
+    train = client.files.create(file=("train.jsonl", jsonl(EXAMPLES)), purpose="fine-tune")
+    held_out = client.files.create(file=("valid.jsonl", jsonl(EXAMPLES[:2])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=server["base"], training_file=train.id, validation_file=held_out.id, suffix="validated", seed=3,
+        method={"type": "supervised", "supervised": {"hyperparameters": SMALL}}, extra_body=REFT,
+    )
+    assert finished(client, job.id).status == "succeeded" and job.validation_file == held_out.id
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    valid = [e.data["full_valid_loss"] for e in reversed(events) if e.type == "metrics" and "full_valid_loss" in e.data]
+    record = native(server, "umbrella", "GET", f"/v1/trainings/{job.id}").json()  # the same job, natively
+    assert valid == record["validation_losses"] and len(valid) == SMALL["n_epochs"]
 
 
 def test_jobs_list_newest_first_with_cursor_pagination(server) -> None:
