@@ -1,7 +1,7 @@
 """`TimedStore`: the artifact store as the server sees it, with every operation measured.
 
 Each public method call is observed in `reft_store_operation_seconds{operation=<method>}` (a bounded label: the
-store's method names) and, with tracing on, becomes a `store.<method>` span under the current request's span.
+store's method names, and `training_files.<method>` for uploaded training files) and, with tracing on, becomes a `store.<method>` span under the current request's span.
 Wrapping here keeps `adapters_store` free of Prometheus and OpenTelemetry (imports flow server -> store).
 """
 
@@ -16,14 +16,16 @@ from server.tracing import Tracing
 
 
 class TimedStore:
-    def __init__(self, store: Any, metrics: Metrics, tracing: Tracing) -> None:
-        self._store, self._metrics, self._tracing = store, metrics, tracing
+    def __init__(self, store: Any, metrics: Metrics, tracing: Tracing, prefix: str = "") -> None:
+        self._store, self._metrics, self._tracing, self._prefix = store, metrics, tracing, prefix
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._store, name)
+        if name == "training_files":  # the store's part for uploaded files: its calls are store operations too
+            return TimedStore(attribute, self._metrics, self._tracing, prefix=f"{self._prefix}{name}.")
         if name.startswith("_") or not callable(attribute):
             return attribute
-        return self._timed(name, attribute)
+        return self._timed(self._prefix + name, attribute)
 
     def _timed(self, operation: str, method: Callable[..., Any]) -> Callable[..., Any]:
         histogram = self._metrics.store_latency.labels(operation=operation)

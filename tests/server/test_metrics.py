@@ -50,6 +50,8 @@ def check_exposition(exposition: str) -> None:
 def test_series_move_under_a_real_request_and_a_real_training_job(client, tiny_base) -> None:
     before = samples(client.get("/metrics").text)
     upload(client, "pirate", artifact_bytes(tiny_base, persona(3)))
+    examples_file = {"file": ("t.jsonl", b'{"prompt": "a", "completion": "b"}\n')}
+    assert client.post("/v1/files", data={"purpose": "fine-tune"}, files=examples_file).status_code == 200
     for stream in (False, True):
         reply = client.post("/v1/chat/completions", json={"model": "pirate", "messages": CHAT, "max_tokens": 4,
                                                           "stream": stream})
@@ -73,6 +75,7 @@ def test_series_move_under_a_real_request_and_a_real_training_job(client, tiny_b
     moved("reft_http_request_duration_seconds_count", 1, route="/v1/trainings/{job_id}")
     moved("reft_intervention_loads_total", 1)  # the uploaded intervention entered the bank once
     moved("reft_store_operation_seconds_count", 1, operation="put")
+    moved("reft_store_operation_seconds_count", 1, operation="training_files.put")
     for status in ("queued", "running", "succeeded"):
         moved("reft_training_jobs_total", 1, status=status)
     moved("reft_training_steps_total", 4)  # 4 examples / batch 2 x 2 epochs
