@@ -1,7 +1,8 @@
 """`TimedStore`: the artifact store as the server sees it, with every operation measured.
 
 Each public method call is observed in `reft_store_operation_seconds{operation=<method>}` (a bounded label: the
-store's method names, and `training_files.<method>` for uploaded training files) and, with tracing on, becomes a `store.<method>` span under the current request's span.
+store's method names, and `training_files.<method>` for uploaded training files) and, with tracing on, becomes a
+`store.<method>` span under the current request's span.
 Wrapping here keeps `adapters_store` free of Prometheus and OpenTelemetry (imports flow server -> store).
 """
 
