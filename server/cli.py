@@ -243,10 +243,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _read_examples(path: Path) -> list:  # noqa: ANN202 - ExampleIn is imported late (the server's modules)
     """The examples file, parsed exactly as the server parses an uploaded one (the same forms, the same errors)."""
     from server.errors import APIError
-    from server.routes.trainings import _parse_jsonl
+    from server.jsonl import parse_examples
 
     try:
-        return _parse_jsonl(path.read_bytes(), TRAINING_EXAMPLES_CEILING)
+        return parse_examples(path.read_bytes(), TRAINING_EXAMPLES_CEILING)
     except APIError as exc:
         raise UserError(f"{path}: {exc.message}") from None
 
