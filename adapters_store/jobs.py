@@ -20,6 +20,9 @@ from typing import Any
 from adapters_store.errors import StoreError, StoreWriteError
 from adapters_store.sqlite_db import open_database
 
+JOB_INTERRUPTED = "job_interrupted"  # the error code of a job whose process (or replica) stopped while it ran
+
+
 class JobStatus(str, Enum):
     """Where a training job stands; one value per state, stored and returned as its string."""
 
@@ -74,6 +77,9 @@ class JobRecord:
     validation_losses: list[float] = field(default_factory=list)  # one per finished epoch, with validation data
     auto_stop: dict[str, Any] | None = None  # epochs="auto": epochs_run, kept_epoch, reason, monitor
     evaluation: dict[str, Any] | None = None  # samples (prompt, persona, base) and validation_loss, at the end
+    # why a failed job failed, as a code of the API's error table (server.generation: the same code a request gets
+    # for the same cause), beside the human message in `error`
+    error_code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +125,7 @@ class JobStore:
             return []
         recovered = []
         for job in [j for j in self._all() if j.status.active]:
-            failed = replace(job, status=JobStatus.FAILED, finished_at=now(),
+            failed = replace(job, status=JobStatus.FAILED, finished_at=now(), error_code=JOB_INTERRUPTED,
                              error=f"the server restarted while this job was {job.status.value}; submit it again")
             self.save(failed)
             recovered.append(failed)

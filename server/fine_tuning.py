@@ -180,7 +180,7 @@ def job_object(job: JobRecord, base_model_id: str) -> dict[str, Any]:
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
         "seed": job.spec["hyperparameters"]["seed"],
         "trained_tokens": tokens * epochs if succeeded and tokens is not None and epochs else None,
-        "error": {"code": "training_failed", "message": job.error or "training failed", "param": None}
+        "error": {"code": job.error_code or "training_failed", "message": job.error or "training failed", "param": None}
         if job.status == "failed" else None,
         "estimated_finish": int(time.time() + remaining) if job.status == "running" and remaining is not None
         else None,

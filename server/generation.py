@@ -27,6 +27,7 @@ from server.composition import CompositionError, PartNotFoundError
 from server.engine.remote import EngineHandle
 from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
+    TrainingEnd,
 )
 from server.errors import APIError, rate_limited
 from server.metrics import Metrics
@@ -345,6 +346,18 @@ _ERROR_RESPONSES: dict[ErrorKind, tuple[int, str, str]] = {
     ErrorKind.TIMEOUT: (504, "timeout_error", "request_timeout"),
     ErrorKind.OVERLOADED: (429, "rate_limit_error", "server_busy"),
 }
+
+
+# A training job that failed carries a code from the same vocabulary: the same cause, the same code.
+_JOB_ERROR_CODES: dict[TrainingEnd, str] = {
+    TrainingEnd.FAILED: "training_failed",
+    TrainingEnd.SHUTDOWN: _ERROR_RESPONSES[ErrorKind.SHUTDOWN][2],
+}
+JOB_SAVE_FAILED = "storage_unavailable"  # the store refused the trained version (as a write error answers: 507)
+
+
+def job_error_code(kind: TrainingEnd) -> str:
+    return _JOB_ERROR_CODES[kind]
 
 
 def error_for(event: GenerationEvent) -> APIError:

@@ -39,6 +39,7 @@ from server.engine.remote import EngineHandle
 from server.engine.types import InterventionRef
 from server.errors import APIError
 from server.evaluation import MAX_EVAL_PROMPTS, EvalPrompt, evaluate
+from server.generation import JOB_SAVE_FAILED, job_error_code
 from server.metrics import Metrics
 from server.registry import InterventionRegistry
 from server.settings import Settings
@@ -311,8 +312,10 @@ class TrainingManager:
             if result is None:
                 assert failure is not None, "the engine ends a job without a result only with a failure"
                 status = _ENDED_AS[failure.kind]
+                failed = status is not JobStatus.CANCELLED
                 self._update(job_id, persist=True, status=status, finished_at=now(),
-                             error=None if status is JobStatus.CANCELLED else failure.message)
+                             error=failure.message if failed else None,
+                             error_code=job_error_code(failure.kind) if failed else None)
                 return
             # evaluating waits on the engine: never on its thread (nor the reader thread that relays its callbacks)
             threading.Thread(target=self._complete, args=(job_id, tenant, body, training, len(examples), result,
@@ -339,7 +342,8 @@ class TrainingManager:
         try:
             record = self._register(tenant, body, result, metadata)
         except Exception as exc:  # noqa: BLE001 - e.g. disk full: the job fails, nothing is half-registered
-            self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}")
+            self._update(job_id, persist=True, status="failed", finished_at=now(), error=f"saving failed: {exc}",
+                         error_code=JOB_SAVE_FAILED)
             return
         self._update(job_id, persist=True, events=[evaluation_event(evaluation)], evaluation=evaluation,
                      status="succeeded", finished_at=now(), result_version=record.version)

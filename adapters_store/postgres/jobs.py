@@ -16,7 +16,7 @@ import uuid
 from dataclasses import replace
 
 from adapters_store.errors import StoreError
-from adapters_store.jobs import STATUSES, JobNotFoundError, JobRecord, extra_json, now, record_from_row
+from adapters_store.jobs import JOB_INTERRUPTED, STATUSES, JobNotFoundError, JobRecord, extra_json, now, record_from_row
 from adapters_store.postgres.db import Database
 
 LEASE_S = 15.0
@@ -93,13 +93,14 @@ class PostgresJobStore:
         with self.db.transaction() as cur:
             rows = cur.execute(f"SELECT {_FIELDS} FROM jobs WHERE status IN ('queued', 'running') "
                                "AND lease_until < now() FOR UPDATE SKIP LOCKED").fetchall()
-            failed = [replace(job, status="failed", finished_at=now(),
+            failed = [replace(job, status="failed", finished_at=now(), error_code=JOB_INTERRUPTED,
                               error=f"the replica running this job stopped or restarted while it was {job.status}; "
                                     "submit it again")
                       for job in map(record_from_row, rows)]
             for job in failed:
-                cur.execute("UPDATE jobs SET status=%s, finished_at=%s, error=%s, owner=NULL, lease_until=NULL "
-                            "WHERE id=%s", (job.status, job.finished_at, job.error, job.id))
+                cur.execute("UPDATE jobs SET status=%s, finished_at=%s, error=%s, extra=%s, owner=NULL, "
+                            "lease_until=NULL WHERE id=%s",
+                            (job.status, job.finished_at, job.error, extra_json(job), job.id))
         return failed
 
     def close(self) -> None:

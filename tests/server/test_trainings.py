@@ -102,6 +102,7 @@ def test_a_failing_step_fails_the_job_with_a_reason(client, monkeypatch) -> None
     job = client.post("/v1/trainings", json={"name": "doomed", "examples": EXAMPLES, **SMALL}).json()
     failed = wait_for(client, job["id"], ("failed", "succeeded"))
     assert failed["status"] == "failed" and "boom at step 1" in failed["error"]
+    assert failed["error_code"] == "training_failed"
     assert client.get("/v1/interventions/doomed").status_code == 404
 
 
@@ -117,6 +118,8 @@ def test_restart_marks_unfinished_jobs_failed_and_keeps_finished_ones(tmp_path, 
         listed = {j["id"]: j for j in client.get("/v1/trainings").json()["data"]}
         assert listed["job-queued"]["status"] == listed["job-running"]["status"] == "failed"
         assert "restarted" in listed["job-running"]["error"]
+        assert listed["job-queued"]["error_code"] == listed["job-running"]["error_code"] == "job_interrupted"
+        assert listed["job-succeeded"]["error_code"] is None and listed["job-cancelled"]["error_code"] is None
         assert listed["job-succeeded"]["status"] == "succeeded" and listed["job-cancelled"]["status"] == "cancelled"
         assert client.get("/v1/trainings/nope").status_code == 404
 
@@ -188,3 +191,14 @@ def test_a_million_examples_are_refused_by_their_count_before_any_is_validated(c
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == "examples", error
     assert "at most 10000" in error["message"]
+
+
+def test_a_job_ended_by_a_shutdown_has_the_code_a_request_gets_for_it() -> None:
+    """One vocabulary: the job record's error code comes from the table the request errors come from."""
+    from server.engine.types import ErrorKind, FinishReason, GenerationEvent, TrainingEnd
+    from server.generation import error_for, job_error_code
+
+    shutdown = GenerationEvent("", (), finish_reason=FinishReason.ERROR, error="stopping",
+                               error_kind=ErrorKind.SHUTDOWN)
+    assert job_error_code(TrainingEnd.SHUTDOWN) == error_for(shutdown).code == "shutting_down"
+    assert job_error_code(TrainingEnd.FAILED) == "training_failed"
