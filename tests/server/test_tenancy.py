@@ -210,17 +210,23 @@ def test_isolation_matrix(world, caller, method, path, body, status) -> None:
         assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
+def chat_not_found(client, headers: dict, model: str) -> dict:  # noqa: ANN001
+    """The 404 error body of a chat naming `model`, its "did you mean" hint removed after checking that the hint
+    lists only names this caller may use (public ones here), never the private `secret`."""
+    response = client.post("/v1/chat/completions", json=chat_body(model), headers=headers)
+    assert response.status_code == 404
+    message, _, hint = response.json()["error"]["message"].partition("; did you mean")
+    assert "secret" not in hint
+    return {**response.json()["error"], "message": message}
+
+
 def test_another_tenants_versions_are_indistinguishable_from_missing_ones(world) -> None:
     """Private name, missing name, missing version of a public name: the same 404 body but for the string asked."""
     client, globex = world["client"], auth(world["globex"])
 
     def refused(model: str) -> dict:
-        response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
-        assert response.status_code == 404
-        # "did you mean" hints come from the names this caller may use only (public ones here), never private ones
-        message, _, hint = response.json()["error"]["message"].partition("; did you mean")
-        assert "secret" not in hint
-        return {**response.json()["error"], "message": message.replace(model, "M")}
+        error = chat_not_found(client, globex, model)
+        return {**error, "message": error["message"].replace(model, "M")}
 
     assert refused("acme/secret@1") == refused("acme/ghost@1") == refused("acme/shared@99") == refused("secret@1")
 
@@ -235,16 +241,8 @@ def test_another_tenants_versions_are_indistinguishable_from_missing_ones(world)
 def test_a_composition_refuses_another_tenants_private_part_like_a_missing_one(world) -> None:
     """The 404 names the part it could not resolve, and a private part reads exactly like one that does not exist."""
     client, globex = world["client"], auth(world["globex"])
-
-    def error(model: str) -> dict:
-        response = client.post("/v1/chat/completions", json=chat_body(model), headers=globex)
-        assert response.status_code == 404
-        # a "did you mean" hint lists only names this caller may use (public ones here), never the private part
-        message, _, hint = response.json()["error"]["message"].partition("; did you mean")
-        assert "secret" not in hint
-        return {**response.json()["error"], "message": message}
-
-    private, missing = error("acme/shared+acme/secret"), error("acme/shared+acme/ghost")
+    private = chat_not_found(client, globex, "acme/shared+acme/secret")
+    missing = chat_not_found(client, globex, "acme/shared+acme/ghost")
     assert private["message"] == "The model 'acme/secret' does not exist"
     assert private == {**missing, "message": missing["message"].replace("ghost", "secret")}
 
