@@ -432,16 +432,24 @@ class _FakeHandle:
         return _FakeStream(self.items, self.error)
 
 
-def _pump(handle: _FakeHandle, request) -> list:
-    """Run one request through a RayEngine on `handle`; return the events its sink got."""
+def _pump(handle: _FakeHandle, request, reads: list[float] | None = None, running: int = 2,
+          then: float = 0.0) -> list:
+    """Run one request through a RayEngine on `handle`; return the events its sink got. The engine's reads of the
+    running replicas' count (`running` each time) are timed into `reads`, for `then` seconds after the request."""
     import asyncio
 
     from server.engine.remote import ModelInfo
     from server.metrics import Metrics
     from server.ray_serve import RayEngine
 
+    reads = [] if reads is None else reads
+
+    def running_replicas() -> int:
+        reads.append(time.monotonic())
+        return running
+
     info = ModelInfo(None, None, 256, "cpu", "float32")  # type: ignore[arg-type]
-    engine = RayEngine(handle, info, Metrics(), "reft-serve", 2, health_poll_s=3600)  # type: ignore[arg-type]
+    engine = RayEngine(handle, info, Metrics(), 2, running_replicas)  # type: ignore[arg-type]
     events: list = []
 
     async def run() -> None:
@@ -451,9 +459,33 @@ def _pump(handle: _FakeHandle, request) -> list:
 
     try:
         asyncio.run(asyncio.wait_for(run(), 5))
+        time.sleep(then)
     finally:
         engine.stop()
     return events
+
+
+def test_a_failed_replica_call_makes_the_ingress_read_the_replicas_status_at_once() -> None:
+    """The ingress polls Ray's status every HEALTH_POLL_S (5 s: the poll costs CPU), but a replica that just failed
+    a request is read at once, and a reading of no replica running is re-read every second (/ready follows)."""
+    from ray.exceptions import ActorDiedError
+
+    from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
+    from server.ray_serve import HEALTH_POLL_DOWN_S, HEALTH_POLL_S
+
+    assert HEALTH_POLL_S >= 3 * HEALTH_POLL_DOWN_S
+    request = GenerationRequest("r1", (1, 2), SamplingParams(max_tokens=2))
+    reads: list[float] = []
+    started = time.monotonic()
+    _pump(_FakeHandle([("replica-1", 0)], ActorDiedError()), request, reads, running=0,
+          then=HEALTH_POLL_DOWN_S * 2.5)
+    assert reads and reads[0] - started < HEALTH_POLL_DOWN_S  # at once, not after HEALTH_POLL_S
+    assert len(reads) >= 2 and reads[1] - reads[0] < HEALTH_POLL_DOWN_S * 1.5  # then every second
+
+    reads.clear()
+    final = GenerationEvent(text="b", token_ids=(6,), finish_reason=FinishReason.LENGTH)
+    _pump(_FakeHandle([("replica-1", 0), [final]]), request, reads, then=HEALTH_POLL_DOWN_S * 1.5)
+    assert reads == []  # a healthy request triggers no reading
 
 
 @pytest.mark.parametrize("failure", ["none", "replica_died", "backpressure"])
