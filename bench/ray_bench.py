@@ -24,6 +24,7 @@ import random
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -224,25 +225,26 @@ def render(args: argparse.Namespace, cpus: int, rows: list[dict], ttft: dict[str
     ratios.append(f"| idle TTFT (one request at a time, median), Ray vs direct (s) | "
                   f"{ttft['Ray, 1 replica']:.3f} vs {ttft['direct server']:.3f} "
                   f"({ttft['Ray, 1 replica'] - ttft['direct server']:+.3f}) |")
+    wrap = lambda text: textwrap.fill(text, 118, break_on_hyphens=False)  # noqa: E731 - paragraphs as the rest of BENCHMARKS.md
     lines = [
         SECTION, "",
-        f"`nice -n 5 .venv/bin/python bench/ray_bench.py{' --quick' if args.quick else ''} --write` (niced: other "
+        wrap(f"`nice -n 5 .venv/bin/python bench/ray_bench.py{' --quick' if args.quick else ''} --write` (niced: other "
         "benchmarks may share this machine; both paths ran under the same nice level, side by side).",
         f"SmolLM2-135M-Instruct fp32 on CPU; {cpus} CPU cores, no GPU; Python {platform.python_version()}, torch "
         f"{torch.__version__}, ray {ray.__version__}. Streaming chat over HTTP, greedy, exactly {args.tokens} "
         f"tokens per request, each request a different one of {args.personas} random personas. The direct server "
         "(`reft-serve serve`: API process + engine process) and `reft-serve serve --ray --replicas 1 "
         f"--replica-cpus {cpus}` (ingress + one engine replica) ran at the same time and were driven in "
-        f"{args.rounds} interleaved rounds; each row is the median round.", "",
+        f"{args.rounds} interleaved rounds; each row is the median round."), "",
         *table, "", *ratios, "",
     ]
     if route is not None:
         lines += [
-            f"Routing over `--ray --replicas 2 --replica-cpus {cpus / 2:g}`: {route['requests']} requests "
+            wrap(f"Routing over `--ray --replicas 2 --replica-cpus {cpus / 2:g}`: {route['requests']} requests "
             f"({args.routing_concurrency} at a time, 16 tokens) drawn from {args.personas} personas with Zipf "
             f"exponent {args.zipf} ({route['distinct']} distinct drawn). A hit is a request whose persona was "
             "already loaded on the replica that served it (1 - loads / requests, from the ingress's "
-            "`reft_ray_replica_requests_total` and `reft_ray_replica_intervention_loads`).", "",
+            "`reft_ray_replica_requests_total` and `reft_ray_replica_intervention_loads`)."), "",
             "| routing | value |", "|---|---|",
             f"| requests served / failed | {route['served']:.0f} / {route['failed']} |",
             f"| requests per replica | {' / '.join(f'{v:.0f}' for v in route['split'])} |",
