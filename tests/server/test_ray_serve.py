@@ -251,7 +251,7 @@ def test_requests_for_a_persona_stay_on_the_replica_that_loaded_it_until_it_is_f
 
     # 8 at once, long enough to overlap: the home replica holds 4, the rest spill over to the other one
     with ThreadPoolExecutor(8) as pool:
-        long = list(pool.map(lambda _: _content(ray_server.chat("hot", max_tokens=48, ignore_eos=True)), range(8)))
+        long = list(pool.map(lambda _: _content(ray_server.chat("hot", max_tokens=24, ignore_eos=True)), range(8)))
     assert len(set(long)) == 1 and long[0].startswith(first)
     burst = ray_server.replica_counters()
     served = {r: v - sequential["reft_ray_replica_requests_total"].get(r, 0)
@@ -263,7 +263,7 @@ def test_requests_for_a_persona_stay_on_the_replica_that_loaded_it_until_it_is_f
 
 def _stream(server: RayServer, started: list[int], index: int) -> tuple[str, list[dict]]:
     """One streamed chat; returns how it ended ("done" or the error code) and its chunks."""
-    body = {"model": server.model_id, "max_tokens": 96, "ignore_eos": True, "stream": True, **CHAT}
+    body = {"model": server.model_id, "max_tokens": 48, "ignore_eos": True, "stream": True, **CHAT}
     chunks: list[dict] = []
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
@@ -478,13 +478,13 @@ def test_a_failed_replica_call_makes_the_ingress_read_the_replicas_status_at_onc
     reads: list[float] = []
     started = time.monotonic()
     _pump(_FakeHandle([("replica-1", 0)], ActorDiedError()), request, reads, running=0,
-          then=HEALTH_POLL_DOWN_S * 2.5)
+          then=HEALTH_POLL_DOWN_S * 1.4)
     assert reads and reads[0] - started < HEALTH_POLL_DOWN_S  # at once, not after HEALTH_POLL_S
     assert len(reads) >= 2 and reads[1] - reads[0] < HEALTH_POLL_DOWN_S * 1.5  # then every second
 
     reads.clear()
     final = GenerationEvent(text="b", token_ids=(6,), finish_reason=FinishReason.LENGTH)
-    _pump(_FakeHandle([("replica-1", 0), [final]]), request, reads, then=HEALTH_POLL_DOWN_S * 1.5)
+    _pump(_FakeHandle([("replica-1", 0), [final]]), request, reads, then=HEALTH_POLL_DOWN_S * 1.2)
     assert reads == []  # a healthy request triggers no reading
 
 
