@@ -29,6 +29,7 @@ from server.engine.engine import Engine, EngineSettings
 from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
 from server.errors import install_error_handlers
 from server.generation import GenerationService
+from server.job_worker import JobWorker
 from server.limits import BodySizeLimit
 from server.logging_setup import current_format
 from server.metrics import Metrics
@@ -120,10 +121,12 @@ def build_services(
                                     base_model_id=model_id)
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
                                    capacity=started.capacity, metrics=metrics, tracing=tracing)
-    training = TrainingManager(
-        engine, registry, tokenizer, open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s),
-        settings, dims, unavailable=started.training_unavailable, metrics=metrics,
-    )
+    jobs = open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s,
+                     max_attempts=settings.job_max_attempts)
+    training = TrainingManager(engine, registry, tokenizer, jobs, settings, dims,
+                               unavailable=started.training_unavailable, metrics=metrics)
+    if jobs.shared and started.training_unavailable is None:  # this replica claims jobs from the shared queue
+        training.worker = JobWorker(training)
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
         store=store, registry=registry, generation=generation, training=training, created=int(time.time()),
@@ -179,6 +182,7 @@ def create_app(
             await loader
             services: Services | None = app.state.services
             if services is not None:
+                services.training.close()  # claim nothing more; a job running here is released as the engine stops
                 services.engine.stop()
             if settings.postgres_store:  # return the connections (a local store's files need no closing)
                 if services is not None:
