@@ -160,7 +160,8 @@ class PostgresJobStore:
                 f"INSERT INTO jobs ({_FIELDS}, owner, lease_until) VALUES ({', '.join(['%s'] * 14)}, "
                 "now() + make_interval(secs => %s)) ON CONFLICT (id) DO UPDATE SET "
                 + ", ".join(f"{c}=EXCLUDED.{c}" for c in _FIELDS.split(", ")[1:]) + ", owner=EXCLUDED.owner, "
-                "lease_until=EXCLUDED.lease_until",
+                "lease_until=EXCLUDED.lease_until, input=CASE WHEN EXCLUDED.status IN ('queued', 'running') "
+                "THEN jobs.input END",  # an ended job's input is dropped
                 (job.id, *_values(job), self.owner if active else None, self.lease_s if active else None))
         self._hold(job.id, active)
 
