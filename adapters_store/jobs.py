@@ -179,6 +179,9 @@ class JobStore:
     def release(self, job_id: str) -> None:
         """Nothing to do: another process never runs this store's jobs."""
 
+    def abandon(self, job_id: str) -> None:
+        """Nothing to do: a job whose end could not be stored is failed at the next start (recover_interrupted)."""
+
     def input(self, job_id: str) -> dict[str, Any] | None:
         """The stored training input of an active job (None once it ended, or for a job of an older build)."""
         with self._lock:

@@ -461,7 +461,18 @@ class TrainingManager:
         self._tell(watchers, items)
         if persist:
             self._written[job_id] = time.monotonic()
-            if not self.jobs.update(job):
+            try:
+                held = self.jobs.update(job)
+            except Exception:
+                if job.status in ACTIVE:
+                    raise  # the next progress write tries again
+                # the end cannot be stored (the database is away): leave the job, so it is not stuck on this replica;
+                # on PostgreSQL its lease lapses and another replica runs it again (the same result, for a seed)
+                log.exception("could not store the end of a training job", extra={"job": job_id})
+                self.jobs.abandon(job_id)
+                self._forget(job_id)
+                return
+            if not held:
                 self.lose(job_id)
                 self._drop_if_lost(job_id)
                 return

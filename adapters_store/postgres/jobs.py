@@ -182,14 +182,18 @@ class PostgresJobStore:
     def update(self, job: JobRecord) -> bool:
         """Write the state of a job this replica runs (and renew its lease); False when it no longer holds it."""
         active = job.status in ACTIVE
-        ended = "" if active else ", owner=NULL, lease_until=NULL, input=NULL, cancel_requested=false"
+        lease = ("lease_until=now() + make_interval(secs => %s)" if active
+                 else "owner=NULL, lease_until=NULL, input=NULL, cancel_requested=false")
         with self.db.transaction() as cur:
             held = bool(cur.execute(
-                f"UPDATE jobs SET {_SET}, lease_until=now() + make_interval(secs => %s){ended} WHERE id=%s AND "
-                "owner=%s AND status IN ('queued', 'running')",
-                (*_values(job), self.lease_s, job.id, self.owner)).rowcount)
+                f"UPDATE jobs SET {_SET}, {lease} WHERE id=%s AND owner=%s AND status IN ('queued', 'running')",
+                (*_values(job), *((self.lease_s,) if active else ()), job.id, self.owner)).rowcount)
         self._hold(job.id, held and active)
         return held
+
+    def abandon(self, job_id: str) -> None:
+        """Stop renewing a job's lease without writing (its end could not be stored): it runs again elsewhere."""
+        self._hold(job_id, False)
 
     def claim(self) -> tuple[JobRecord, dict[str, Any]] | None:
         """Take the oldest claimable job (with its input) for this replica, or None. Jobs that cannot run again are
@@ -245,8 +249,11 @@ class PostgresJobStore:
         the others are claimed and run again. Every replica runs this at start and on each renewal tick."""
         ended = []
         with self.db.transaction() as cur:
+            # only the rows it will end: a row locked here is skipped by a replica claiming at the same moment
             rows = cur.execute(f"SELECT {_FIELDS}, owner IS NOT NULL, cancel_requested, input IS NOT NULL FROM jobs "
-                               f"WHERE {_UNHELD} AND owner IS NOT NULL FOR UPDATE SKIP LOCKED").fetchall()
+                               f"WHERE {_UNHELD} AND owner IS NOT NULL AND (cancel_requested OR input IS NULL OR "
+                               "COALESCE((extra::jsonb->>'attempts')::int, 0) >= %s) FOR UPDATE SKIP LOCKED",
+                               (self.max_attempts,)).fetchall()
             for row in rows:
                 job = self._unrunnable(record_from_row(row[:13]), row[13], row[14], row[15])
                 if job is not None:
