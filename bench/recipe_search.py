@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,7 +79,7 @@ class Candidate:
     positions: str = recipe.POSITIONS
     rank: int = recipe.RANK
     depth_fractions: tuple[float, ...] = recipe.DEPTH_FRACTIONS
-    epochs: int = recipe.EPOCHS
+    epochs: int | Literal["auto"] = recipe.EPOCHS
     learning_rate: float = recipe.LEARNING_RATE
 
     def layers(self, num_layers: int) -> list[int]:
@@ -93,6 +94,8 @@ CANDIDATES = {
     "10ep-lr8e-3": Candidate(epochs=10, learning_rate=8e-3),
     "6-layers": Candidate(depth_fractions=tuple(i / 30 for i in (4, 8, 12, 16, 20, 24))),
     "1-layer-mid": Candidate(depth_fractions=(15 / 30,)),
+    "auto": Candidate(epochs="auto"),
+    "l1-auto": Candidate(positions="l1", epochs="auto"),
 }
 
 
@@ -121,7 +124,7 @@ def run_pair(base, name: str, candidate: Candidate, persona_name: str) -> dict: 
     texts = answers(base, [result.intervention] * len(HELDOUT))
     hits = [persona.check(t) for t in texts]
     return {"candidate": name, "persona": persona_name, "adherence": sum(hits) / len(hits), "wall_s": round(wall, 1),
-            "final_loss": round(result.losses[-1], 4), "misses": [t for t, ok in zip(texts, hits) if not ok][:3]}
+            "final_loss": round(result.losses[-1], 4), "steps": len(result.losses), "misses": [t for t, ok in zip(texts, hits) if not ok][:3]}
 
 
 def table(rows: list[dict], personas: list[str], base_rates: dict[str, float]) -> str:
