@@ -68,6 +68,9 @@ class StartedEngine:
     base_model_id: str  # the id clients use for the bare model (unless settings.model_id overrides it)
     capacity: int | None = None  # requests running or queued at once; None: settings' max_running + max_waiting
     training_unavailable: str | None = None  # why this engine cannot train (POST /v1/trainings answers 501)
+    # whether this process's engine runs jobs it claims from a shared (PostgreSQL) queue; the Ray ingress only
+    # queues them: its engine replicas claim and run them
+    claims_jobs: bool = True
 
 
 # Starts the engine for the app factory's loader (the default is `start_engine`; Ray Serve passes its own).
@@ -125,7 +128,7 @@ def build_services(
                      max_attempts=settings.job_max_attempts)
     training = TrainingManager(engine, registry, tokenizer, jobs, settings, dims,
                                unavailable=started.training_unavailable, metrics=metrics)
-    if jobs.shared and started.training_unavailable is None:  # this replica claims jobs from the shared queue
+    if jobs.shared and started.training_unavailable is None and started.claims_jobs:  # it runs queued jobs
         training.worker = JobWorker(training)
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
