@@ -140,17 +140,9 @@ class JobStore:
 
     def save(self, job: JobRecord) -> None:
         """Insert or update the record (its stored input is kept while the job is active, dropped when it ends)."""
-        assert job.status in STATUSES
-        if self.read_only:
-            raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
-        row = (job.id, job.tenant, job.name, JobStatus(job.status).value, json.dumps(job.spec), json.dumps(job.progress),
-               json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version,
-               extra_json(job))
-        ended = ", input=NULL" if JobStatus(job.status).value in FINAL else ""
+        self._check_writable(job)
         with self._lock:
-            self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}, extra) VALUES "
-                             f"({', '.join('?' * (len(_COLUMNS) + 1))}) ON CONFLICT (id) DO UPDATE SET "
-                             + ", ".join(f"{c}=excluded.{c}" for c in (*_COLUMNS[1:], "extra")) + ended, row)
+            self._write(job)
 
     def update(self, job: JobRecord) -> bool:
         """The running job's new state (True: still ours; always, with one process)."""
@@ -160,16 +152,29 @@ class JobStore:
     def submit(self, job: JobRecord, training_input: dict[str, Any], max_active: int,
                max_for_tenant: int | None = None) -> None:
         """Insert a queued job with its input, unless the active jobs (all, or the tenant's) are at their limit
-        (TooManyJobsError); the count and the insert are atomic."""
-        if self.read_only:
-            raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
+        (TooManyJobsError); the count and the insert hold the lock together (one process submits to this store)."""
+        self._check_writable(job)
         with self._lock:
             row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(tenant=?), 0) FROM jobs WHERE status IN "
                                    "('queued', 'running')", (job.tenant,)).fetchone()
-        admit_job(int(row[0]), int(row[1]), max_active, max_for_tenant)
-        self.save(job)
-        with self._lock:
-            self._db.execute("UPDATE jobs SET input=? WHERE id=?", (json.dumps(training_input), job.id))
+            admit_job(int(row[0]), int(row[1]), max_active, max_for_tenant)
+            self._write(job, json.dumps(training_input))
+
+    def _check_writable(self, job: JobRecord) -> None:
+        assert job.status in STATUSES
+        if self.read_only:
+            raise StoreWriteError(f"cannot record training job {job.id}: the data directory is read-only")
+
+    def _write(self, job: JobRecord, training_input: str | None = None) -> None:
+        """Upsert the row (the caller holds the lock); `training_input` is set when given, kept otherwise, and
+        dropped once the job has ended."""
+        row = (job.id, job.tenant, job.name, JobStatus(job.status).value, json.dumps(job.spec), json.dumps(job.progress),
+               json.dumps(job.losses), job.error, job.created_at, job.started_at, job.finished_at, job.result_version,
+               extra_json(job), training_input)
+        kept = "NULL" if JobStatus(job.status).value in FINAL else "COALESCE(excluded.input, input)"
+        self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}, extra, input) VALUES "
+                         f"({', '.join('?' * (len(_COLUMNS) + 2))}) ON CONFLICT (id) DO UPDATE SET "
+                         + ", ".join(f"{c}=excluded.{c}" for c in (*_COLUMNS[1:], "extra")) + f", input={kept}", row)
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """A cancel of a job this process does not run: with one process that is a job that has ended (or one

@@ -36,17 +36,15 @@ from reft_core import recipe
 from reft_core.artifact import encode_artifact
 from reft_core.config import InterventionConfig, check_rank
 from reft_core.early_stop import auto_stop_summary
-from reft_core.examples import TokenizedExample, encode_chat_prompt, encode_prompt
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingConfig, TrainingProgress, training_metadata
-from reft_core.training_memory import TrainingMemory, estimate_training_memory
 from server.engine.engine import TrainingTask
 from server.engine.types import TrainingEnd, TrainingFailure
 from server.engine.remote import EngineHandle
 from server.engine.types import InterventionRef
 from server.errors import APIError
-from server.evaluation import MAX_EVAL_PROMPTS, EvalPrompt, evaluate
+from server.evaluation import evaluate
 from server.generation import JOB_SAVE_FAILED, job_error_code
 from server.metrics import Metrics
 from server.registry import InterventionRegistry
@@ -55,8 +53,8 @@ from server.training_events import (
     MOVED, Event, auto_stop_event, epoch_event, evaluation_event, is_final, job_events, status_event, step_event,
     stored_events,
 )
-from server.training_input import TrainingInput, job_configs
-from server.training_request import ExampleIn, TrainingRequest, shown_prompt, split_validation
+from server.training_input import TrainingInput, admit_memory, eval_prompts, job_configs, tokenize
+from server.training_request import TrainingRequest, split_validation
 
 log = logging.getLogger("reft_serve.training")
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -120,10 +118,13 @@ class TrainingManager:
         if not body.replace:  # fail before the job runs (the write checks again: a name may appear meanwhile)
             await run_in_threadpool(self._check_new_name, tenant, body.name)
         train_in, validation_in = split_validation(body)
-        examples = await run_in_threadpool(self._tokenize, train_in, body.chat_template, "examples")
-        validation = await run_in_threadpool(self._tokenize, validation_in, body.chat_template, "validation_examples")
-        prompts = await run_in_threadpool(self._eval_prompts, body, validation_in, validation)
-        memory = self._admit_memory(config, examples + validation, training.batch_size)
+        examples = await run_in_threadpool(tokenize, self.tokenizer, train_in, body.chat_template, "examples",
+                                           s.max_example_tokens)
+        validation = await run_in_threadpool(tokenize, self.tokenizer, validation_in, body.chat_template,
+                                             "validation_examples", s.max_example_tokens)
+        prompts = await run_in_threadpool(eval_prompts, self.tokenizer, body, validation_in, validation,
+                                          s.training_eval_max_tokens, min(s.max_example_tokens, self.engine.max_context))
+        memory = admit_memory(self.dims, config, examples + validation, training.batch_size, s)
         steps_per_epoch = -(-len(examples) // training.batch_size)
         job = JobRecord(id=f"ftjob-{uuid.uuid4().hex[:24]}", name=body.name, status=JobStatus.QUEUED, tenant=tenant,
                         spec={"intervention": config.to_dict(), "hyperparameters": training.to_dict(),
@@ -176,56 +177,6 @@ class TrainingManager:
                 return
             self._lost.add(job_id)
         self.engine.cancel_training(job_id)
-
-    def _admit_memory(self, config: InterventionConfig, examples: list[TokenizedExample], batch_size: int) -> TrainingMemory:
-        """The job's memory estimate; 400 when even recomputing every context leaves too much working memory.
-
-        The kept part needs no check: the context budget caps it (recomputation replaces the rest).
-        """
-        s = self.settings
-        memory = estimate_training_memory(self.dims, config, examples, batch_size=batch_size,
-                                          context_budget_bytes=s.training_context_budget_bytes,
-                                          max_micro_batch_tokens=s.training_max_micro_batch_tokens)
-        if memory.working_bytes > s.max_training_working_bytes:
-            raise APIError(400, f"this job's largest micro-batch needs about {_mib(memory.working_bytes)} of working "
-                           f"memory; the limit (max_training_working_bytes) is {_mib(s.max_training_working_bytes)}: "
-                           "use shorter examples, a smaller batch_size, or a higher lowest layer (fewer layers to run)",
-                           param="examples", code="training_memory_exceeded")
-        return memory
-
-    def _tokenize(self, examples: list[ExampleIn], chat_template: bool, param: str) -> list[TokenizedExample]:
-        tokenized = []
-        eos = self.tokenizer.eos_token_id
-        for index, example in enumerate(examples):
-            if example.messages is not None:
-                chat = example.as_chat()
-                prompt_ids, completion = encode_chat_prompt(self.tokenizer, chat), chat.completion
-            else:
-                prompt_ids = encode_prompt(self.tokenizer, example.prompt or "", chat_template=chat_template)
-                completion = example.completion or ""
-            completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"]) + [eos]
-            if len(prompt_ids) + len(completion_ids) > self.settings.max_example_tokens:
-                raise APIError(400, f"example {index} has {len(prompt_ids) + len(completion_ids)} tokens; the limit "
-                               f"is {self.settings.max_example_tokens}", param=f"{param}.{index}")
-            tokenized.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids)))
-        return tokenized
-
-    def _eval_prompts(self, body: TrainingRequest, validation_in: list[ExampleIn],
-                      validation: list[TokenizedExample]) -> list[EvalPrompt]:
-        """The prompts evaluated at the end: `eval_prompts`, else the first validation prompts, else none."""
-        if body.eval_prompts is None:
-            return [EvalPrompt(shown_prompt(e), t.prompt_ids)
-                    for e, t in zip(validation_in[:MAX_EVAL_PROMPTS], validation)]
-        prompts = []
-        for index, text in enumerate(body.eval_prompts):
-            ids = encode_prompt(self.tokenizer, text, chat_template=body.chat_template)
-            answer = self.settings.training_eval_max_tokens
-            limit = min(self.settings.max_example_tokens, self.engine.max_context)
-            if len(ids) + answer > limit:
-                raise APIError(400, f"eval prompt {index} has {len(ids)} tokens; with the {answer} tokens of its "
-                               f"answer the limit is {limit}", param=f"eval_prompts.{index}")
-            prompts.append(EvalPrompt(text, tuple(ids)))
-        return prompts
 
     def get(self, job_id: str, tenant: str = "default") -> JobRecord:
         with self._lock:
@@ -527,7 +478,3 @@ def _epoch_metadata(job: JobRecord) -> dict[str, Any]:
     if job.auto_stop is not None:
         out["auto_stop"] = job.auto_stop
     return out
-
-
-def _mib(size: int) -> str:
-    return f"{size / (1 << 20):.0f} MiB"
