@@ -15,7 +15,7 @@ import threading
 from adapters_store.errors import StoreError
 from adapters_store.jobs import JobRecord
 from server.training import TrainingManager
-from server.training_input import TrainingInput
+from server.training_input import TrainingInput, job_configs
 
 log = logging.getLogger("reft_serve.training")
 POLL_S = 1.0
@@ -58,7 +58,8 @@ class JobWorker:
     def _start(self, job: JobRecord, stored: dict) -> None:
         try:
             work = TrainingInput.from_json(stored)
-        except (ValueError, KeyError, TypeError) as exc:  # written by another build: fail it, with why
+            job_configs(job.spec)  # the spec must read too, before the job counts as running here
+        except Exception as exc:  # noqa: BLE001 - written by another build, or damaged: fail it, with why
             log.error("cannot read a training job's input", extra={"job": job.id, "reason": str(exc)})
             self.manager.fail_unreadable(job, f"this replica cannot read the job's stored input ({exc})")
             return

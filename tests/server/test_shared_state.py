@@ -205,3 +205,23 @@ def test_a_replica_that_shuts_down_hands_its_job_to_another(tmp_path, postgres) 
         if a is not None:
             a.__exit__(None, None, None)
         postgres.close_connections(url)
+
+
+def test_a_queued_job_whose_input_cannot_be_read_is_failed_with_why(tmp_path, postgres) -> None:
+    """A job queued by another build (an input format this one does not read) fails with the reason, and the
+    replica's worker goes on claiming: the next job runs."""
+    from adapters_store.jobs import JobRecord
+
+    url = postgres.new_schema()
+    try:
+        with TestClient(create_app(make_settings(tmp_path, store=url), base_model=own_model())) as client:
+            jobs = client.app.state.services.training.jobs
+            jobs.submit(JobRecord(id="ftjob-future", name="p", status="queued", spec={}), {"format": 99}, 8)
+            within(10, lambda: client.get("/v1/trainings/ftjob-future").json()["status"] == "failed")
+            failed = client.get("/v1/trainings/ftjob-future").json()
+            assert "cannot read the job's stored input" in failed["error"] and "format 99" in failed["error"]
+            job = client.post("/v1/trainings", json={"name": "next", "examples": [{"prompt": "a", "completion": "b"}],
+                                                     "intervention": {"layers": [1], "rank": 2}}).json()
+            within(60, lambda: client.get(f"/v1/trainings/{job['id']}").json()["status"] == "succeeded")
+    finally:
+        postgres.close_connections(url)
