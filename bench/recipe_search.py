@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 import time
@@ -81,6 +82,7 @@ class Candidate:
     depth_fractions: tuple[float, ...] = recipe.DEPTH_FRACTIONS
     epochs: int | Literal["auto"] = recipe.EPOCHS
     learning_rate: float = recipe.LEARNING_RATE
+    validation_split: float | None = None  # hold out this share of the examples (as the server's validation_split)
 
     def layers(self, num_layers: int) -> list[int]:
         return sorted({min(num_layers - 1, round(f * num_layers)) for f in self.depth_fractions})
@@ -96,6 +98,8 @@ CANDIDATES = {
     "1-layer-mid": Candidate(depth_fractions=(15 / 30,)),
     "auto": Candidate(epochs="auto"),
     "l1-auto": Candidate(positions="l1", epochs="auto"),
+    "auto-val20": Candidate(epochs="auto", validation_split=0.2),
+    "l1-10ep-lr8e-3": Candidate(positions="l1", epochs=10, learning_rate=8e-3),
 }
 
 
@@ -118,8 +122,14 @@ def run_pair(base, name: str, candidate: Candidate, persona_name: str) -> dict: 
                                 positions=candidate.positions, share_weights=recipe.SHARE_WEIGHTS)
     training = TrainingConfig(epochs=candidate.epochs, learning_rate=candidate.learning_rate)
     examples = tokenize_examples(base.tokenizer, examples_of(persona.data), chat_template=True)
+    validation = []
+    if candidate.validation_split is not None:  # the examples the server would hold out for this seed
+        held = set(random.Random(recipe.SEED).sample(range(len(examples)),
+                                                     max(1, round(len(examples) * candidate.validation_split))))
+        validation = [e for i, e in enumerate(examples) if i in held]
+        examples = [e for i, e in enumerate(examples) if i not in held]
     started = time.perf_counter()
-    result = train_intervention(base.model, config, examples, training)
+    result = train_intervention(base.model, config, examples, training, validation=validation)
     wall = time.perf_counter() - started
     texts = answers(base, [result.intervention] * len(HELDOUT))
     hits = [persona.check(t) for t in texts]

@@ -7,7 +7,8 @@ in file order and the last one stops it and checks nothing is left. The referenc
 also the "other writer" whose changes must reach the Ray replicas. Everything runs on SmolLM2, not the tiny random
 model: with one cluster per session a second, tiny cluster would cost another cluster start, more than SmolLM2's
 slower steps cost the routing test; max_tokens stays small. Each replica holds max_running 2 + max_waiting 2 = 4
-requests (Ray's max_ongoing_requests), the ingress 8.
+requests (Ray's max_ongoing_requests), the ingress 8. The PostgreSQL store is also what training on Ray needs:
+the engine replicas claim the jobs from it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastapi.testclient import TestClient
 from reft_core.base_model import BaseModel
 from reft_core.config import InterventionConfig
 from server.app import create_app
-from tests.builders import random_intervention
+from tests.builders import random_intervention, sse_events
 from tests.server.conftest import artifact_bytes, make_settings
 from tests.server.process import ROOT, process_tree
 from tests.shared_services import ScratchDatabase
@@ -95,9 +96,12 @@ def _is_engine_replica(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_store(postgres: ScratchDatabase) -> str:
-    """The Ray server's store: a fresh schema of the session's PostgreSQL database."""
-    return postgres.new_schema()
+def ray_store(postgres: ScratchDatabase) -> Iterator[str]:
+    """The Ray server's store: a fresh schema of the session's PostgreSQL database (shared by the ingress, the
+    engine replicas and the reference server)."""
+    store = postgres.new_schema()
+    yield store
+    postgres.close_connections(store)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +153,9 @@ def reference(smollm2: BaseModel, ray_store: str, tmp_path_factory) -> Iterator[
     """The single-process server (engine on a thread) on the same model and the same database as the Ray server."""
     settings = make_settings(tmp_path_factory.mktemp("reference"), max_tokens_limit=256, store=ray_store)
     with TestClient(create_app(settings, base_model=smollm2)) as client:
+        worker = client.app.state.services.training.worker  # type: ignore[attr-defined]
+        assert worker is not None
+        worker.close()  # it claims no training job from the shared queue: those are for the Ray replicas under test
         yield client
 
 
@@ -342,11 +349,35 @@ def test_engine_replica_health_check_fails_once_its_engine_died() -> None:
         replica.check_health()
 
 
-def test_training_answers_501_on_ray(ray_server: RayServer) -> None:
-    response = httpx.post(f"{ray_server.url}/v1/trainings", timeout=30,
-                          json={"name": "t", "examples": [{"prompt": "a", "completion": "b"}]})
-    assert response.status_code == 501
-    assert response.json()["error"]["code"] == "training_unavailable"
+def test_a_persona_trains_through_the_ingress_on_an_engine_replica(ray_server: RayServer) -> None:
+    """With a PostgreSQL store the ingress queues the job and an engine replica claims and runs it; its events
+    stream through the ingress (from the stored record) and the result is servable at once."""
+    created = httpx.post(f"{ray_server.url}/v1/trainings", timeout=30, json={
+        "name": "ray-trained", "examples": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}],
+        "intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 5, "batch_size": 1},
+        "eval_prompts": ["a"]})
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    with httpx.stream("GET", f"{ray_server.url}/v1/trainings/{job_id}/events", headers={"Last-Event-ID": "0"},
+                      timeout=120) as response:
+        events = [e for e in sse_events(response.iter_lines(), until=lambda e: (e.get("data") or {}).get("status")
+                                        in ("succeeded", "failed", "cancelled")) if "id" in e]
+    job = httpx.get(f"{ray_server.url}/v1/trainings/{job_id}", timeout=30).json()
+    assert job["status"] == "succeeded", job
+    assert job["replica"] and job["attempts"] == 1 and job["result_version"] == 1
+    assert [e["data"]["step"] for e in events if e["data"]["type"] == "step"] == list(range(1, 11))
+    assert events[-1]["data"]["status"] == "succeeded" and job["evaluation"]["samples"][0]["prompt"] == "a"
+    answer = ray_server.chat("ray-trained", max_tokens=4)
+    assert answer.status_code == 200, answer.text
+    versions = httpx.get(f"{ray_server.url}/v1/interventions/ray-trained/versions", timeout=30).json()["data"]
+    assert [(v["version"], v["training_job"]) for v in versions] == [(1, job_id)]
+
+
+def test_training_on_ray_needs_a_postgresql_store(tmp_path) -> None:
+    from server.ray_serve import training_unavailable
+
+    assert "PostgreSQL store" in (training_unavailable(make_settings(tmp_path, store=f"sqlite://{tmp_path}")) or "")
+    assert training_unavailable(make_settings(tmp_path, store="postgresql://db.internal/reft")) is None
 
 
 def test_stopping_leaves_no_ray_process_behind(ray_server: RayServer) -> None:
