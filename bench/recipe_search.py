@@ -88,18 +88,22 @@ class Candidate:
         return sorted({min(num_layers - 1, round(f * num_layers)) for f in self.depth_fractions})
 
 
+# Every candidate but "default" names its placement, so rows of a results file keep their meaning when the recipe
+# changes; the others vary one thing from the former default (f1+l1, rank 2, layers 8/16/24 of 30, 20 epochs, lr 4e-3).
 CANDIDATES = {
-    "default": Candidate(),
+    "default": Candidate(),  # reft_core/recipe.py as it is now
+    "f1+l1": Candidate(positions="f1+l1"),
     "l1": Candidate(positions="l1"),
     "f2+l2": Candidate(positions="f2+l2"),
-    "rank4": Candidate(rank=4),
-    "10ep-lr8e-3": Candidate(epochs=10, learning_rate=8e-3),
-    "6-layers": Candidate(depth_fractions=tuple(i / 30 for i in (4, 8, 12, 16, 20, 24))),
-    "1-layer-mid": Candidate(depth_fractions=(15 / 30,)),
-    "auto": Candidate(epochs="auto"),
+    "rank4": Candidate(positions="f1+l1", rank=4),
+    "10ep-lr8e-3": Candidate(positions="f1+l1", epochs=10, learning_rate=8e-3),
+    "6-layers": Candidate(positions="f1+l1", depth_fractions=tuple(i / 30 for i in (4, 8, 12, 16, 20, 24))),
+    "1-layer-mid": Candidate(positions="f1+l1", depth_fractions=(15 / 30,)),
+    "auto": Candidate(positions="f1+l1", epochs="auto"),
     "l1-auto": Candidate(positions="l1", epochs="auto"),
-    "auto-val20": Candidate(epochs="auto", validation_split=0.2),
+    "auto-val20": Candidate(positions="f1+l1", epochs="auto", validation_split=0.2),
     "l1-10ep-lr8e-3": Candidate(positions="l1", epochs=10, learning_rate=8e-3),
+    "f2+l2-10ep-lr8e-3": Candidate(positions="f2+l2", epochs=10, learning_rate=8e-3),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 DEPTH_FRACTIONS = (8 / 30, 16 / 30, 24 / 30)  # where the edited layers sit, as fractions of the model's depth
 RANK = 2
-POSITIONS = "f1+l1"
+POSITIONS = "f2+l2"
 SHARE_WEIGHTS = False
 TYPE = "loreft"
 # An epoch count, or "auto": stop on a plateau of the validation loss (else of the training loss) by the rule

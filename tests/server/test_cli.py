@@ -119,11 +119,12 @@ def test_admin_honours_the_data_dir_environment_variable(tmp_path, monkeypatch, 
 
 
 def test_help_shows_defaults() -> None:
+    from reft_core import recipe
     from server.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     train, serve = commands["train"].format_help(), commands["serve"].format_help()
-    assert "(default: 2)" in train and "(default: f1+l1)" in " ".join(train.split())
+    assert "(default: 2)" in train and f"(default: {recipe.POSITIONS})" in " ".join(train.split())
     assert "(default: 8000)" in serve and "(default: 600.0)" in " ".join(serve.split())
 
 
