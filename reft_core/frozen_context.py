@@ -111,34 +111,49 @@ def frozen_context_work(
     input to `first_layer`), then only the prefix positions through the layers from `first_layer` up (their K/V;
     prefix positions never attend to later ones, so running them alone is exact).
     """
+    # Grad mode is thread state: it is set per slice here, never held across a yield. A caller that stops between
+    # slices (a cancelled or taken-over training job) would otherwise leave its thread without gradients.
+    work = _frozen_context_slices(model, input_ids, start, first_layer)
+    while True:
+        with torch.no_grad():
+            try:
+                next(work)
+            except StopIteration as finished:
+                return finished.value
+        yield
+
+
+def _frozen_context_slices(
+    model: nn.Module, input_ids: Sequence[int], start: int, first_layer: int
+) -> Generator[None, None, FrozenContext]:
+    """`frozen_context_work`'s computation, to be resumed under `torch.no_grad()`."""
     decoder = model.get_decoder()
     device = next(model.parameters()).device
-    with torch.no_grad():
-        ids = torch.tensor([list(input_ids)], device=device)
-        lower = _CausalPass(model, decoder.embed_tokens(ids))
-        hidden = lower.inputs
-        for index in range(first_layer):
-            hidden = lower.layer(index, hidden)
+    ids = torch.tensor([list(input_ids)], device=device)
+    lower = _CausalPass(model, decoder.embed_tokens(ids))
+    hidden = lower.inputs
+    for index in range(first_layer):
+        hidden = lower.layer(index, hidden)
+        yield
+    del lower  # its keys/values are not needed again: the suffix starts from `suffix_input` at `first_layer`
+    keys: list[Tensor] = []
+    values: list[Tensor] = []
+    suffix_input = hidden[0, start:].clone()
+    if start:
+        upper = _CausalPass(model, hidden[:, :start])
+        prefix = upper.inputs
+        for index in range(first_layer, len(decoder.layers)):
+            prefix = upper.layer(index, prefix)
+            keys.append(upper.cache.layers[index].keys[0].clone())
+            values.append(upper.cache.layers[index].values[0].clone())
             yield
-        del lower  # its keys/values are not needed again: the suffix starts from `suffix_input` at `first_layer`
-        keys: list[Tensor] = []
-        values: list[Tensor] = []
-        suffix_input = hidden[0, start:].clone()
-        if start:
-            upper = _CausalPass(model, hidden[:, :start])
-            prefix = upper.inputs
-            for index in range(first_layer, len(decoder.layers)):
-                prefix = upper.layer(index, prefix)
-                keys.append(upper.cache.layers[index].keys[0].clone())
-                values.append(upper.cache.layers[index].values[0].clone())
-                yield
-        else:  # no prefix: upper layers have no cached positions
-            config = model.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            nothing = hidden.new_zeros((kv_heads, 0, head_dim))
-            keys += [nothing] * (len(decoder.layers) - first_layer)
-            values += [nothing] * (len(decoder.layers) - first_layer)
+    else:  # no prefix: upper layers have no cached positions
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        nothing = hidden.new_zeros((kv_heads, 0, head_dim))
+        keys += [nothing] * (len(decoder.layers) - first_layer)
+        values += [nothing] * (len(decoder.layers) - first_layer)
     return FrozenContext(start, tuple(keys), tuple(values), suffix_input)
 
 

@@ -14,7 +14,7 @@ advisory lock (replicas starting together migrate once); a database newer than t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,12 +37,17 @@ def describe(url: str) -> str:
 
 
 class Database:
-    def __init__(self, url: str, *, max_connections: int = 8, open_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, max_connections: int = 8, open_timeout_s: float = 10.0,
+                 idle_in_transaction_timeout_s: float | None = None) -> None:
+        """`idle_in_transaction_timeout_s`: the server ends a session of this pool that sits that long inside a
+        transaction without a statement (its process frozen or stuck), releasing the row locks it holds."""
         self.url = url
         self.location = describe(url)
         self.pool = ConnectionPool(
             url, min_size=1, max_size=max_connections, timeout=5.0, open=False, name=f"reft-{self.location}",
             check=ConnectionPool.check_connection,  # a restarted server leaves dead connections in the pool
+            configure=None if idle_in_transaction_timeout_s is None else _idle_in_transaction_timeout(
+                idle_in_transaction_timeout_s),
         )
         try:
             self.pool.open(wait=True, timeout=open_timeout_s)
@@ -58,7 +63,8 @@ class Database:
                 if lock is not None:
                     cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
                 yield cur
-        except psycopg.OperationalError as exc:
+        # a session the server ended for sitting idle in its transaction (this process was frozen): rolled back
+        except (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout) as exc:
             raise StoreUnavailableError(
                 f"the store database {self.location} is unavailable ({str(exc).strip() or type(exc).__name__}); "
                 "nothing was changed, retry shortly"
@@ -86,3 +92,11 @@ class Database:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _idle_in_transaction_timeout(seconds: float) -> Callable[[psycopg.Connection[Any]], None]:
+    def configure(conn: psycopg.Connection[Any]) -> None:  # on each new connection, for its whole session
+        conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                     (f"{max(1, round(seconds * 1000))}ms",))
+        conn.commit()  # the pool wants new connections idle, not inside the transaction SET opened
+    return configure

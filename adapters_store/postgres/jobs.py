@@ -39,6 +39,12 @@ from adapters_store.postgres.db import Cursor, Database
 
 LEASE_S = 15.0
 MAX_ATTEMPTS = 3
+# A replica frozen (SIGSTOP, a stuck VM) inside one of this pool's transactions would hold the job's row lock for
+# good: claims skip locked rows, so nobody could take the job over. The server ends such a session after this long
+# idle in its transaction. The longest of these transactions is a few statements with no work between them
+# (milliseconds; the artifact bytes of a finished job are written on the artifact store's own pool), so a few
+# seconds leaves a wide margin for a slow machine.
+IDLE_IN_TRANSACTION_S = 5.0
 ACTIVE = ("queued", "running")
 log = logging.getLogger("reft_serve.store")
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -103,9 +109,10 @@ class PostgresJobStore:
     read_only = False
     shared = True
 
-    def __init__(self, url: str, *, lease_s: float = LEASE_S, max_attempts: int = MAX_ATTEMPTS) -> None:
+    def __init__(self, url: str, *, lease_s: float = LEASE_S, max_attempts: int = MAX_ATTEMPTS,
+                 idle_in_transaction_s: float | None = IDLE_IN_TRANSACTION_S) -> None:
         assert max_attempts >= 1
-        self.db = Database(url, max_connections=4)
+        self.db = Database(url, max_connections=4, idle_in_transaction_timeout_s=idle_in_transaction_s)
         # host and pid first: an operator (or a test) can tell which process runs a job
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s, self.max_attempts = lease_s, max_attempts

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from adapters_store import ArtifactStore
-from adapters_store.errors import InterventionNotFoundError
+from adapters_store.errors import InterventionNotFoundError, StoreUnavailableError
 from adapters_store.jobs import JobLeaseLostError, JobRecord, JobResult, TooManyJobsError, open_jobs
 from adapters_store.postgres.jobs import PostgresJobStore
 
@@ -123,6 +123,38 @@ def test_a_dead_replicas_job_is_claimed_again_and_its_writes_are_refused(replica
     assert b.update(replace(retried, status="cancelled"))  # the owner's end: nobody holds it any more
     assert (b.get("j").status, b.input("j")) == ("cancelled", None)
     assert not b.update(replace(retried, status="failed")) and b.claim() is None
+
+
+def test_a_replica_frozen_inside_a_transaction_does_not_hold_the_job_forever(url: str) -> None:
+    """A holds the job's row lock in an open transaction and stops (frozen): B's claims skip the locked row until
+    PostgreSQL ends A's session after its idle-in-transaction timeout; then B claims the job, and A, resumed,
+    writes nothing. The same hold without the timeout still blocks B afterwards (the timeout is what frees it)."""
+    frozen = PostgresJobStore(url, idle_in_transaction_s=1.0)
+    forever = PostgresJobStore(url, idle_in_transaction_s=None)
+    b = PostgresJobStore(url)
+    try:
+        for job_id, holder in (("kept", forever), ("freed", frozen)):
+            holder.submit(queued(job_id), INPUT, max_active=8)
+        with forever.db.transaction() as held:
+            held.execute("SELECT id FROM jobs WHERE id='kept' FOR UPDATE")
+            with pytest.raises(StoreUnavailableError):
+                with frozen.db.transaction() as cur:
+                    cur.execute("SELECT id FROM jobs WHERE id='freed' FOR UPDATE")  # then nothing: frozen
+                    assert b.claim() is None  # both rows are locked
+                    started = time.monotonic()
+                    claimed = None
+                    while claimed is None:
+                        assert time.monotonic() - started < 10, "the frozen holder's lock was never released"
+                        time.sleep(0.1)
+                        claimed = b.claim()
+                    assert claimed[0].id == "freed" and time.monotonic() - started >= 0.9
+                    cur.execute("UPDATE jobs SET status='failed' WHERE id='freed'")  # resumed: its session is gone
+            assert b.claim() is None  # "kept" stays locked: its holder has no timeout
+        assert b.get("freed").status == "queued" and b.get("freed").replica == b.owner
+        assert b.claim()[0].id == "kept"  # type: ignore[index]  # released with its transaction's end
+    finally:
+        for store in (frozen, forever, b):
+            store.close()
 
 
 def test_a_job_out_of_attempts_is_failed_with_the_reason(replicas) -> None:  # noqa: ANN001

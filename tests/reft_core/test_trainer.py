@@ -124,6 +124,7 @@ def test_sliced_training_equals_whole_steps_and_leaves_the_model_bare_between_sl
         slices += 1
         if progress is not None:
             losses.append(progress.loss)
+        assert torch.is_grad_enabled()  # grad mode is the thread's: no slice may leave it changed for the caller
         with torch.no_grad():
             assert torch.equal(model(input_ids=probe).logits, bare)
     layers_trained = tiny.LAYERS - min(config.layers)
@@ -138,6 +139,20 @@ def test_sliced_training_equals_whole_steps_and_leaves_the_model_bare_between_sl
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole.losses), rtol=1e-5, atol=1e-6)
     for unit in config.units():
         torch.testing.assert_close(trainer.result().units[unit].W, whole.intervention.units[unit].W, rtol=1e-4, atol=1e-5)
+
+
+def test_a_job_stopped_in_its_first_slices_leaves_the_thread_able_to_train(model) -> None:
+    """A server stops a job between slices (cancelled, or another replica took it over) and drops its trainer; the
+    next job on the same thread must still get gradients (a slice that kept no_grad entered broke it)."""
+    config = InterventionConfig(layers=(2,), rank=2, positions="f1+l1")
+    short = TrainingConfig(epochs=1, batch_size=2, seed=3)
+    expected = train_intervention(model, config, EXAMPLES[:2], short)
+    stopped = ReftTrainer(model, config, EXAMPLES[:2], short)
+    assert stopped.advance(deadline=0.0) is None  # one slice: inside the first example's frozen context
+    assert torch.is_grad_enabled()
+    del stopped  # abandoned mid-step (its generators are collected whenever the garbage collector gets to them)
+    again = train_intervention(model, config, EXAMPLES[:2], short)
+    assert again.losses == expected.losses
 
 
 def _storage_bytes(trainer: ReftTrainer) -> int:

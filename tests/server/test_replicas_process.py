@@ -1,11 +1,18 @@
-"""Three real `reft-serve serve` processes sharing one PostgreSQL database and one Redis prefix (on the tiny
-model, to keep the suite's time down): an upload on one is served by another at once, a replace reaches the
+"""Three real `reft-serve serve` processes on the embedded SmolLM2 (fp32, CPU) sharing one PostgreSQL database and
+one Redis prefix (issue #11's acceptance): an upload on one is served by another at once, a replace reaches the
 others within 1 s while an earlier stream finishes on the old version, a revoked key is refused everywhere, a
 tenant's request limit holds across all three, concurrent uploads never pass the quota. Training jobs are a queue
 in the database: a job running on one replica is watched (SSE) and cancelled from another; a job whose replicas
 freeze past their leases is run again elsewhere, then failed with the reason when out of attempts, and the frozen
 replicas, resumed, register nothing; the job of a SIGKILLed replica finishes on another one with the same artifact
-as an uninterrupted run, while the stored personas stay complete."""
+as an uninterrupted run, while the stored personas stay complete.
+
+One cluster for the module, its 3 processes started in parallel (`smollm2` is requested first so the GGUF
+conversion into the model cache happens once, before they load it). Personas are random LoReFT weights at two
+SmolLM2 layers, strong enough to change a greedy answer; replies keep `max_tokens` small and training jobs are
+tiny (two examples, rank 1, one late layer: the backward pass stops there) so the module stays a few minutes on
+2 loaded cores. The rate-limit test touches no model, but it shares this cluster: a second, tiny-model cluster
+would cost more to start than it saves."""
 
 from __future__ import annotations
 
@@ -21,22 +28,32 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from tests.builders import sse_events
+from reft_core.base_model import BaseModel
+from reft_core.config import InterventionConfig
+from tests.builders import random_intervention, sse_events
 from tests.shared_services import REDIS_URL
 
-from .conftest import artifact_bytes, persona
+from .conftest import artifact_bytes
 from .process import server_process
 
 ADMIN_KEY = "admin-secret-replicas"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+PERSONA = InterventionConfig(layers=(4, 12), rank=4, positions="f1+l1")  # SmolLM2 has 30 layers
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def persona_bytes(base: BaseModel, seed: int) -> bytes:
+    """A random SmolLM2 persona: strong enough to change a greedy answer, weak enough to keep it fluent."""
+    return artifact_bytes(base, random_intervention(PERSONA, seed=seed, hidden=base.hidden_size, scale=0.1))
+
+
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory, postgres, redis_keys) -> Iterator[list[tuple[object, str]]]:
+def cluster(smollm2, tmp_path_factory, postgres, redis_keys) -> Iterator[list[tuple[object, str]]]:
     url = postgres.new_schema()
     data_dir = tmp_path_factory.mktemp("replicas")
     key_file = data_dir / "admin.key"
@@ -45,7 +62,8 @@ def cluster(tiny_model_dir, tmp_path_factory, postgres, redis_keys) -> Iterator[
               "--set", f"limits_store_prefix={redis_keys}replicas:", "--set", "job_lease_s=2", "--set", "job_max_attempts=2",
               "--set", "max_interventions_per_tenant=5",
               "--set", "engine_process=false"]  # the engine on a thread: half the processes to start (test time)
-    managers = [server_process(tiny_model_dir, data_dir / name, *common, ready_timeout=240) for name in "abc"]
+    # (`smollm2` first: the GGUF conversion into the model cache happens once, before the replicas load it)
+    managers = [server_process(None, data_dir / name, *common, ready_timeout=300) for name in "abc"]
     with ExitStack() as stack, ThreadPoolExecutor(3) as pool:  # start together: each start is mostly waiting
         futures = [pool.submit(manager.__enter__) for manager in managers]
         for manager, future in zip(managers, futures):
@@ -84,18 +102,18 @@ def within(seconds: float, check: Callable[[], bool]) -> None:
         time.sleep(0.05)
 
 
-def test_upload_replace_and_revoke_reach_every_replica(cluster, tiny_base) -> None:
+def test_upload_replace_and_revoke_reach_every_replica(cluster, smollm2) -> None:
     (_, a), (_, b), (_, c) = cluster
     key = new_key(a, "acme")
-    assert put(a, key, "p", artifact_bytes(tiny_base, persona(1))).status_code == 201
+    assert put(a, key, "p", persona_bytes(smollm2, 1)).status_code == 201
     first = reply(b, key, "p")  # at once: B reads what A committed
     assert reply(c, key, "p") == first
-    stream_body = {"model": "p", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
-                   "min_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True}
+    stream_body = {"model": "p", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32,
+                   "min_tokens": 32, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{b}/v1/chat/completions", json=stream_body, headers=auth(key), timeout=60) as stream:
         lines = stream.iter_lines()
         started = next(line for line in lines if line.startswith("data: "))
-        assert put(a, key, "p", artifact_bytes(tiny_base, persona(2)), method="PUT").status_code == 200
+        assert put(a, key, "p", persona_bytes(smollm2, 2), method="PUT").status_code == 200
         acknowledged = time.monotonic()
         second = reply(a, key, "p@2")
         assert second != first
@@ -124,10 +142,10 @@ def test_a_request_limit_holds_across_replicas(cluster) -> None:
     assert 10 <= statuses.count(200) <= 10 + refilled and statuses.count(429) == 60 - statuses.count(200)
 
 
-def test_concurrent_uploads_across_replicas_never_pass_the_quota(cluster, tiny_base) -> None:
+def test_concurrent_uploads_across_replicas_never_pass_the_quota(cluster, smollm2) -> None:
     urls = [url for _, url in cluster]
     key = new_key(urls[0], "busy")
-    payloads = [artifact_bytes(tiny_base, persona(10 + i)) for i in range(20)]
+    payloads = [persona_bytes(smollm2, 10 + i) for i in range(20)]
     statuses: list[int] = []
     start = threading.Barrier(20)
 
@@ -144,8 +162,11 @@ def test_concurrent_uploads_across_replicas_never_pass_the_quota(cluster, tiny_b
     assert len(httpx.get(f"{urls[1]}/v1/interventions", headers=auth(key)).json()["data"]) == 5
 
 
-LONG_JOB = {"examples": [{"prompt": "a", "completion": "b"}] * 2, "intervention": {"layers": [1], "rank": 2},
-            "hyperparameters": {"epochs": 1000, "batch_size": 1}}
+# rank 1 at one late layer: SmolLM2's backward pass stops at the intervention (layer 26 of 30), so a step is cheap
+SMALL_INTERVENTION = {"layers": [26], "rank": 1}
+LONG_JOB = {"examples": [{"prompt": "a", "completion": "b"}] * 2, "intervention": SMALL_INTERVENTION,
+            "hyperparameters": {"epochs": 1000, "batch_size": 1}}  # runs until cancelled or frozen
+KILLED_EPOCHS = 20  # 2 examples: 40 steps, long enough to be killed mid-run, short enough to run twice more
 
 
 def job_status(url: str, key: str, job_id: str) -> dict:
@@ -156,8 +177,17 @@ def job_status(url: str, key: str, job_id: str) -> dict:
 
 def running_on(cluster: list, url: str, key: str, job_id: str, attempt: int = 1) -> tuple[object, str]:
     """(process, url) of the replica running the job's `attempt` (its `replica` id starts with host-pid)."""
-    within(60, lambda: (lambda j: j["status"] == "running" and j["attempts"] == attempt
-                        and j["progress"].get("step", 0) > 0)(job_status(url, key, job_id)))
+    seen: list[dict] = []
+
+    def started() -> bool:
+        seen.append(job_status(url, key, job_id))
+        return seen[-1]["status"] == "running" and seen[-1]["attempts"] == attempt and seen[-1]["progress"].get(
+            "step", 0) > 0
+
+    try:
+        within(60, started)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: the job is {seen[-1]}") from None
     pid = int(job_status(url, key, job_id)["replica"].split("-")[-2])
     return next((process, u) for process, u in cluster if process.pid == pid)  # type: ignore[attr-defined]
 
@@ -229,14 +259,14 @@ def test_a_job_whose_every_attempt_dies_fails_with_the_reason(cluster) -> None:
         assert httpx.get(f"{url}/v1/interventions/doomed", headers=auth(key)).status_code == 404
 
 
-def test_the_job_of_a_killed_replica_finishes_on_another(cluster, tiny_base) -> None:
+def test_the_job_of_a_killed_replica_finishes_on_another(cluster, smollm2) -> None:
     """Runs last in this module (it kills a replica). The job runs again from its stored input on a survivor and
     gives the same artifact (digest) as the same job run without a kill; every stored persona stays complete."""
     urls = [url for _, url in cluster]
     key = new_key(urls[0], "trainer")
-    assert put(urls[0], key, "kept", artifact_bytes(tiny_base, persona(30))).status_code == 201
+    assert put(urls[0], key, "kept", persona_bytes(smollm2, 30)).status_code == 201
     body = {"examples": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}],
-            "intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 150, "batch_size": 1}}
+            "intervention": SMALL_INTERVENTION, "hyperparameters": {"epochs": KILLED_EPOCHS, "batch_size": 1}}
     job = httpx.post(f"{urls[0]}/v1/trainings", headers=auth(key), json={"name": "trained", **body})
     assert job.status_code == 202, job.text
     job_id = job.json()["id"]
@@ -247,7 +277,7 @@ def test_the_job_of_a_killed_replica_finishes_on_another(cluster, tiny_base) -> 
     within(120, lambda: job_status(survivors[0], key, job_id)["status"] in ("succeeded", "failed"))
     done = job_status(survivors[1], key, job_id)
     assert (done["status"], done["attempts"], done["result_version"]) == ("succeeded", 2, 1), done
-    assert len(done["losses"]) == 300 and done["progress"]["step"] == 300
+    assert len(done["losses"]) == 2 * KILLED_EPOCHS and done["progress"]["step"] == 2 * KILLED_EPOCHS
     reference = httpx.post(f"{survivors[1]}/v1/trainings", headers=auth(key), json={"name": "reference", **body})
     assert reference.status_code == 202, reference.text
     within(120, lambda: job_status(survivors[0], key, reference.json()["id"])["status"] in ("succeeded", "failed"))
