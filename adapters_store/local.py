@@ -65,6 +65,9 @@ class LocalBackend:
     def list_names(self) -> list[tuple[str, str]]:
         return self.index.list_names()
 
+    def visible_names(self, tenant: str, prefix: str, limit: int) -> list[str]:
+        return self.index.visible_names(tenant, prefix, limit)
+
     def usage(self, tenant: str) -> tuple[int, int]:
         return self.index.usage(tenant)
 

@@ -117,6 +117,11 @@ class ArtifactStore:
     def list_public(self) -> list[InterventionRecord]:
         return self.backend.list_public()
 
+    def visible_names(self, tenant: str, prefix: str = "", limit: int = 1000) -> list[str]:
+        """The tenant's names starting with `prefix`, then `owner/name` of other tenants' public ones whose owner
+        starts with it; at most `limit` of each (sorted; cheap: no record is built)."""
+        return self.backend.visible_names(validate_tenant(tenant), prefix, limit)
+
     def usage(self, tenant: str) -> tuple[int, int]:
         """(interventions, bytes of every retained version and training file) stored by `tenant`: what its quota
         counts."""
