@@ -64,7 +64,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # at 100k names: quota checks read counters instead of summing the tenant's rows (adapters_store.usage), and
     # the reads by artifact (gc after a delete, loads by digest) use an index instead of scanning every version
     4: usage_counters.SQLITE + ("CREATE INDEX IF NOT EXISTS versions_file ON versions (file_sha256)",
-                                "CREATE INDEX IF NOT EXISTS versions_digest ON versions (digest)"),
+                                "CREATE INDEX IF NOT EXISTS versions_digest ON versions (digest)",
+                                "CREATE INDEX IF NOT EXISTS current_public ON current (tenant, name) WHERE public=1"),
 }
 _COLUMNS = (
     "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
@@ -144,9 +145,10 @@ class Index:
                                     (tenant, name)).fetchall()
         return [to_record(row) for row in rows], int(current[0])
 
-    def list_current(self, tenant: str) -> list[InterventionRecord]:
-        with self._lock:
-            rows = self._db.execute(f"{_CURRENT} WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
+    def list_current(self, tenant: str, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        with self._lock:  # a page is a range of the primary key: its cost does not grow with the registry
+            rows = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name > ? ORDER BY name LIMIT ?",
+                                    (tenant, after, -1 if limit is None else limit)).fetchall()
         return [to_record(row) for row in rows]
 
     def list_names(self) -> list[tuple[str, str]]:
@@ -164,9 +166,12 @@ class Index:
                                       (tenant, low, high, limit)).fetchall()
         return [row[0] for row in own + shared]
 
-    def list_public(self) -> list[InterventionRecord]:
+    def list_public(self, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
         with self._lock:
-            rows = self._db.execute(f"{_CURRENT} WHERE public=1 ORDER BY tenant, name").fetchall()
+            rows = self._db.execute(f"{_CURRENT} WHERE public=1 AND tenant <> ? AND (tenant, name) > (?, ?) "
+                                    "ORDER BY tenant, name LIMIT ?",
+                                    (exclude, *after, -1 if limit is None else limit)).fetchall()
         return [to_record(row) for row in rows]
 
     def usage(self, tenant: str) -> tuple[int, int]:

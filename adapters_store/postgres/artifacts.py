@@ -103,11 +103,14 @@ class PostgresBackend:
             rows = cur.execute(f"{_VERSIONS} WHERE {_KEY} ORDER BY version DESC", (tenant, name)).fetchall()
         return [to_record(row) for row in rows], int(current[0])
 
-    def list_current(self, tenant: str) -> list[InterventionRecord]:
-        return self._all(f"{_CURRENT} WHERE tenant=%s ORDER BY name", (tenant,))
+    def list_current(self, tenant: str, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        # LIMIT NULL is no limit; a page is a range of the primary key
+        return self._all(f"{_CURRENT} WHERE tenant=%s AND name > %s ORDER BY name LIMIT %s", (tenant, after, limit))
 
-    def list_public(self) -> list[InterventionRecord]:
-        return self._all(f"{_CURRENT} WHERE public ORDER BY tenant, name", ())
+    def list_public(self, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
+        return self._all(f"{_CURRENT} WHERE public AND tenant <> %s AND (tenant, name) > (%s, %s) "
+                         "ORDER BY tenant, name LIMIT %s", (exclude, *after, limit))
 
     def list_names(self) -> list[tuple[str, str]]:
         with self.db.transaction() as cur:
