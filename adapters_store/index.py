@@ -192,9 +192,10 @@ class Index:
 
     def referenced_files(self, among: set[str] | None = None) -> set[str]:
         """Files some version references (only those in `among`, when given)."""
+        if among is None:  # every version (gc): read beside the requests, which keep the shared connection
+            with self._reader() as db:
+                return {row[0] for row in db.execute("SELECT DISTINCT file_sha256 FROM versions")}
         with self._lock:
-            if among is None:
-                return {row[0] for row in self._db.execute("SELECT DISTINCT file_sha256 FROM versions")}
             candidates = sorted(among)
             marks = ", ".join("?" * len(candidates))
             query = f"SELECT DISTINCT file_sha256 FROM versions WHERE file_sha256 IN ({marks})"
@@ -202,13 +203,20 @@ class Index:
 
     def counts(self) -> tuple[int, int, int]:
         """(current interventions, versions, bytes of distinct referenced files) over all tenants."""
+        with self._reader() as db:
+            return self._counts(db)
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a read that scans every version (100s of ms at 100k names), so requests
+        never wait for it on the shared connection's lock (WAL: a reader waits for nobody). A read-only index
+        has no WAL to read beside: there the shared connection serves, under its lock."""
         if self.read_only:
             with self._lock:
-                return self._counts(self._db)
-        # scans every version (a few hundred ms at 100k): on a connection of its own, so requests never wait for
-        # it on the shared one's lock (WAL: a reader waits for nobody)
+                yield self._db
+            return
         with closing(sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True)) as db:
-            return self._counts(db)
+            yield db
 
     @staticmethod
     def _counts(db: sqlite3.Connection) -> tuple[int, int, int]:
