@@ -8,6 +8,11 @@ inserts or deletes a row (a put, a retention prune, a delete, an import, a migra
 move in the same transaction, so they can never drift from the tables; a quota check reads one row. The
 migration that creates them fills them from the tables as they are.
 
+The triggers are per row: a transaction that inserts or deletes many rows of one tenant (a bulk load, not
+anything the server does: its writes touch a name's few versions) updates that tenant's row once per row, which
+PostgreSQL makes quadratic within one transaction (each update follows the row's chain of versions). Bulk loads
+disable the user triggers and run `FILL` after (bench/registry_scale.py does).
+
 Nothing here runs SQL: the index (SQLite) and the PostgreSQL backend apply these statements in their migrations.
 Each list first drops what it creates, so it can run again over an older schema's tables (tests rebuild one by
 setting the recorded schema version back) and always refills the counters from the tables.
@@ -16,7 +21,7 @@ setting the recorded schema version back) and always refills the counters from t
 from __future__ import annotations
 
 # what the counters start from: the sums that a quota check used to compute on every write
-_FILL = """INSERT INTO tenant_usage (tenant, interventions, bytes)
+FILL = """INSERT INTO tenant_usage (tenant, interventions, bytes)
     SELECT tenant, SUM(n), SUM(b) FROM (
         SELECT tenant, COUNT(*) AS n, 0 AS b FROM current GROUP BY tenant
         UNION ALL SELECT tenant, 0, SUM(size_bytes) FROM versions GROUP BY tenant
@@ -38,7 +43,7 @@ SQLITE: tuple[str, ...] = (
     "DROP TABLE IF EXISTS tenant_usage",
     "CREATE TABLE tenant_usage (tenant TEXT PRIMARY KEY, interventions INTEGER NOT NULL DEFAULT 0, "
     "bytes INTEGER NOT NULL DEFAULT 0)",
-    _FILL,
+    FILL,
     _sqlite_trigger("current", "INSERT", "NEW", "interventions = interventions + 1"),
     _sqlite_trigger("current", "DELETE", "OLD", "interventions = interventions - 1"),
     _sqlite_trigger("versions", "INSERT", "NEW", "bytes = bytes + NEW.size_bytes"),
@@ -56,7 +61,7 @@ POSTGRES: tuple[str, ...] = (
     "DROP TABLE IF EXISTS tenant_usage",
     "CREATE TABLE tenant_usage (tenant TEXT PRIMARY KEY, interventions BIGINT NOT NULL DEFAULT 0, "
     "bytes BIGINT NOT NULL DEFAULT 0)",
-    _FILL,
+    FILL,
     """CREATE OR REPLACE FUNCTION tenant_usage_change() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
     DECLARE
         changed RECORD;
