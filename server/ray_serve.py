@@ -13,8 +13,12 @@ Everything Ray-specific lives in this module (Ray's multiplex API is beta and mo
 - `ingress`: `create_app` with a `RayEngine` as its engine: auth, limits, tokenization, name -> digest resolution,
   quotas and the store stay exactly as in one process; only the engine calls cross to the replicas, streamed.
 
-Training is not offered on Ray yet (it needs jobs claimed by engine replicas from a shared store): POST
-/v1/trainings answers 501 there. Start with `reft-serve serve --ray` (`run`) or `serve deploy` with `build`.
+Training needs a PostgreSQL store on Ray: the ingress validates, tokenizes and queues a job in it (its engine
+handle runs none), and each engine replica runs a `TrainingManager` with a `JobWorker` over its own engine, which
+claims jobs from the queue like any replica of a multi-replica deployment (docs/deployment.md): leases, retries
+on another replica when one dies, cancel and events through the store. With a local store the engine replicas
+cannot share it, so POST /v1/trainings answers 501. Start with `reft-serve serve --ray` (`run`) or `serve deploy`
+with `build`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +42,10 @@ from ray.serve.handle import DeploymentHandle
 from reft_core.base_model import load_base_model, load_tokenizer, model_id_for, resolve_model_dir
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
+from adapters_store.jobs import open_jobs
+from adapters_store.tenants import open_tenants
 from server.app import StartedEngine, create_app, engine_settings, open_artifact_store
+from server.auth import tenant_limits
 from server.engine.engine import Engine, TrainingTask
 from server.engine.remote import ModelInfo
 from server.engine.sequence import EventSink
@@ -45,17 +53,28 @@ from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef,
 )
 from server.generation import LoopDispatcher
+from server.job_worker import JobWorker
 from server.metrics import Metrics
+from server.registry import InterventionRegistry
 from server.settings import Settings
+from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.ray")
 ENGINE = "engine"  # deployment names inside the application
 INGRESS = "ingress"
 TRAINING_UNAVAILABLE = (
-    "training is not available on the Ray Serve deployment yet: train with `reft-serve train` or a single-process "
-    "server, then upload the artifact"
+    "training on the Ray Serve deployment needs a PostgreSQL store (--store postgresql://...), from which its engine "
+    "replicas claim jobs; or train with `reft-serve train` or a single-process server, then upload the artifact"
 )
-HEALTH_POLL_S = 1.0  # how often the ingress reads how many engine replicas are running
+# How often the ingress reads how many engine replicas are running. `serve.status()` makes Ray's controller build
+# every deployment's details (pydantic models, a pickled router class): polled every second, that alone took 2% of
+# a core on an idle 2-core machine (ingress + controller; more under load), cycles the engine needs. A failed
+# replica call asks for a reading at once and for a reading every second for a minute (Ray notices a death and
+# restarts the replica on its own schedule), as does a reading of no replica running, so /ready still follows
+# deaths and restarts within about a second.
+HEALTH_POLL_S = 5.0
+HEALTH_POLL_DOWN_S = 1.0
+WATCH_CLOSELY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,7 @@ class EngineReplica:
                                str(base.device), str(base.dtype))
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._loads = 0  # interventions this replica has read from the store (multiplex cache misses)
+        self._training = training_replica(settings, self._engine, base) if settings.postgres_store else None
 
         async def load(digest: str) -> Intervention:
             self._loads += 1
@@ -140,9 +160,26 @@ class EngineReplica:
                 self._engine.cancel(request.request_id)
 
     def __del__(self) -> None:
+        training = getattr(self, "_training", None)
+        if training is not None:
+            training.close()  # claim nothing more; a job running here is released as the engine stops
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.stop()
+
+
+def training_replica(settings: Settings, engine: Engine, base: Any) -> TrainingManager:
+    """The engine replica's side of training: a TrainingManager over its engine, claiming jobs from the shared
+    queue (it registers results in the store and checks the tenant's quota there, as the ingress would)."""
+    store = open_artifact_store(settings, base.fingerprint)
+    tenants = open_tenants(settings.state_location(""))
+    registry = InterventionRegistry(store, base.fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
+                                    base_model_id=settings.model_id or base.model_id)
+    jobs = open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s,
+                     max_attempts=settings.job_max_attempts)
+    manager = TrainingManager(engine, registry, base.tokenizer, jobs, settings, ModelDims.from_model(base.model))
+    manager.worker = JobWorker(manager)
+    return manager
 
 
 # -- the ingress's engine handle ----------------------------------------------------------------------------------
@@ -150,14 +187,17 @@ class EngineReplica:
 class RayEngine:
     """The `EngineHandle` the ingress's app holds: each request is a streamed call to the engine deployment."""
 
-    def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: Metrics, app_name: str,
-                 replicas: int, health_poll_s: float = HEALTH_POLL_S) -> None:
-        self._handle, self.info, self._app_name, self._replicas = handle, info, app_name, replicas
-        self._health_poll_s = health_poll_s
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: Metrics, replicas: int,
+                 running_replicas: Callable[[], int]) -> None:
+        """`running_replicas` reads how many engine replicas Ray reports running (`running_engine_replicas`)."""
+        self._handle, self.info, self._replicas = handle, info, replicas
+        self._running_replicas = running_replicas
         self._calls: dict[str, tuple[asyncio.Task[None], list[Any]]] = {}  # request id -> pump task, its stream
         self._draining = False
         self._healthy = replicas  # replaced by the monitor's first reading
         self._stop = threading.Event()
+        self._recheck = threading.Event()  # a replica call failed: read the replicas' status now
+        self._watch_closely_until = 0.0  # monotonic time; after a failure, poll every second for a while
         # per-replica series: bounded by replicas x restarts (replica ids are Ray's, never user input)
         self._served = Counter("reft_ray_replica_requests_total", "Generation requests served by each engine replica",
                                ["replica"], registry=metrics.registry)
@@ -201,16 +241,18 @@ class RayEngine:
             task.cancel()
 
     def submit_training(self, task: TrainingTask) -> None:
-        task.on_finish(None, [], TRAINING_UNAVAILABLE)  # not reached: the training routes answer 501 first
+        # not reached: the ingress only queues jobs (the engine replicas claim them), or answers 501
+        raise AssertionError("the Ray ingress runs no training job")
 
     def cancel_training(self, job_id: str) -> None:
-        pass
+        pass  # the ingress runs no job: a cancel goes through the store to the engine replica running it
 
     def drain(self) -> None:
         self._draining = True
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._recheck.set()
         self._monitor.join(timeout)
 
     # -- streaming ----------------------------------------------------------------------------------------------------
@@ -241,6 +283,8 @@ class RayEngine:
             finished = True
         except Exception as exc:  # noqa: BLE001 - a replica died or failed mid-request: fail this request only
             log.warning("engine replica call failed", extra={"request": request.request_id, "error": repr(exc)})
+            self._watch_closely_until = time.monotonic() + WATCH_CLOSELY_S
+            self._recheck.set()
             sink(_failed(request, ErrorKind.ENGINE_DEAD, f"the engine replica serving this request failed "
                          f"({type(exc).__name__}); retry the request"))
             finished = True
@@ -249,14 +293,27 @@ class RayEngine:
 
     # -- health -------------------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stop.wait(self._health_poll_s):
+        while True:
+            closely = self._healthy == 0 or time.monotonic() < self._watch_closely_until
+            self._recheck.wait(HEALTH_POLL_DOWN_S if closely else HEALTH_POLL_S)
+            self._recheck.clear()
+            if self._stop.is_set():
+                return
             try:
-                deployments = serve.status().applications[self._app_name].deployments
-                self._healthy = int(deployments[ENGINE].replica_states.get("RUNNING", 0))
+                self._healthy = self._running_replicas()
             except Exception as exc:  # noqa: BLE001 - the controller may be restarting: keep the last reading
                 log.warning("could not read the engine replicas' status", extra={"error": repr(exc)})
                 continue
             self._healthy_gauge.set(self._healthy)
+
+
+def running_engine_replicas(app_name: str) -> Callable[[], int]:
+    """Reads how many engine replicas of the application Ray reports running."""
+    def read() -> int:
+        deployments = serve.status().applications[app_name].deployments
+        return int(deployments[ENGINE].replica_states.get("RUNNING", 0))
+
+    return read
 
 
 def _with_parts(ref: InterventionRef | ComposedRef, parts: list[InterventionRef]) -> InterventionRef | ComposedRef:
@@ -275,10 +332,15 @@ def start_ray_engine(settings: Settings, metrics: Metrics, handle: DeploymentHan
     tokenizer = load_tokenizer(resolve_model_dir(settings.model, settings.model_cache_dir))
     info: ModelInfo = handle.info.remote().result(timeout_s=600)
     app_name = serve.get_replica_context().app_name  # as deployed (`serve deploy` may name it otherwise)
-    engine = RayEngine(handle, info, metrics, app_name, options.replicas)
+    engine = RayEngine(handle, info, metrics, options.replicas, running_engine_replicas(app_name))
     return StartedEngine(engine, tokenizer, info.fingerprint, info.dims, model_id_for(settings.model),
                          capacity=options.replicas * replica_capacity(settings),
-                         training_unavailable=TRAINING_UNAVAILABLE)
+                         training_unavailable=training_unavailable(settings), claims_jobs=False)
+
+
+def training_unavailable(settings: Settings) -> str | None:
+    """Why the Ray deployment cannot train with these settings (POST /v1/trainings answers 501), or None."""
+    return None if settings.postgres_store else TRAINING_UNAVAILABLE
 
 
 @serve.ingress()
