@@ -56,9 +56,18 @@ class StoreBackend(Protocol):
     def version(self, tenant: str, name: str, version: int) -> InterventionRecord | None: ...
     def by_digest(self, digest: str) -> InterventionRecord | None: ...
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None: ...
-    def list_current(self, tenant: str) -> list[InterventionRecord]: ...
-    def list_public(self) -> list[InterventionRecord]: ...
+    def list_current(self, tenant: str, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        """The tenant's current versions with names after `after`, by name, at most `limit` (None: all)."""
+        ...
+    def list_public(self, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
+        """Public current versions after (tenant, name) `after`, by tenant and name, except tenant `exclude`'s."""
+        ...
     def list_names(self) -> list[tuple[str, str]]: ...
+    def visible_names(self, tenant: str, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` of the tenant's names starting with `prefix`, then up to `limit` `owner/name` of other
+        tenants' public ones whose owner starts with it (each part sorted; names only: no record is built)."""
+        ...
     def usage(self, tenant: str) -> tuple[int, int]:
         """(current interventions, bytes of every retained version plus the tenant's training files)."""
         ...
@@ -122,6 +131,12 @@ def admit_file(size_bytes: int, usage: tuple[int, int], quota: StorageQuota) -> 
             f"limit is {quota.max_bytes} (artifact versions and training files count together: delete files or "
             "interventions to free space)"
         )
+
+
+def prefix_bounds(prefix: str) -> tuple[str, str]:
+    """[low, high) holding exactly the names and tenants that start with `prefix` (their characters are all ASCII
+    below DEL), so a prefix search is a range scan of the primary key."""
+    return prefix, prefix + "\x7f"
 
 
 def is_postgres_url(location: str | Path) -> bool:

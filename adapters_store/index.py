@@ -24,17 +24,19 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 import dataclasses
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from adapters_store.backend import WriteRequest, admit, admit_file
+from adapters_store import usage as usage_counters
+from adapters_store.backend import WriteRequest, admit, admit_file, prefix_bounds
 from adapters_store.errors import InterventionNotFoundError, StoreError, VersionIsCurrentError
 from adapters_store.records import InterventionRecord, StorageQuota, TrainingFileRecord
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+_CREATED_VERSION = 4  # what `_CREATE` makes; a fresh index then runs the migrations from there
 # uploaded training files (OpenAI's /v1/files), in this database so a file and an artifact count against one
 # tenant quota, checked in one transaction
 TRAINING_FILES_TABLE = """CREATE TABLE IF NOT EXISTS training_files (
@@ -59,6 +61,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE current SET latest = (SELECT MAX(version) FROM versions v "
         "WHERE v.tenant = current.tenant AND v.name = current.name)"),
     3: (TRAINING_FILES_TABLE,),  # fine-tuning files, counted in the tenant's bytes
+    # at 100k names: quota checks read counters instead of summing the tenant's rows (adapters_store.usage), and
+    # the reads by artifact (gc after a delete, loads by digest) use an index instead of scanning every version
+    4: usage_counters.SQLITE + ("CREATE INDEX IF NOT EXISTS versions_file ON versions (file_sha256)",
+                                "CREATE INDEX IF NOT EXISTS versions_digest ON versions (digest)",
+                                "CREATE INDEX IF NOT EXISTS current_public ON current (tenant, name) WHERE public=1"),
 }
 _COLUMNS = (
     "name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
@@ -138,9 +145,10 @@ class Index:
                                     (tenant, name)).fetchall()
         return [to_record(row) for row in rows], int(current[0])
 
-    def list_current(self, tenant: str) -> list[InterventionRecord]:
-        with self._lock:
-            rows = self._db.execute(f"{_CURRENT} WHERE tenant=? ORDER BY name", (tenant,)).fetchall()
+    def list_current(self, tenant: str, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        with self._lock:  # a page is a range of the primary key: its cost does not grow with the registry
+            rows = self._db.execute(f"{_CURRENT} WHERE tenant=? AND name > ? ORDER BY name LIMIT ?",
+                                    (tenant, after, -1 if limit is None else limit)).fetchall()
         return [to_record(row) for row in rows]
 
     def list_names(self) -> list[tuple[str, str]]:
@@ -148,9 +156,22 @@ class Index:
         with self._lock:
             return [(row[0], row[1]) for row in self._db.execute("SELECT tenant, name FROM current ORDER BY 1, 2")]
 
-    def list_public(self) -> list[InterventionRecord]:
+    def visible_names(self, tenant: str, prefix: str, limit: int) -> list[str]:
+        low, high = prefix_bounds(prefix)
         with self._lock:
-            rows = self._db.execute(f"{_CURRENT} WHERE public=1 ORDER BY tenant, name").fetchall()
+            own = self._db.execute("SELECT name FROM current WHERE tenant=? AND name >= ? AND name < ? "
+                                   "ORDER BY name LIMIT ?", (tenant, low, high, limit)).fetchall()
+            shared = self._db.execute("SELECT tenant || '/' || name FROM current WHERE public=1 AND tenant <> ? AND "
+                                      "tenant >= ? AND tenant < ? ORDER BY tenant, name LIMIT ?",
+                                      (tenant, low, high, limit)).fetchall()
+        return [row[0] for row in own + shared]
+
+    def list_public(self, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
+        with self._lock:
+            rows = self._db.execute(f"{_CURRENT} WHERE public=1 AND tenant <> ? AND (tenant, name) > (?, ?) "
+                                    "ORDER BY tenant, name LIMIT ?",
+                                    (exclude, *after, -1 if limit is None else limit)).fetchall()
         return [to_record(row) for row in rows]
 
     def usage(self, tenant: str) -> tuple[int, int]:
@@ -159,14 +180,10 @@ class Index:
             return self._usage(tenant)
 
     def _usage(self, tenant: str) -> tuple[int, int]:
-        count = self._db.execute("SELECT COUNT(*) FROM current WHERE tenant=?", (tenant,)).fetchone()[0]
         # every retained version counts, not just the current one: old versions occupy the disk too; and so do the
-        # tenant's uploaded training files
-        size = self._db.execute(
-            "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM versions WHERE tenant=?) + "
-            "(SELECT COALESCE(SUM(size_bytes), 0) FROM training_files WHERE tenant=?)", (tenant, tenant)
-        ).fetchone()[0]
-        return int(count), int(size)
+        # tenant's uploaded training files. Triggers keep these sums in `tenant_usage` (one row, not a scan).
+        row = self._db.execute(usage_counters.READ.format("?"), (tenant,)).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
     def check_write(self, request: WriteRequest) -> None:
         """Raise what `add_version` would raise for the name's state or the tenant's quota (a read, no write)."""
@@ -175,9 +192,10 @@ class Index:
 
     def referenced_files(self, among: set[str] | None = None) -> set[str]:
         """Files some version references (only those in `among`, when given)."""
+        if among is None:  # every version (gc): read beside the requests, which keep the shared connection
+            with self._reader() as db:
+                return {row[0] for row in db.execute("SELECT DISTINCT file_sha256 FROM versions")}
         with self._lock:
-            if among is None:
-                return {row[0] for row in self._db.execute("SELECT DISTINCT file_sha256 FROM versions")}
             candidates = sorted(among)
             marks = ", ".join("?" * len(candidates))
             query = f"SELECT DISTINCT file_sha256 FROM versions WHERE file_sha256 IN ({marks})"
@@ -185,13 +203,29 @@ class Index:
 
     def counts(self) -> tuple[int, int, int]:
         """(current interventions, versions, bytes of distinct referenced files) over all tenants."""
-        with self._lock:
-            interventions = self._db.execute("SELECT COUNT(*) FROM current").fetchone()[0]
-            versions = self._db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
-            # shared files are stored once, so count each address once: this is what the store occupies on disk
-            size = self._db.execute(
-                "SELECT COALESCE(SUM(size_bytes), 0) FROM (SELECT DISTINCT file_sha256, size_bytes FROM versions)"
-            ).fetchone()[0]
+        with self._reader() as db:
+            return self._counts(db)
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a read that scans every version (100s of ms at 100k names), so requests
+        never wait for it on the shared connection's lock (WAL: a reader waits for nobody). A read-only index
+        has no WAL to read beside: there the shared connection serves, under its lock."""
+        if self.read_only:
+            with self._lock:
+                yield self._db
+            return
+        with closing(sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True)) as db:
+            yield db
+
+    @staticmethod
+    def _counts(db: sqlite3.Connection) -> tuple[int, int, int]:
+        interventions = db.execute("SELECT COUNT(*) FROM current").fetchone()[0]
+        versions = db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+        # shared files are stored once, so count each address once: this is what the store occupies on disk
+        size = db.execute(
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM (SELECT DISTINCT file_sha256, size_bytes FROM versions)"
+        ).fetchone()[0]
         return int(interventions), int(versions), int(size)
 
     # -- writes ----------------------------------------------------------------------------------------------------
@@ -387,7 +421,7 @@ class Index:
         if found is None:
             for statement in _CREATE:
                 self._db.execute(statement)
-            found = SCHEMA_VERSION
+            found = _CREATED_VERSION
         while found < SCHEMA_VERSION:
             for statement in _MIGRATIONS[found]:
                 self._db.execute(statement)

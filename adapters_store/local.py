@@ -56,14 +56,18 @@ class LocalBackend:
     def history(self, tenant: str, name: str) -> tuple[list[InterventionRecord], int] | None:
         return self.index.history(tenant, name)
 
-    def list_current(self, tenant: str) -> list[InterventionRecord]:
-        return self.index.list_current(tenant)
+    def list_current(self, tenant: str, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        return self.index.list_current(tenant, after, limit)
 
-    def list_public(self) -> list[InterventionRecord]:
-        return self.index.list_public()
+    def list_public(self, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
+        return self.index.list_public(after, limit, exclude)
 
     def list_names(self) -> list[tuple[str, str]]:
         return self.index.list_names()
+
+    def visible_names(self, tenant: str, prefix: str, limit: int) -> list[str]:
+        return self.index.visible_names(tenant, prefix, limit)
 
     def usage(self, tenant: str) -> tuple[int, int]:
         return self.index.usage(tenant)

@@ -111,12 +111,19 @@ class ArtifactStore:
             raise InterventionNotFoundError(name, tenant=tenant)
         return found
 
-    def list(self, tenant: str = "default") -> list[InterventionRecord]:
-        """Current versions, sorted by name."""
-        return self.backend.list_current(validate_tenant(tenant))
+    def list(self, tenant: str = "default", *, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        """Current versions, sorted by name: those after `after`, at most `limit` (None: all)."""
+        return self.backend.list_current(validate_tenant(tenant), after, limit)
 
-    def list_public(self) -> list[InterventionRecord]:
-        return self.backend.list_public()
+    def list_public(self, *, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
+        """Public current versions sorted by (tenant, name): after `after`, at most `limit`, not tenant `exclude`'s."""
+        return self.backend.list_public(after, limit, exclude)
+
+    def visible_names(self, tenant: str, prefix: str = "", limit: int = 1000) -> list[str]:
+        """The tenant's names starting with `prefix`, then `owner/name` of other tenants' public ones whose owner
+        starts with it; at most `limit` of each (sorted; cheap: no record is built)."""
+        return self.backend.visible_names(validate_tenant(tenant), prefix, limit)
 
     def usage(self, tenant: str) -> tuple[int, int]:
         """(interventions, bytes of every retained version and training file) stored by `tenant`: what its quota

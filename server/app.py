@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -116,9 +117,9 @@ def build_services(
         open_artifact_store(settings, fingerprint), metrics, tracing,
     )
     if not store.read_only:  # files a crash left between a commit and their removal, or older builds never removed
-        removed = store.gc()
-        if removed:
-            log.info("removed unreferenced artifact files", extra={"files": removed})
+        # beside serving, not before it: gc lists every stored file (seconds at 100k personas), and a file it has
+        # not removed yet is harmless (nothing references it); writes wait for it (the store's write lock)
+        threading.Thread(target=_collect_garbage, args=(store,), name="store-gc", daemon=True).start()
     model_id = settings.model_id or started.base_model_id
     registry = InterventionRegistry(store, fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
                                     base_model_id=model_id)
@@ -134,6 +135,16 @@ def build_services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
         store=store, registry=registry, generation=generation, training=training, created=int(time.time()),
     )
+
+
+def _collect_garbage(store: ArtifactStore) -> None:
+    try:
+        removed = store.gc()
+    except Exception:  # noqa: BLE001 - the next start tries again; serving does not depend on it
+        log.warning("could not remove unreferenced artifact files", exc_info=True)
+        return
+    if removed:
+        log.info("removed unreferenced artifact files", extra={"files": removed})
 
 
 def make_rate_limiter(settings: Settings, metrics: Metrics) -> Limiter:
@@ -206,6 +217,7 @@ def create_app(
     app.state.tenants = tenants
     app.state.rate_limiter = rate_limiter
     app.state.services = None
+    app.state.store_gauges_at = float("-inf")  # when /metrics last counted the store (server.routes.health)
     app.state.load_error = None
     app.state.draining = False
     app.state.drain = lambda: _drain(app)

@@ -39,6 +39,10 @@ from server.settings import Settings
 from server.tracing import Tracing
 from adapters_store import InterventionNotFoundError, InvalidNameError
 
+# A 404's "did you mean" compares the unknown name with at most this many names (of each kind: own, public); beyond
+# it, with those that start with the same character (difflib over 100k names would cost a 404 half a second).
+HINT_NAMES = 2000
+
 
 class LoopDispatcher:
     """Hands engine events to one asyncio loop with a single wakeup per burst.
@@ -240,8 +244,10 @@ class GenerationService:
         public ones as `owner/name`): never another tenant's private name."""
         try:
             store = self.registry.store
-            names = [self.model_id, *(r.name for r in store.list(tenant))]
-            names += [f"{r.tenant}/{r.name}" for r in store.list_public() if r.tenant != tenant]
+            names = store.visible_names(tenant, "", HINT_NAMES + 1)
+            if len(names) > HINT_NAMES:  # a large registry: compare with the names that start like the request
+                names = store.visible_names(tenant, model[:1], HINT_NAMES)
+            names = [self.model_id, *names]
         except Exception:  # noqa: BLE001 - a hint is not worth failing the 404 over
             return []
         return difflib.get_close_matches(model, names, n=3, cutoff=0.6)

@@ -181,6 +181,22 @@ class InterventionRegistry:
             raise InterventionNotFoundError(name, version, tenant=owner)
         return record
 
+    def visible(
+        self, tenant: str, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[InterventionRecord], bool]:
+        """The interventions the tenant may use: its own by name, then other tenants' public ones by (owner, name);
+        those after the item whose id is `after` (an own `name`, or `owner/name`), at most `limit` (None: all),
+        and whether more follow. Each page is a range read of the store's keys, so its cost does not grow with
+        the registry; an `after` deleted since still marks a place in that order."""
+        wanted = None if limit is None else limit + 1
+        owner, slash, name = (after or "").rpartition("/")
+        own = [] if slash else self.store.list(tenant, after=after or "", limit=wanted)
+        room = None if wanted is None else wanted - len(own)
+        shared = [] if room == 0 else self.store.list_public(after=(owner, name) if slash else ("", ""), limit=room,
+                                                            exclude=tenant)
+        found = own + shared
+        return (found, False) if limit is None else (found[:limit], len(found) > limit)
+
     def versions(self, tenant: str, name: str, owner: str | None = None) -> tuple[list[InterventionRecord], int]:
         """Every retained version (newest first) and the current number, under the same visibility as the name."""
         owner = owner or tenant

@@ -113,3 +113,4 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False  # with `limit`: more follow the last one (pass its id as `after`)

@@ -22,7 +22,8 @@ from typing import Any
 
 import psycopg
 
-from adapters_store.backend import MakeRecord, WriteRequest, admit, admit_file
+from adapters_store import usage as usage_counters
+from adapters_store.backend import MakeRecord, WriteRequest, admit, admit_file, prefix_bounds
 from adapters_store.errors import InterventionNotFoundError, VersionIsCurrentError
 from adapters_store.index import to_record, to_row
 from adapters_store.jobs import JobLeaseLostError
@@ -54,6 +55,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             seq BIGSERIAL NOT NULL)""",  # seq: upload order, for ties within one second
         "CREATE INDEX training_files_tenant ON training_files (tenant, created_at DESC, seq DESC)",
     ),
+    usage_counters.POSTGRES,  # quota checks read per-tenant counters kept by triggers, not sums over the tenant's rows
 )
 _COLUMNS = ("name, version, tenant, digest, file_sha256, size_bytes, base_model_id, config, created_at, source, "
             "description, tags, training")
@@ -103,15 +105,28 @@ class PostgresBackend:
             rows = cur.execute(f"{_VERSIONS} WHERE {_KEY} ORDER BY version DESC", (tenant, name)).fetchall()
         return [to_record(row) for row in rows], int(current[0])
 
-    def list_current(self, tenant: str) -> list[InterventionRecord]:
-        return self._all(f"{_CURRENT} WHERE tenant=%s ORDER BY name", (tenant,))
+    def list_current(self, tenant: str, after: str = "", limit: int | None = None) -> list[InterventionRecord]:
+        # LIMIT NULL is no limit; a page is a range of the primary key
+        return self._all(f"{_CURRENT} WHERE tenant=%s AND name > %s ORDER BY name LIMIT %s", (tenant, after, limit))
 
-    def list_public(self) -> list[InterventionRecord]:
-        return self._all(f"{_CURRENT} WHERE public ORDER BY tenant, name", ())
+    def list_public(self, after: tuple[str, str] = ("", ""), limit: int | None = None,
+                    exclude: str = "") -> list[InterventionRecord]:
+        return self._all(f"{_CURRENT} WHERE public AND tenant <> %s AND (tenant, name) > (%s, %s) "
+                         "ORDER BY tenant, name LIMIT %s", (exclude, *after, limit))
 
     def list_names(self) -> list[tuple[str, str]]:
         with self.db.transaction() as cur:
             return [(r[0], r[1]) for r in cur.execute("SELECT tenant, name FROM current ORDER BY 1, 2").fetchall()]
+
+    def visible_names(self, tenant: str, prefix: str, limit: int) -> list[str]:
+        low, high = prefix_bounds(prefix)
+        with self.db.transaction() as cur:
+            own = cur.execute("SELECT name FROM current WHERE tenant=%s AND name >= %s AND name < %s "
+                              "ORDER BY name LIMIT %s", (tenant, low, high, limit)).fetchall()
+            shared = cur.execute("SELECT tenant || '/' || name FROM current WHERE public AND tenant <> %s AND "
+                                 "tenant >= %s AND tenant < %s ORDER BY tenant, name LIMIT %s",
+                                 (tenant, low, high, limit)).fetchall()
+        return [row[0] for row in own + shared]
 
     def usage(self, tenant: str) -> tuple[int, int]:
         with self.db.transaction() as cur:
@@ -291,12 +306,8 @@ class PostgresBackend:
 def _usage(cur: Cursor, tenant: str) -> tuple[int, int]:
     """(current interventions, bytes of every retained version and training file) of one tenant: what its quotas
     count."""
-    count = cur.execute("SELECT COUNT(*) FROM current WHERE tenant=%s", (tenant,)).fetchone()
-    size = cur.execute("SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM versions WHERE tenant=%s) + "
-                       "(SELECT COALESCE(SUM(size_bytes), 0) FROM training_files WHERE tenant=%s)",
-                       (tenant, tenant)).fetchone()
-    assert count is not None and size is not None
-    return int(count[0]), int(size[0])
+    row = cur.execute(usage_counters.READ.format("%s"), (tenant,)).fetchone()  # type: ignore[call-overload]  # constant SQL
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
 
 def _outside_retention(keep: int) -> str:

@@ -20,6 +20,7 @@ from server.archives import kind_of
 from server.auth import Principal, principal
 from server.dependencies import Services, services
 from server.errors import APIError
+from server.pagination import list_body
 from server.routes.models import model_name
 
 router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
@@ -78,12 +79,19 @@ async def create_intervention(
     return JSONResponse(record_body(record, who.tenant), status_code=201)
 
 
+LIMIT = Query(None, ge=1, le=10_000, description="at most this many items (default: all of them)")
+AFTER = Query(None, max_length=200, description="the `id` of the previous page's last item")
+
+
 @router.get("")
-async def list_interventions(who: Principal = Depends(principal), svc: Services = Depends(services)) -> dict[str, Any]:
-    """List your interventions (current versions), then other tenants' public ones (as `tenant/name`)."""
-    own = await run_in_threadpool(svc.store.list, who.tenant)
-    shared = [r for r in await run_in_threadpool(svc.store.list_public) if r.tenant != who.tenant]
-    return {"object": "list", "data": [record_body(r, who.tenant) for r in own + shared]}
+async def list_interventions(
+    limit: int | None = LIMIT, after: str | None = AFTER, who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> dict[str, Any]:
+    """List your interventions (current versions), then other tenants' public ones (as `tenant/name`); cursor
+    pagination with `after` and `limit`."""
+    page, has_more = await run_in_threadpool(svc.registry.visible, who.tenant, after, limit)
+    return list_body([record_body(r, who.tenant) for r in page], has_more)
 
 
 @router.get("/{name}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import InterventionNotFoundError, InterventionRecord, InvalidNameError
@@ -42,11 +42,17 @@ def _not_found(model: str) -> APIError:
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(who: Principal = Depends(principal), svc: Services = Depends(services)) -> ModelList:
-    """List the base model and every intervention the caller may use."""
-    own = await run_in_threadpool(svc.store.list, who.tenant)
-    shared = [r for r in await run_in_threadpool(svc.store.list_public) if r.tenant != who.tenant]
-    return ModelList(data=[_base_card(svc)] + [_card(svc, r, model_name(r, who.tenant)) for r in own + shared])
+async def list_models(
+    limit: int | None = Query(None, ge=1, le=10_000, description="at most this many interventions (default: all)"),
+    after: str | None = Query(None, max_length=200, description="the `id` of the previous page's last model"),
+    who: Principal = Depends(principal), svc: Services = Depends(services),
+) -> ModelList:
+    """List the base model and every intervention the caller may use (cursor pagination with `after` and
+    `limit`: the base model comes first, on the first page, beside `limit` interventions)."""
+    base = [_base_card(svc)] if after is None else []
+    after = None if after == svc.model_id else after  # the base model's id: the interventions from the first
+    records, has_more = await run_in_threadpool(svc.registry.visible, who.tenant, after, limit)
+    return ModelList(data=base + [_card(svc, r, model_name(r, who.tenant)) for r in records], has_more=has_more)
 
 
 @router.get("/models/{model:path}", response_model=ModelCard)

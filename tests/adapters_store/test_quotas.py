@@ -77,3 +77,43 @@ def test_replaces_beyond_retention_and_a_delete_leave_no_unreferenced_file(
     assert store.blob_addresses() == {kept.file_sha256} and store.gc() == 0
     store.delete("other")
     assert store.blob_addresses() == set()
+
+
+def _recounted(store: ArtifactStore, tenant: str) -> tuple[int, int]:
+    """What the quota counts, summed from the records themselves (the counters must always equal this)."""
+    names = store.list(tenant)
+    versions = sum(v.size_bytes for r in names for v in store.versions(r.name, tenant)[0])
+    files = sum(f.size_bytes for f in store.training_files.list(tenant))
+    return len(names), versions + files
+
+
+def test_usage_counters_equal_the_records_after_every_kind_of_write(
+    root: Path, fingerprint: ModelFingerprint
+) -> None:
+    """The per-tenant counters (kept by triggers) against sums over the records, after each write that adds or
+    drops a version, a name or a training file, in two tenants; a reopened store reads the same counters."""
+    store = ArtifactStore(root, fingerprint, keep_versions=2)
+    payloads = [make_payload(fingerprint, seed) for seed in range(6)]
+    writes = [
+        lambda: store.put("a", payloads[0], tenant="acme"),
+        lambda: store.put("b", payloads[1], tenant="acme"),
+        lambda: store.put("a", payloads[2], tenant="acme", replace=True),
+        lambda: store.put("a", payloads[3], tenant="acme", replace=True),  # retention drops version 1
+        lambda: store.put("a", payloads[0], tenant="other"),  # the same bytes in another tenant count there too
+        lambda: store.promote("a", 2, tenant="acme"),
+        lambda: store.delete_version("a", 3, tenant="acme"),
+        lambda: store.training_files.put("acme", "f.jsonl", "fine-tune", b'{"prompt": "a", "completion": "b"}\n'),
+        lambda: store.put("c", payloads[4], tenant="acme", upsert=True),
+        lambda: store.delete("b", tenant="acme"),
+        lambda: store.training_files.delete("acme", store.training_files.list("acme")[0].id),
+        lambda: store.delete("a", tenant="other"),
+    ]
+    for step, write in enumerate(writes):
+        write()
+        for tenant in ("acme", "other", "nobody"):
+            assert store.usage(tenant) == _recounted(store, tenant), (step, tenant)
+    assert store.usage("acme") != (0, 0) and store.usage("other") == (0, 0)
+    store.close()
+    reopened = ArtifactStore(root, fingerprint, keep_versions=2)
+    assert reopened.usage("acme") == _recounted(reopened, "acme")
+    reopened.close()

@@ -196,3 +196,23 @@ def test_load_digest_finds_any_version_holding_the_artifact(store: ArtifactStore
     store.delete("a", "acme")
     with pytest.raises(ArtifactUnavailableError, match="deleted"):
         store.load_digest(second.digest)
+
+
+def test_visible_names_are_the_listed_names_by_prefix_and_limit(store: ArtifactStore, fingerprint) -> None:
+    """The names-only query (a 404's hint) agrees with the record listings: own names sorted, then other
+    tenants' public ones as owner/name, each filtered by prefix (on the owner for public ones) and limited."""
+    payload = make_payload(fingerprint, 0)
+    for tenant, name in [("acme", "apple"), ("acme", "avocado"), ("acme", "berry"), ("beta", "apricot"),
+                         ("alpha", "secret"), ("alpha", "shared"), ("ant", "open")]:
+        store.put(name, payload, tenant=tenant)
+    for tenant, name in [("alpha", "shared"), ("ant", "open"), ("acme", "berry")]:
+        store.set_public(name, True, tenant=tenant)
+    own = [r.name for r in store.list("acme")]
+    public = [f"{r.tenant}/{r.name}" for r in store.list_public() if r.tenant != "acme"]
+    assert store.visible_names("acme", "", 100) == own + public == ["apple", "avocado", "berry", "alpha/shared",
+                                                                    "ant/open"]
+    assert store.visible_names("acme", "a", 100) == ["apple", "avocado", "alpha/shared", "ant/open"]
+    assert store.visible_names("acme", "av", 100) == ["avocado"]
+    assert store.visible_names("acme", "a", 1) == ["apple", "alpha/shared"]
+    assert store.visible_names("beta", "", 100) == ["apricot", "acme/berry", "alpha/shared", "ant/open"]
+    assert store.visible_names("nobody", "z", 100) == []

@@ -157,7 +157,7 @@ def test_a_postgres_artifacts_schema_2_is_migrated(postgres, fingerprint: ModelF
         assert reopened.usage("default") == (1, kept.size_bytes + len(LINE))
         with reopened.backend.db.transaction() as cur:  # type: ignore[attr-defined]
             row = cur.execute("SELECT version FROM schema_versions WHERE component='artifacts'").fetchone()
-        assert row == (len(POSTGRES_MIGRATIONS),) == (3,)
+        assert row == (len(POSTGRES_MIGRATIONS),) == (4,)
         reopened.close()
     finally:
         postgres.close_connections(url)

@@ -58,6 +58,22 @@ def test_an_unknown_model_suggests_close_names_the_caller_may_use(client) -> Non
     assert "did you mean" not in far["message"]
 
 
+def test_a_large_registry_still_suggests_names_that_start_alike(client, tiny_base, monkeypatch) -> None:
+    """Beyond HINT_NAMES visible names the hint compares only those that share the first character (a bounded
+    query, not every record); the close name is still found among many others."""
+    monkeypatch.setattr("server.generation.HINT_NAMES", 2)
+    for name in ("alpha", "beta", "pirate-cook"):
+        upload(client, name, artifact_bytes(tiny_base, persona(5)))
+    store = client.app.state.services.store
+    queries: list[tuple[str, int]] = []
+    names = store.visible_names
+    monkeypatch.setattr(store, "visible_names", lambda tenant, prefix, limit: queries.append((prefix, limit))
+                        or names(tenant, prefix, limit))
+    error = client.post("/v1/chat/completions", json={**BODY, "model": "pirate-captian"}).json()["error"]
+    assert "did you mean 'pirate-captain'" in error["message"] and "alpha" not in error["message"]
+    assert queries == [("", 3), ("p", 2)]  # never more than HINT_NAMES + 1 names read
+
+
 def test_suggestions_never_reveal_another_tenants_private_names(client) -> None:
     generation = client.app.state.services.generation
     assert "pirate-captain" in generation._close_names("pirate-captian", "default")
