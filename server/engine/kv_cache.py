@@ -88,12 +88,16 @@ class SlotKVCache(Cache):
         return max(self.host_lengths, default=0)
 
     # -- rows ------------------------------------------------------------------------------------------------------
-    def add_row(self) -> int:
-        """A new empty row at the end; returns its index."""
-        self.reserve(self.rows + 1, 1)
-        self.lengths[self.rows] = 0
+    def add_row(self, columns: int = 1) -> int:
+        """A new empty row at the end, with room for `columns` tokens; returns its index."""
+        self.reserve(self.rows + 1, columns)
+        row = self.rows
+        for buffer in (*self.keys, *self.values):
+            buffer[row].zero_()  # a slot may hold a former row's tokens or never-written memory; masked reads of it
+            # must not be NaN (0 * NaN in attention's matmul is NaN)
+        self.lengths[row] = 0
         self.host_lengths.append(0)
-        return self.rows - 1
+        return row
 
     def set_length(self, row: int, length: int) -> None:
         self.host_lengths[row] = length
@@ -123,10 +127,13 @@ class SlotKVCache(Cache):
             return
         new_rows, new_columns = max(have_rows, capacity(rows, MIN_ROWS)), max(have_columns, capacity(columns, MIN_COLUMNS))
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
-        # zeros, not empty: masked columns still enter attention's matmuls, and 0 * NaN garbage would be NaN
-        grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.num_layers)]
+        # Only the rows in use are filled (copied, and zeros in their new columns): filling the whole buffer would
+        # touch all of its memory at once, a stall of seconds for a long row on a CPU. `add_row` clears a slot.
+        rows_in_use = self.rows
+        grown = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.num_layers)]
         for old, new in zip((*self.keys, *self.values), grown):
-            new[: old.shape[0], :, : old.shape[2]] = old
+            new[:rows_in_use, :, : old.shape[2]] = old[:rows_in_use]
+            new[:rows_in_use, :, old.shape[2] :] = 0
         self.keys, self.values = grown[: self.num_layers], grown[self.num_layers :]
         lengths = torch.zeros((new_rows,), dtype=torch.long, device=self.device)
         lengths[: self.lengths.shape[0]] = self.lengths

@@ -90,10 +90,10 @@ class ModelRunner:
         placements = [RowPlacement(r.slot, n, o, r.then) for r, n, o in zip(rows, batch.lengths, batch.offsets)]
         plan = self.bank.plan(placements)
         first = self._cache.rows
-        for row in rows:
-            self._cache.add_row()
-            self._rows.append(_Row(row.seq_id))
         width = batch.input_ids.shape[1]
+        for row in rows:
+            self._cache.add_row(width)
+            self._rows.append(_Row(row.seq_id))
         self._cache.plan_prefill(first, batch.lengths, width)
         square = self._range(width)
         # causal, padding keys hidden; a padding query sees itself, so no row of the mask is empty (NaN in sdpa)
@@ -106,7 +106,7 @@ class ModelRunner:
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only in this mode
     def begin_chunked_prefill(self, row: PrefillRow) -> None:
         """Prefill `row` in chunks (`prefill_chunk`) instead of at once, so running rows keep decoding between."""
-        self._cache.add_row()
+        self._cache.add_row(len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
         self._rows.append(_Row(row.seq_id, chunked=row))
 
     def chunked_remaining(self, seq_id: int) -> int:

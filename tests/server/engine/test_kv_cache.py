@@ -181,3 +181,18 @@ def test_capacity_is_a_power_of_two_and_the_budget_counts_it() -> None:
     runner.prefill([PrefillRow(99, [5] * (MIN_COLUMNS + 1), 0)])
     assert runner.cache_allocated == (2 * MIN_ROWS, 2 * MIN_COLUMNS)
     assert KVBudget(per_token).cost(1, 1, runner.cache_allocated) == runner.cache_bytes  # it does not shrink
+
+
+def test_unused_slots_may_hold_anything(model) -> None:
+    """Slots beyond the rows in use are never initialised (growing fills only rows in use): a joining row clears
+    its slot, so NaN left there cannot leak into attention (0 * NaN) and outputs equal the row alone."""
+    runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
+    runner.prefill([PrefillRow(0, [5, 6, 7], 0)])
+    with torch.inference_mode():
+        for buffer in (*runner._cache.keys, *runner._cache.values):
+            buffer[1:] = float("nan")
+    first = runner.prefill([PrefillRow(1, [40, 41], 0)]).argmax(-1).tolist()
+    out = [first[0]]
+    for _ in range(5):
+        out.append(int(runner.decode([9, out[-1]])[1].argmax()))
+    assert out == generate(model, [[40, 41]], [None], max_new_tokens=6)[0]
