@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 
 MIN_ROWS = 4
 MIN_COLUMNS = 128
+CLEAN_AHEAD = 64  # columns cleared past the read width at once, so clearing is one op per layer every 64 steps
 
 
 def capacity(needed: int, minimum: int) -> int:
@@ -69,6 +70,10 @@ class SlotKVCache(Cache):
         self.values: list[Tensor] = []
         self.lengths = torch.zeros((0,), dtype=torch.long, device=device)  # [row capacity] tokens in each slot
         self.host_lengths: list[int] = []  # the same for the rows in use, on the host (no device sync to read)
+        # Columns [0, clean) hold finite values in every row in use. Buffers are allocated uninitialised and
+        # cleared lazily, just ahead of what a forward reads: masked columns still enter attention's matmuls
+        # (0 * NaN is NaN), and clearing a long row's columns for every row at once would stall the batch.
+        self.clean = 0
         self._write: _Decode | _Prefill | _Chunk | None = None
 
     @property
@@ -93,8 +98,7 @@ class SlotKVCache(Cache):
         self.reserve(self.rows + 1, columns)
         row = self.rows
         for buffer in (*self.keys, *self.values):
-            buffer[row].zero_()  # a slot may hold a former row's tokens or never-written memory; masked reads of it
-            # must not be NaN (0 * NaN in attention's matmul is NaN)
+            buffer[row, :, : self.clean] = 0  # a former row's tokens, or never-written memory
         self.lengths[row] = 0
         self.host_lengths.append(0)
         return row
@@ -118,6 +122,7 @@ class SlotKVCache(Cache):
     def clear(self) -> None:
         self.keys, self.values, self.host_lengths = [], [], []
         self.lengths = self.lengths[:0]
+        self.clean = 0
         self._write = None
 
     def reserve(self, rows: int, columns: int) -> None:
@@ -127,13 +132,12 @@ class SlotKVCache(Cache):
             return
         new_rows, new_columns = max(have_rows, capacity(rows, MIN_ROWS)), max(have_columns, capacity(columns, MIN_COLUMNS))
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
-        # Only the rows in use are filled (copied, and zeros in their new columns): filling the whole buffer would
-        # touch all of its memory at once, a stall of seconds for a long row on a CPU. `add_row` clears a slot.
+        # Only the rows in use are copied; nothing else is filled (see `clean`): touching a whole new buffer at
+        # once is a stall of seconds on a CPU when a long row arrives.
         rows_in_use = self.rows
         grown = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.num_layers)]
         for old, new in zip((*self.keys, *self.values), grown):
             new[:rows_in_use, :, : old.shape[2]] = old[:rows_in_use]
-            new[:rows_in_use, :, old.shape[2] :] = 0
         self.keys, self.values = grown[: self.num_layers], grown[self.num_layers :]
         lengths = torch.zeros((new_rows,), dtype=torch.long, device=self.device)
         lengths[: self.lengths.shape[0]] = self.lengths
@@ -144,8 +148,20 @@ class SlotKVCache(Cache):
         """Every row appends one token at its length; returns the width the forward reads. `row_index`: 0..rows-1."""
         width = max(self.host_lengths) + 1
         self.reserve(self.rows, width)
+        self._clean_to(width)
         self._write = _Decode(row_index, self.lengths[: self.rows], width)
         return width
+
+    def _clean_to(self, width: int) -> None:
+        """Zero every row's columns from `clean` up to past `width`, where they are beyond that row's length."""
+        if width <= self.clean:
+            return
+        end = min(self.keys[0].shape[2], width + CLEAN_AHEAD)
+        columns = torch.arange(self.clean, end, device=self.device)
+        unused = (columns[None, :] >= self.lengths[: self.rows, None])[:, None, :, None]  # [B, 1, new columns, 1]
+        for buffer in (*self.keys, *self.values):
+            buffer[: self.rows, :, self.clean : end].masked_fill_(unused, 0)
+        self.clean = end
 
     def advance(self, held: Sequence[int] = ()) -> None:
         """After a decode forward: every row grew by one token, except the `held` rows (their prompts are still

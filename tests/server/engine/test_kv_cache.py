@@ -184,8 +184,9 @@ def test_capacity_is_a_power_of_two_and_the_budget_counts_it() -> None:
 
 
 def test_unused_slots_may_hold_anything(model) -> None:
-    """Slots beyond the rows in use are never initialised (growing fills only rows in use): a joining row clears
-    its slot, so NaN left there cannot leak into attention (0 * NaN) and outputs equal the row alone."""
+    """Buffers are never filled when allocated; columns are cleared lazily, just ahead of what a forward reads, and
+    only past each row's length: NaN left in a slot cannot leak into attention (0 * NaN), outputs equal the row
+    alone."""
     runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
     runner.prefill([PrefillRow(0, [5, 6, 7], 0)])
     with torch.inference_mode():
