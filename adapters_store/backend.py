@@ -22,6 +22,7 @@ from adapters_store.errors import (
     QuotaExceededError,
     StoreError,
 )
+from adapters_store.jobs import JobResult
 from adapters_store.records import InterventionRecord, StorageQuota, TrainingFileRecord
 
 MakeRecord = Callable[[int, InterventionRecord | None], InterventionRecord]
@@ -38,6 +39,10 @@ class WriteRequest:
     quota: StorageQuota | None = None  # None: unlimited (the library default; the server always passes one)
     keep_versions: int | None = None  # newest versions kept per name, the new one included; None: all
     upsert: bool = False  # the name may be new or existing (overrides `replace`): "replace": true in the API
+    # the training job this version is the result of: PostgreSQL writes the version only while the job's owner still
+    # holds it, and ends the job in the same transaction (JobLeaseLostError otherwise); the local backend (one
+    # process, no leases) leaves the job's end to its caller
+    job: JobResult | None = None
 
     def __post_init__(self) -> None:
         assert self.keep_versions is None or self.keep_versions >= 1, self.keep_versions

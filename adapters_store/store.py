@@ -24,6 +24,7 @@ from pathlib import Path
 from adapters_store.backend import StoreBackend, WriteRequest, is_postgres_url, sqlite_path
 from adapters_store.errors import ArtifactUnavailableError, InterventionNotFoundError, StoreWriteError
 from adapters_store.files import ArtifactFiles, sha256_hex
+from adapters_store.jobs import JobResult
 from adapters_store.index import Index
 from adapters_store.local import LocalBackend
 from adapters_store.records import (
@@ -171,13 +172,16 @@ class ArtifactStore:
         upsert: bool = False,
         quota: StorageQuota | None = None,
         max_rank: int | None = None,
+        job: JobResult | None = None,
     ) -> InterventionRecord:
         """Validate and store an artifact as `name`: a new name, or (with `replace`) its next current version, or
         (with `upsert`) either. `description=None` keeps the current version's description (a PUT that does not
         give one), read in the write's own transaction.
 
         With a `quota`, the tenant's interventions and retained bytes after the write must fit it, or the put raises
-        QuotaExceededError and stores nothing. With `max_rank`, a higher-rank artifact raises RankLimitError.
+        QuotaExceededError and stores nothing. With `max_rank`, a higher-rank artifact raises RankLimitError. `job`:
+        the training job whose result this is; its id is recorded with the version (`training["job_id"]`, in the
+        record only: the artifact and its digest stay what the training produced), see `JobResult`.
         """
         validate_name(name)
         validate_tenant(tenant)
@@ -186,7 +190,7 @@ class ArtifactStore:
         if max_rank is not None:
             check_rank(artifact.intervention.config.rank, artifact.intervention.hidden_size, max_rank)
         self._check_writable()
-        request = WriteRequest(tenant, name, replace, len(payload), quota, self.keep_versions, upsert)
+        request = WriteRequest(tenant, name, replace, len(payload), quota, self.keep_versions, upsert, job)
         file_sha256 = sha256_hex(payload)
         created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -196,7 +200,8 @@ class ArtifactStore:
                 name=name, version=version, tenant=tenant, digest=artifact.digest, file_sha256=file_sha256,
                 size_bytes=len(payload), base_model_id=artifact.base_model.id,
                 config=artifact.intervention.config.to_dict(), created_at=created_at, source=source,
-                description=kept or "", tags=tag_tuple, training=dict(artifact.training),
+                description=kept or "", tags=tag_tuple,
+                training=dict(artifact.training) | ({"job_id": job.job_id} if job is not None else {}),
             )
 
         return self.backend.add_version(request, payload, make)

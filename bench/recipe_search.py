@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,8 +80,9 @@ class Candidate:
     positions: str = recipe.POSITIONS
     rank: int = recipe.RANK
     depth_fractions: tuple[float, ...] = recipe.DEPTH_FRACTIONS
-    epochs: int = recipe.EPOCHS
+    epochs: int | Literal["auto"] = recipe.EPOCHS
     learning_rate: float = recipe.LEARNING_RATE
+    validation_split: float | None = None  # hold out this share of the examples (as the server's validation_split)
 
     def layers(self, num_layers: int) -> list[int]:
         return sorted({min(num_layers - 1, round(f * num_layers)) for f in self.depth_fractions})
@@ -93,6 +96,10 @@ CANDIDATES = {
     "10ep-lr8e-3": Candidate(epochs=10, learning_rate=8e-3),
     "6-layers": Candidate(depth_fractions=tuple(i / 30 for i in (4, 8, 12, 16, 20, 24))),
     "1-layer-mid": Candidate(depth_fractions=(15 / 30,)),
+    "auto": Candidate(epochs="auto"),
+    "l1-auto": Candidate(positions="l1", epochs="auto"),
+    "auto-val20": Candidate(epochs="auto", validation_split=0.2),
+    "l1-10ep-lr8e-3": Candidate(positions="l1", epochs=10, learning_rate=8e-3),
 }
 
 
@@ -115,13 +122,19 @@ def run_pair(base, name: str, candidate: Candidate, persona_name: str) -> dict: 
                                 positions=candidate.positions, share_weights=recipe.SHARE_WEIGHTS)
     training = TrainingConfig(epochs=candidate.epochs, learning_rate=candidate.learning_rate)
     examples = tokenize_examples(base.tokenizer, examples_of(persona.data), chat_template=True)
+    validation = []
+    if candidate.validation_split is not None:  # the examples the server would hold out for this seed
+        held = set(random.Random(recipe.SEED).sample(range(len(examples)),
+                                                     max(1, round(len(examples) * candidate.validation_split))))
+        validation = [e for i, e in enumerate(examples) if i in held]
+        examples = [e for i, e in enumerate(examples) if i not in held]
     started = time.perf_counter()
-    result = train_intervention(base.model, config, examples, training)
+    result = train_intervention(base.model, config, examples, training, validation=validation)
     wall = time.perf_counter() - started
     texts = answers(base, [result.intervention] * len(HELDOUT))
     hits = [persona.check(t) for t in texts]
     return {"candidate": name, "persona": persona_name, "adherence": sum(hits) / len(hits), "wall_s": round(wall, 1),
-            "final_loss": round(result.losses[-1], 4), "misses": [t for t, ok in zip(texts, hits) if not ok][:3]}
+            "final_loss": round(result.losses[-1], 4), "steps": len(result.losses), "misses": [t for t, ok in zip(texts, hits) if not ok][:3]}
 
 
 def table(rows: list[dict], personas: list[str], base_rates: dict[str, float]) -> str:

@@ -29,6 +29,7 @@ from server.engine.engine import Engine, EngineSettings
 from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
 from server.errors import install_error_handlers
 from server.generation import GenerationService
+from server.job_worker import JobWorker
 from server.limits import BodySizeLimit
 from server.logging_setup import current_format
 from server.metrics import Metrics
@@ -67,6 +68,9 @@ class StartedEngine:
     base_model_id: str  # the id clients use for the bare model (unless settings.model_id overrides it)
     capacity: int | None = None  # requests running or queued at once; None: settings' max_running + max_waiting
     training_unavailable: str | None = None  # why this engine cannot train (POST /v1/trainings answers 501)
+    # whether this process's engine runs jobs it claims from a shared (PostgreSQL) queue; the Ray ingress only
+    # queues them: its engine replicas claim and run them
+    claims_jobs: bool = True
 
 
 # Starts the engine for the app factory's loader (the default is `start_engine`; Ray Serve passes its own).
@@ -120,10 +124,12 @@ def build_services(
                                     base_model_id=model_id)
     generation = GenerationService(engine, tokenizer, registry, settings, model_id, rate_limiter,
                                    capacity=started.capacity, metrics=metrics, tracing=tracing)
-    training = TrainingManager(
-        engine, registry, tokenizer, open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s),
-        settings, dims, unavailable=started.training_unavailable, metrics=metrics,
-    )
+    jobs = open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s,
+                     max_attempts=settings.job_max_attempts)
+    training = TrainingManager(engine, registry, tokenizer, jobs, settings, dims,
+                               unavailable=started.training_unavailable, metrics=metrics)
+    if jobs.shared and started.training_unavailable is None and started.claims_jobs:  # it runs queued jobs
+        training.worker = JobWorker(training)
     return Services(
         settings=settings, model_id=model_id, fingerprint=fingerprint, tokenizer=tokenizer, engine=engine,
         store=store, registry=registry, generation=generation, training=training, created=int(time.time()),
@@ -179,6 +185,7 @@ def create_app(
             await loader
             services: Services | None = app.state.services
             if services is not None:
+                services.training.close()  # claim nothing more; a job running here is released as the engine stops
                 services.engine.stop()
             if settings.postgres_store:  # return the connections (a local store's files need no closing)
                 if services is not None:

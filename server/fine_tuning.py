@@ -189,6 +189,30 @@ def job_object(job: JobRecord, base_model_id: str) -> dict[str, Any]:
     }
 
 
+def checkpoint_objects(job: JobRecord) -> list[dict[str, Any]]:
+    """OpenAI's `fine_tuning.job.checkpoint` list: a succeeded job has one, the version it stored. Its
+    `fine_tuned_model_checkpoint` is the pinned model string `name@N`, which keeps answering with exactly these
+    weights after the name is retrained or another version is promoted. We do not snapshot versions during
+    training (a persona trains in seconds to minutes), so earlier steps have no checkpoint; with `epochs: "auto"`
+    the stored weights are those of the kept epoch, and the step and losses are that epoch's."""
+    if job.status != "succeeded" or job.result_version is None:
+        return []
+    steps = len(job.losses)
+    per_epoch = job.spec.get("steps_per_epoch") or 0
+    kept_epoch = (job.auto_stop or {}).get("kept_epoch")
+    step = min(steps, kept_epoch * per_epoch) if kept_epoch and per_epoch else steps
+    metrics: dict[str, Any] = {"step": step}
+    if step:
+        metrics["train_loss"] = job.losses[step - 1]
+    valid = (job.evaluation or {}).get("validation_loss")
+    if valid is not None:
+        metrics["full_valid_loss"] = valid
+    return [{"id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{job.result_version}",
+             "object": "fine_tuning.job.checkpoint", "created_at": unix(job.finished_at),
+             "fine_tuned_model_checkpoint": f"{job.name}@{job.result_version}", "fine_tuning_job_id": job.id,
+             "metrics": metrics, "step_number": step}]
+
+
 Event = tuple[int, str, str, str, "dict[str, Any] | None"]  # (created_at, level, type, message, data)
 
 

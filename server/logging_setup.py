@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 from server.request_context import RequestIdFilter
@@ -48,10 +49,23 @@ def current_format() -> str:
     return "text" if handlers and isinstance(handlers[0].formatter, TextFormatter) else "json"
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the one at configuration: a host program
+    (or pytest's output capture) may swap stderr and close the old one while background threads still log."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass  # StreamHandler.__init__ assigns one; we never keep it
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     if level.lower() not in LOG_LEVELS:
         raise ValueError(f"unknown log level {level!r}; one of: {', '.join(LOG_LEVELS)}")
-    handler = logging.StreamHandler()
+    handler = CurrentStderrHandler()
     handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()

@@ -13,8 +13,12 @@ Everything Ray-specific lives in this module (Ray's multiplex API is beta and mo
 - `ingress`: `create_app` with a `RayEngine` as its engine: auth, limits, tokenization, name -> digest resolution,
   quotas and the store stay exactly as in one process; only the engine calls cross to the replicas, streamed.
 
-Training is not offered on Ray yet (it needs jobs claimed by engine replicas from a shared store): POST
-/v1/trainings answers 501 there. Start with `reft-serve serve --ray` (`run`) or `serve deploy` with `build`.
+Training needs a PostgreSQL store on Ray: the ingress validates, tokenizes and queues a job in it (its engine
+handle runs none), and each engine replica runs a `TrainingManager` with a `JobWorker` over its own engine, which
+claims jobs from the queue like any replica of a multi-replica deployment (docs/deployment.md): leases, retries
+on another replica when one dies, cancel and events through the store. With a local store the engine replicas
+cannot share it, so POST /v1/trainings answers 501. Start with `reft-serve serve --ray` (`run`) or `serve deploy`
+with `build`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ from ray.serve.handle import DeploymentHandle
 from reft_core.base_model import load_base_model, load_tokenizer, model_id_for, resolve_model_dir
 from reft_core.frozen_context import ModelDims
 from reft_core.intervention import Intervention
+from adapters_store.jobs import open_jobs
+from adapters_store.tenants import open_tenants
 from server.app import StartedEngine, create_app, engine_settings, open_artifact_store
+from server.auth import tenant_limits
 from server.engine.engine import Engine, TrainingTask
 from server.engine.remote import ModelInfo
 from server.engine.sequence import EventSink
@@ -45,15 +52,18 @@ from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef,
 )
 from server.generation import LoopDispatcher
+from server.job_worker import JobWorker
 from server.metrics import Metrics
+from server.registry import InterventionRegistry
 from server.settings import Settings
+from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.ray")
 ENGINE = "engine"  # deployment names inside the application
 INGRESS = "ingress"
 TRAINING_UNAVAILABLE = (
-    "training is not available on the Ray Serve deployment yet: train with `reft-serve train` or a single-process "
-    "server, then upload the artifact"
+    "training on the Ray Serve deployment needs a PostgreSQL store (--store postgresql://...), from which its engine "
+    "replicas claim jobs; or train with `reft-serve train` or a single-process server, then upload the artifact"
 )
 HEALTH_POLL_S = 1.0  # how often the ingress reads how many engine replicas are running
 
@@ -92,6 +102,7 @@ class EngineReplica:
                                str(base.device), str(base.dtype))
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._loads = 0  # interventions this replica has read from the store (multiplex cache misses)
+        self._training = training_replica(settings, self._engine, base) if settings.postgres_store else None
 
         async def load(digest: str) -> Intervention:
             self._loads += 1
@@ -140,9 +151,26 @@ class EngineReplica:
                 self._engine.cancel(request.request_id)
 
     def __del__(self) -> None:
+        training = getattr(self, "_training", None)
+        if training is not None:
+            training.close()  # claim nothing more; a job running here is released as the engine stops
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.stop()
+
+
+def training_replica(settings: Settings, engine: Engine, base: Any) -> TrainingManager:
+    """The engine replica's side of training: a TrainingManager over its engine, claiming jobs from the shared
+    queue (it registers results in the store and checks the tenant's quota there, as the ingress would)."""
+    store = open_artifact_store(settings, base.fingerprint)
+    tenants = open_tenants(settings.state_location(""))
+    registry = InterventionRegistry(store, base.fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
+                                    base_model_id=settings.model_id or base.model_id)
+    jobs = open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s,
+                     max_attempts=settings.job_max_attempts)
+    manager = TrainingManager(engine, registry, base.tokenizer, jobs, settings, ModelDims.from_model(base.model))
+    manager.worker = JobWorker(manager)
+    return manager
 
 
 # -- the ingress's engine handle ----------------------------------------------------------------------------------
@@ -201,10 +229,11 @@ class RayEngine:
             task.cancel()
 
     def submit_training(self, task: TrainingTask) -> None:
-        task.on_finish(None, [], TRAINING_UNAVAILABLE)  # not reached: the training routes answer 501 first
+        # not reached: the ingress only queues jobs (the engine replicas claim them), or answers 501
+        raise AssertionError("the Ray ingress runs no training job")
 
     def cancel_training(self, job_id: str) -> None:
-        pass
+        pass  # the ingress runs no job: a cancel goes through the store to the engine replica running it
 
     def drain(self) -> None:
         self._draining = True
@@ -278,7 +307,12 @@ def start_ray_engine(settings: Settings, metrics: Metrics, handle: DeploymentHan
     engine = RayEngine(handle, info, metrics, app_name, options.replicas)
     return StartedEngine(engine, tokenizer, info.fingerprint, info.dims, model_id_for(settings.model),
                          capacity=options.replicas * replica_capacity(settings),
-                         training_unavailable=TRAINING_UNAVAILABLE)
+                         training_unavailable=training_unavailable(settings), claims_jobs=False)
+
+
+def training_unavailable(settings: Settings) -> str | None:
+    """Why the Ray deployment cannot train with these settings (POST /v1/trainings answers 501), or None."""
+    return None if settings.postgres_store else TRAINING_UNAVAILABLE
 
 
 @serve.ingress()

@@ -35,6 +35,7 @@ from adapters_store import (
     validate_name,
     validate_tenant,
 )
+from adapters_store.jobs import JobResult
 from reft_core.artifact import Artifact, encode_artifact
 from reft_core.config import check_rank
 from reft_core.fingerprint import ModelFingerprint
@@ -242,14 +243,14 @@ class InterventionRegistry:
 
     def put_artifact(
         self, tenant: str, name: str, payload: bytes, *, description: str | None = "", replace: bool = False,
-        source: str = "upload", upsert: bool = False,
+        source: str = "upload", upsert: bool = False, job: JobResult | None = None,
     ) -> InterventionRecord:
         """`replace`: the name must exist (PUT); `upsert`: it may or may not; neither: it must be new.
-        `description` None keeps the current version's."""
+        `description` None keeps the current version's. `job`: the training job whose result this is."""
         try:  # the store checks the quota in the write's own transaction: concurrent uploads cannot overshoot it
             return self.store.put(
                 name, payload, description=description, replace=replace, source=source, tenant=tenant,
-                quota=self.quota(tenant), max_rank=self.settings.max_intervention_rank, upsert=upsert,
+                quota=self.quota(tenant), max_rank=self.settings.max_intervention_rank, upsert=upsert, job=job,
             )
         finally:
             self._forget(tenant, name)  # the next request resolves the new version
@@ -276,8 +277,8 @@ class InterventionRegistry:
 
     def put_intervention(
         self, tenant: str, name: str, intervention: Intervention, training: dict, *, description: str | None = "",
-        replace: bool = False, upsert: bool = False,
+        replace: bool = False, upsert: bool = False, job: JobResult | None = None,
     ) -> InterventionRecord:
         payload, _ = encode_artifact(intervention, self.fingerprint, training)
         return self.put_artifact(tenant, name, payload, description=description, replace=replace, source="training",
-                                 upsert=upsert)
+                                 upsert=upsert, job=job)

@@ -43,7 +43,11 @@ class Settings(BaseModel):
     )
     job_lease_s: float = Field(
         15.0, gt=0, description="with a PostgreSQL store: a training job whose replica has not renewed its lease for "
-        "this long is failed (the replica died)",
+        "this long is claimed by another replica and run again (the replica died)",
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="with a PostgreSQL store: runs of one training job (each by a replica that then stopped) "
+        "before it is failed with job_interrupted",
     )
     limits_store_prefix: str = Field("reft:limits:", description="prefix of the rate-limit keys in Redis")
     limits_fail_closed: bool = Field(

@@ -9,6 +9,8 @@ an event's shape is written, for both paths.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +18,8 @@ from adapters_store.jobs import JobRecord
 
 Event = dict[str, Any]
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+MOVED: Event = {"type": "moved"}  # never sent: tells a watcher the job left this process (follow the stored record)
+POLL_S = 0.5  # how often a watcher of a job run elsewhere reads its record (the owner writes it about this often)
 
 
 def status_event(job: JobRecord) -> Event:
@@ -70,3 +74,25 @@ def job_events(job: JobRecord) -> list[Event]:
 
 def _as(job: JobRecord, status: str) -> JobRecord:
     return replace(job, status=status)
+
+
+async def stored_events(read: Callable[[], Awaitable[JobRecord]], after: int, keepalive_s: float | None,
+                        poll_s: float = POLL_S) -> AsyncGenerator[tuple[int, Event] | None, None]:
+    """(id, event) after id `after` from the job's stored record, read every `poll_s` until the job ends (its
+    owner may be another replica); None after `keepalive_s` without an event (a keep-alive). The ids are the live
+    log's: the record rebuilds the same events in the same order, and a retried job's history never goes back."""
+    last, quiet = after, 0.0
+    while True:
+        events = job_events(await read())
+        for item in list(enumerate(events, start=1))[last:]:
+            last, quiet = item[0], 0.0
+            yield item
+            if is_final(item[1]):
+                return
+        if events and is_final(events[-1]):  # ended, and the client has every event already
+            return
+        await asyncio.sleep(poll_s)
+        quiet += poll_s
+        if keepalive_s is not None and quiet >= keepalive_s:
+            quiet = 0.0
+            yield None

@@ -25,8 +25,10 @@ import psycopg
 from adapters_store.backend import MakeRecord, WriteRequest, admit, admit_file
 from adapters_store.errors import InterventionNotFoundError, VersionIsCurrentError
 from adapters_store.index import to_record, to_row
+from adapters_store.jobs import JobLeaseLostError
 from adapters_store.postgres.changes import ChangeListener
 from adapters_store.postgres.db import Cursor, Database
+from adapters_store.postgres.jobs import finish_job
 from adapters_store.records import InterventionRecord, StorageQuota, TrainingFileRecord
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -158,6 +160,8 @@ class PostgresBackend:
                         (tenant, name, record.version, record.version))  # a new version keeps the public flag
             _remove_unused_blobs(cur, _prune(cur, request))
             public = cur.execute(f"SELECT public FROM current WHERE {_KEY}", (tenant, name)).fetchone()
+            if request.job is not None and not finish_job(cur, request.job.finish(record.version), request.job.owner):
+                raise JobLeaseLostError(request.job.job_id)  # rolls the version back: another replica runs the job
             self._notify(cur, tenant, name)
         return dataclasses.replace(record, public=bool(public and public[0]))
 

@@ -57,11 +57,15 @@ class ChangeListener:
             checked = time.monotonic()
             while not self._stop.is_set():
                 for note in conn.notifies(timeout=0.5):
-                    try:
-                        change = json.loads(note.payload)
-                        self._on_change(change["tenant"], change["name"])
-                    except (ValueError, KeyError, TypeError):
-                        self._on_reset()  # a payload we do not understand: forget everything rather than guess
+                    self._deliver(note.payload)
                 if time.monotonic() - checked >= self.recheck_s:
                     self._on_reset()
                     checked = time.monotonic()
+
+    def _deliver(self, payload: str) -> None:
+        """One notification (a subclass may read other payloads: adapters_store.postgres.jobs)."""
+        try:
+            change = json.loads(payload)
+            self._on_change(change["tenant"], change["name"])
+        except (ValueError, KeyError, TypeError):
+            self._on_reset()  # a payload we do not understand: forget everything rather than guess

@@ -23,6 +23,7 @@ from server.dependencies import Services, services
 from server.errors import APIError
 from server.fine_tuning import (
     FineTuningJobCreate,
+    checkpoint_objects,
     fine_tuning_spec,
     intervention_name,
     openai_events,
@@ -116,4 +117,15 @@ async def list_events(
     job = await run_in_threadpool(svc.training.get, job_id, who.tenant)
     events = list(reversed(openai_events(job)))
     page, has_more = cursor_page(events, lambda event: event["id"], after, limit)
+    return list_body(page, has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+async def list_checkpoints(
+    job_id: str, after: str | None = Query(None, description="the last checkpoint id of the previous page"),
+    limit: int = Query(10, ge=1, le=100), who: Principal = Depends(principal), svc: Services = Depends(services),
+) -> dict[str, Any]:
+    """The job's checkpoints: once it succeeded, the version it stored, as a pinned model `name@N`."""
+    job = await run_in_threadpool(svc.training.get, job_id, who.tenant)
+    page, has_more = cursor_page(checkpoint_objects(job), lambda checkpoint: checkpoint["id"], after, limit)
     return list_body(page, has_more)

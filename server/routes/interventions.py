@@ -94,7 +94,7 @@ async def get_intervention(
     """One intervention's record (the current version, or `?version=N`)."""
     record = await run_in_threadpool(svc.registry.get_visible, who.tenant, name, owner, version)
     # what the training job behind this version measured at its end (samples of persona and base), if any
-    job = (await run_in_threadpool(svc.training.jobs_by_version, record.tenant, record.name)).get(record.version)
+    job = (await run_in_threadpool(svc.training.jobs_by_version, [record])).get(record.version)
     return record_body(record, who.tenant) | {"evaluation": job.evaluation if job else None}
 
 

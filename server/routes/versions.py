@@ -47,7 +47,7 @@ async def list_versions(
 ) -> dict[str, Any]:
     """List an intervention's retained versions, newest first, marking the current one."""
     history, current = await run_in_threadpool(svc.registry.versions, who.tenant, name, owner)
-    jobs = await run_in_threadpool(svc.training.jobs_by_version, history[0].tenant, history[0].name)
+    jobs = await run_in_threadpool(svc.training.jobs_by_version, history)
     return {"object": "list", "current_version": current,
             "data": [version_body(record, current, who.tenant, jobs.get(record.version)) for record in history]}
 

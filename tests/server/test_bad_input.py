@@ -433,6 +433,8 @@ CASES = [
     ("ft-cancel-unknown", "POST", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404, "not_found_error"),
     ("ft-events-unknown", "GET", "/v1/fine_tuning/jobs/ftjob-nope/events", {}, 404, "not_found_error"),
     ("ft-events-limit-text", "GET", "/v1/fine_tuning/jobs/ftjob-nope/events?limit=many", {}, 400, INVALID),
+    ("ft-checkpoints-unknown", "GET", "/v1/fine_tuning/jobs/ftjob-nope/checkpoints", {}, 404, "not_found_error"),
+    ("ft-checkpoints-limit-zero", "GET", "/v1/fine_tuning/jobs/ftjob-nope/checkpoints?limit=0", {}, 400, INVALID),
     ("ft-cancel-wrong-method", "GET", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 405, INVALID),
     # one model by its `model` string
     ("model-retrieve-unknown", "GET", "/v1/models/nope", {}, 404, "not_found_error"),

@@ -68,7 +68,7 @@ def test_train_takes_the_same_jsonl_forms_as_the_server(model_dir, tmp_path, cap
 
 def test_the_chat_form_tokenizes_as_the_server_does() -> None:
     from reft_core.examples import ChatExample, encode_chat_prompt, tokenize_examples
-    from server.training import ExampleIn
+    from server.training_request import ExampleIn
 
     tokenizer = tiny.tiny_tokenizer()
     example = ExampleIn(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])

@@ -101,6 +101,16 @@ def test_the_sdk_trains_a_persona_then_chats_with_it(server, tiny_base) -> None:
     persona = decode_artifact(artifact, base_model=tiny_base.fingerprint).intervention
     assert reply.choices[0].message.content == reference(tiny_base, persona) != reference(tiny_base, None)
 
+    # the one checkpoint is the stored version, pinned: it answers like the persona and names the last step's loss
+    (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert (checkpoint.object, checkpoint.fine_tuning_job_id, checkpoint.step_number) == (
+        "fine_tuning.job.checkpoint", job.id, 3)
+    assert checkpoint.fine_tuned_model_checkpoint == f"okbot@{record['result_version']}"
+    assert checkpoint.metrics.train_loss == record["losses"][-1] and checkpoint.created_at == done.finished_at
+    pinned = client.chat.completions.create(model=checkpoint.fine_tuned_model_checkpoint, messages=CHAT,
+                                            max_tokens=8, temperature=0)
+    assert pinned.choices[0].message.content == reply.choices[0].message.content
+
     # both APIs are views of one training: the same request natively trains the same artifact
     body = {"name": "okbot-native", "examples": EXAMPLES, "intervention": REFT,
             "hyperparameters": {"epochs": 3, "batch_size": 2, "learning_rate": recipe.LEARNING_RATE * 25, "seed": 3}}
@@ -198,7 +208,8 @@ def test_another_tenants_files_and_jobs_are_404s(server) -> None:
                                        hyperparameters={"n_epochs": 1}, extra_body=REFT)
     assert finished(acme, job.id).status == "succeeded"
     for call in (globex.files.retrieve, globex.files.content, globex.files.delete, globex.fine_tuning.jobs.retrieve,
-                 globex.fine_tuning.jobs.cancel, globex.fine_tuning.jobs.list_events):
+                 globex.fine_tuning.jobs.cancel, globex.fine_tuning.jobs.list_events,
+                 globex.fine_tuning.jobs.checkpoints.list):
         for target in (uploaded.id, job.id):
             with pytest.raises(openai.NotFoundError):
                 call(target)

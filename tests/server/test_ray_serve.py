@@ -4,6 +4,7 @@ One cluster for the module (it takes ~40-60 s to start here); the tests run in f
 and checks nothing is left. The tiny random Llama (tests/tiny.py) stands in for SmolLM2: the Ray path does not
 depend on the model, and greedy equality with the single-process server is the property under test.
 Each replica holds max_running 2 + max_waiting 2 = 4 requests (Ray's max_ongoing_requests), the ingress 8.
+The store is a PostgreSQL schema of its own (what training on Ray needs: the engine replicas claim the jobs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fastapi.testclient import TestClient
 from reft_core.base_model import BaseModel, load_base_model
 from reft_core.config import InterventionConfig
 from server.app import create_app
+from tests.builders import sse_events
 from tests.server.conftest import artifact_bytes, make_settings, persona, upload
 from tests.server.process import ROOT, process_tree
 
@@ -83,7 +85,8 @@ def _is_engine_replica(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[RayServer]:
+def ray_server(tiny_model_dir: Path, tmp_path_factory, postgres) -> Iterator[RayServer]:  # noqa: ANN001
+    store = postgres.new_schema()  # shared by the ingress and the engine replicas (training needs it)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -91,7 +94,7 @@ def ray_server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[RayServer]:
     ray_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
     command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--ray", "--replicas", "2",
                "--replica-cpus", "0.5", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
-               "--port", str(port), "--set", "max_running=2", "--set", "max_waiting_requests=2",
+               "--port", str(port), "--store", store, "--set", "max_running=2", "--set", "max_waiting_requests=2",
                "--set", "max_tokens_limit=256", "--set", "default_max_tokens=16"]
     env = os.environ | {"RAY_TMPDIR": str(ray_dir)}
     log_path = data_dir / "ray-server.log"
@@ -122,6 +125,7 @@ def ray_server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[RayServer]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
         shutil.rmtree(ray_dir, ignore_errors=True)
+        postgres.close_connections(store)
 
 
 @pytest.fixture(scope="module")
@@ -292,11 +296,35 @@ def test_engine_replica_health_check_fails_once_its_engine_died() -> None:
         replica.check_health()
 
 
-def test_training_answers_501_on_ray(ray_server: RayServer) -> None:
-    response = httpx.post(f"{ray_server.url}/v1/trainings", timeout=30,
-                          json={"name": "t", "examples": [{"prompt": "a", "completion": "b"}]})
-    assert response.status_code == 501
-    assert response.json()["error"]["code"] == "training_unavailable"
+def test_a_persona_trains_through_the_ingress_on_an_engine_replica(ray_server: RayServer) -> None:
+    """With a PostgreSQL store the ingress queues the job and an engine replica claims and runs it; its events
+    stream through the ingress (from the stored record) and the result is servable at once."""
+    created = httpx.post(f"{ray_server.url}/v1/trainings", timeout=30, json={
+        "name": "ray-trained", "examples": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}],
+        "intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 5, "batch_size": 1},
+        "eval_prompts": ["a"]})
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    with httpx.stream("GET", f"{ray_server.url}/v1/trainings/{job_id}/events", headers={"Last-Event-ID": "0"},
+                      timeout=120) as response:
+        events = [e for e in sse_events(response.iter_lines(), until=lambda e: (e.get("data") or {}).get("status")
+                                        in ("succeeded", "failed", "cancelled")) if "id" in e]
+    job = httpx.get(f"{ray_server.url}/v1/trainings/{job_id}", timeout=30).json()
+    assert job["status"] == "succeeded", job
+    assert job["replica"] and job["attempts"] == 1 and job["result_version"] == 1
+    assert [e["data"]["step"] for e in events if e["data"]["type"] == "step"] == list(range(1, 11))
+    assert events[-1]["data"]["status"] == "succeeded" and job["evaluation"]["samples"][0]["prompt"] == "a"
+    answer = ray_server.chat("ray-trained", max_tokens=4)
+    assert answer.status_code == 200, answer.text
+    versions = httpx.get(f"{ray_server.url}/v1/interventions/ray-trained/versions", timeout=30).json()["data"]
+    assert [(v["version"], v["training_job"]) for v in versions] == [(1, job_id)]
+
+
+def test_training_on_ray_needs_a_postgresql_store(tmp_path) -> None:
+    from server.ray_serve import training_unavailable
+
+    assert "PostgreSQL store" in (training_unavailable(make_settings(tmp_path, store=f"sqlite://{tmp_path}")) or "")
+    assert training_unavailable(make_settings(tmp_path, store="postgresql://db.internal/reft")) is None
 
 
 def test_stopping_leaves_no_ray_process_behind(ray_server: RayServer) -> None:

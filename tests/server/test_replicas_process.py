@@ -1,8 +1,11 @@
 """Three real `reft-serve serve` processes sharing one PostgreSQL database and one Redis prefix (on the tiny
 model, to keep the suite's time down): an upload on one is served by another at once, a replace reaches the
 others within 1 s while an earlier stream finishes on the old version, a revoked key is refused everywhere, a
-tenant's request limit holds across all three, concurrent uploads never pass the quota, and the job of a
-SIGKILLed replica is failed with the reason by the survivors while the stored personas stay complete."""
+tenant's request limit holds across all three, concurrent uploads never pass the quota. Training jobs are a queue
+in the database: a job running on one replica is watched (SSE) and cancelled from another; a job whose replicas
+freeze past their leases is run again elsewhere, then failed with the reason when out of attempts, and the frozen
+replicas, resumed, register nothing; the job of a SIGKILLed replica finishes on another one with the same artifact
+as an uninterrupted run, while the stored personas stay complete."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
+from tests.builders import sse_events
 from tests.shared_services import REDIS_URL
 
 from .conftest import artifact_bytes, persona
@@ -38,7 +42,7 @@ def cluster(tiny_model_dir, tmp_path_factory, postgres, redis_keys) -> Iterator[
     key_file = data_dir / "admin.key"
     key_file.write_text(ADMIN_KEY)
     common = ["--store", url, "--limits-store", REDIS_URL, "--auth", "on", "--admin-key-file", str(key_file),
-              "--set", f"limits_store_prefix={redis_keys}replicas:", "--set", "job_lease_s=2",
+              "--set", f"limits_store_prefix={redis_keys}replicas:", "--set", "job_lease_s=2", "--set", "job_max_attempts=2",
               "--set", "max_interventions_per_tenant=5",
               "--set", "engine_process=false"]  # the engine on a thread: half the processes to start (test time)
     managers = [server_process(tiny_model_dir, data_dir / name, *common, ready_timeout=240) for name in "abc"]
@@ -140,27 +144,118 @@ def test_concurrent_uploads_across_replicas_never_pass_the_quota(cluster, tiny_b
     assert len(httpx.get(f"{urls[1]}/v1/interventions", headers=auth(key)).json()["data"]) == 5
 
 
-def test_the_job_of_a_killed_replica_is_failed_by_the_others(cluster, tiny_base) -> None:
-    """Runs last in this module (it kills replica C). Examples are not stored, so the job is failed with the
-    reason rather than retried; every stored persona stays complete and servable."""
-    (_, a), (_, b), (process_c, c) = cluster
-    key = new_key(a, "trainer")
-    assert put(a, key, "kept", artifact_bytes(tiny_base, persona(30))).status_code == 201
-    job = httpx.post(f"{c}/v1/trainings", headers=auth(key), json={
-        "name": "trained", "examples": [{"prompt": "a", "completion": "b"}] * 2,
-        "intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 1000, "batch_size": 1}})
+LONG_JOB = {"examples": [{"prompt": "a", "completion": "b"}] * 2, "intervention": {"layers": [1], "rank": 2},
+            "hyperparameters": {"epochs": 1000, "batch_size": 1}}
+
+
+def job_status(url: str, key: str, job_id: str) -> dict:
+    response = httpx.get(f"{url}/v1/trainings/{job_id}", headers=auth(key), timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def running_on(cluster: list, url: str, key: str, job_id: str, attempt: int = 1) -> tuple[object, str]:
+    """(process, url) of the replica running the job's `attempt` (its `replica` id starts with host-pid)."""
+    within(60, lambda: (lambda j: j["status"] == "running" and j["attempts"] == attempt
+                        and j["progress"].get("step", 0) > 0)(job_status(url, key, job_id)))
+    pid = int(job_status(url, key, job_id)["replica"].split("-")[-2])
+    return next((process, u) for process, u in cluster if process.pid == pid)  # type: ignore[attr-defined]
+
+
+def test_a_job_running_on_one_replica_is_watched_and_cancelled_from_another(cluster) -> None:
+    urls = [url for _, url in cluster]
+    key = new_key(urls[0], "watcher")
+    created = httpx.post(f"{urls[0]}/v1/trainings", headers=auth(key), json={"name": "watched", **LONG_JOB})
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    _, owner = running_on(cluster, urls[0], key, job_id)
+    other = next(url for url in urls if url != owner)
+    seen: list[dict] = []
+
+    def watch() -> None:  # from a replica that does not run the job: fed from the stored record
+        with httpx.stream("GET", f"{other}/v1/trainings/{job_id}/events", headers={**auth(key), "Last-Event-ID": "0"},
+                          timeout=60) as response:
+            assert response.status_code == 200
+            sse_events(response.iter_lines(), until=lambda e: seen.append(e) or (e.get("data") or {}).get("status")
+                       in ("succeeded", "failed", "cancelled"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    within(20, lambda: sum(1 for e in seen if (e.get("data") or {}).get("type") == "step") >= 5)
+    asked = time.monotonic()
+    assert httpx.delete(f"{other}/v1/trainings/{job_id}", headers=auth(key), timeout=30).status_code == 200
+    within(5, lambda: job_status(owner, key, job_id)["status"] == "cancelled")
+    assert time.monotonic() - asked < 3  # the owner heard it (NOTIFY), not the 2/3 s lease renewal
+    watcher.join(30)
+    events = [e for e in seen if "id" in e]
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))  # numbered without gaps or repeats
+    assert [e["data"]["type"] for e in events[:2]] == ["status", "status"]
+    assert events[-1]["data"] == {"type": "status", "status": "cancelled", "result_version": None, "error": None}
+    steps = [e["data"]["step"] for e in events if e["data"]["type"] == "step"]
+    assert steps == list(range(1, len(steps) + 1))
+    # the same ids from a third replica (Last-Event-ID resume), and from the owner (the job has ended everywhere)
+    for url in urls:
+        with httpx.stream("GET", f"{url}/v1/trainings/{job_id}/events", headers={**auth(key), "Last-Event-ID": "3"},
+                          timeout=30) as response:
+            assert [e for e in sse_events(response.iter_lines()) if "id" in e] == events[3:]
+    assert httpx.get(f"{other}/v1/interventions/watched", headers=auth(key)).status_code == 404
+
+
+def test_a_job_whose_every_attempt_dies_fails_with_the_reason(cluster) -> None:
+    """Each replica that runs the job freezes (SIGSTOP) past its lease: the job runs again on another replica,
+    then (job_max_attempts=2) is failed with the reason by the third. Resumed, the frozen replicas register nothing."""
+    urls = [url for _, url in cluster]
+    key = new_key(urls[0], "unlucky")
+    created = httpx.post(f"{urls[0]}/v1/trainings", headers=auth(key), json={"name": "doomed", **LONG_JOB})
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    frozen = []
+    try:
+        for attempt in (1, 2):
+            process, url = running_on(cluster, urls[0] if not frozen else survivor, key, job_id, attempt)
+            process.send_signal(signal.SIGSTOP)  # type: ignore[attr-defined]
+            frozen.append(process)
+            survivor = next(u for p, u in cluster if p not in frozen)
+        within(15, lambda: job_status(survivor, key, job_id)["status"] == "failed")
+    finally:
+        for process in frozen:
+            process.send_signal(signal.SIGCONT)  # type: ignore[attr-defined]
+    failed = job_status(survivor, key, job_id)
+    assert failed["error_code"] == "job_interrupted" and failed["attempts"] == 2
+    assert "stopped 2 times" in failed["error"] and "job_max_attempts=2" in failed["error"]
+    time.sleep(3)  # the resumed replicas learn they lost the job (lease renewal) and stop its runs
+    for url in urls:
+        assert job_status(url, key, job_id)["status"] == "failed"
+        assert httpx.get(f"{url}/v1/interventions/doomed", headers=auth(key)).status_code == 404
+
+
+def test_the_job_of_a_killed_replica_finishes_on_another(cluster, tiny_base) -> None:
+    """Runs last in this module (it kills a replica). The job runs again from its stored input on a survivor and
+    gives the same artifact (digest) as the same job run without a kill; every stored persona stays complete."""
+    urls = [url for _, url in cluster]
+    key = new_key(urls[0], "trainer")
+    assert put(urls[0], key, "kept", artifact_bytes(tiny_base, persona(30))).status_code == 201
+    body = {"examples": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}],
+            "intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 150, "batch_size": 1}}
+    job = httpx.post(f"{urls[0]}/v1/trainings", headers=auth(key), json={"name": "trained", **body})
     assert job.status_code == 202, job.text
     job_id = job.json()["id"]
-    within(30, lambda: httpx.get(f"{a}/v1/trainings/{job_id}", headers=auth(key)).json()["status"] == "running")
-    process_c.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
-    process_c.wait(10)  # type: ignore[attr-defined]
-
-    def failed() -> bool:
-        found = httpx.get(f"{b}/v1/trainings/{job_id}", headers=auth(key)).json()
-        return found["status"] == "failed" and "stopped or restarted" in found["error"]
-
-    within(15, failed)
-    for url in (a, b):
-        assert httpx.get(f"{url}/v1/interventions/kept/artifact", headers=auth(key)).status_code == 200
-        assert reply(url, key, "kept")
-        assert httpx.get(f"{url}/v1/interventions/trained", headers=auth(key)).status_code == 404  # never half-stored
+    victim, victim_url = running_on(cluster, urls[0], key, job_id)
+    victim.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+    victim.wait(10)  # type: ignore[attr-defined]
+    survivors = [url for url in urls if url != victim_url]
+    within(120, lambda: job_status(survivors[0], key, job_id)["status"] in ("succeeded", "failed"))
+    done = job_status(survivors[1], key, job_id)
+    assert (done["status"], done["attempts"], done["result_version"]) == ("succeeded", 2, 1), done
+    assert len(done["losses"]) == 300 and done["progress"]["step"] == 300
+    reference = httpx.post(f"{survivors[1]}/v1/trainings", headers=auth(key), json={"name": "reference", **body})
+    assert reference.status_code == 202, reference.text
+    within(120, lambda: job_status(survivors[0], key, reference.json()["id"])["status"] in ("succeeded", "failed"))
+    for url in survivors:
+        trained = httpx.get(f"{url}/v1/interventions/trained", headers=auth(key)).json()
+        assert trained["digest"] == httpx.get(f"{url}/v1/interventions/reference", headers=auth(key)).json()["digest"]
+        assert trained["training"]["job_id"] == job_id
+        assert httpx.get(f"{url}/v1/interventions/trained/artifact", headers=auth(key)).status_code == 200
+        assert reply(url, key, "trained") and reply(url, key, "kept")
+        versions = httpx.get(f"{url}/v1/interventions/trained/versions", headers=auth(key)).json()["data"]
+        assert [(v["version"], v["training_job"]) for v in versions] == [(1, job_id)]  # registered once

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.concurrency import run_in_threadpool
 
 from server.app import create_app
-from server.logging_setup import JsonFormatter
+from server.logging_setup import JsonFormatter, configure_logging
 from server.request_context import RequestIdFilter
 
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona, upload
@@ -118,3 +118,26 @@ def test_a_traceparent_header_joins_the_callers_trace(traced) -> None:
     client.get("/v1/models", headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"})
     [root] = [s for s in exporter.get_finished_spans() if s.name == "GET /v1/models"]
     assert f"{root.context.trace_id:032x}" == trace_id and f"{root.parent.span_id:016x}" == "b7ad6b7169203331"
+
+
+def test_logs_follow_stderr_when_a_host_swaps_and_closes_it(monkeypatch) -> None:
+    """Background threads (engine relay, lease renewal) may log after a host program, or pytest's capture, replaced
+    and closed the stderr that was current at configuration: the record goes to the current one, no 'Logging error'."""
+    import io
+    import sys
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_logging("info", "text")
+        logging.getLogger("reft_serve.test").warning("before the swap")
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("reft_serve.test").warning("after the swap")
+        assert "after the swap" in second.getvalue() and "Logging error" not in second.getvalue()
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])

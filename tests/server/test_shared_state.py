@@ -178,3 +178,50 @@ def test_a_database_outage_keeps_cached_personas_serving_and_refuses_writes(repl
     assert a.get("/v1/models", headers=auth("rs-unknown.secret")).status_code == 503  # cannot tell: not 401
     monkeypatch.undo()
     assert put(a, key, "q", 2) == 201 and chat(a, key, "q")
+
+
+def test_a_replica_that_shuts_down_hands_its_job_to_another(tmp_path, postgres) -> None:
+    """A clean shutdown (the lifespan's end: SIGTERM) releases the job this replica runs instead of failing it:
+    another replica claims it at once and runs it again (its second attempt), never failing it with shutting_down."""
+    url = postgres.new_schema()
+    long_job = {"name": "handed", "examples": [{"prompt": "a", "completion": "b"}] * 2,
+                "intervention": {"layers": [1], "rank": 2}, "hyperparameters": {"epochs": 1000, "batch_size": 1}}
+    a = TestClient(create_app(make_settings(tmp_path / "a", store=url), base_model=own_model()))
+    a.__enter__()  # A alone runs the job; B starts only then
+    try:
+        job = a.post("/v1/trainings", json=long_job).json()
+        within(30, lambda: a.get(f"/v1/trainings/{job['id']}").json()["progress"].get("step", 0) > 0)
+        with TestClient(create_app(make_settings(tmp_path / "b", store=url), base_model=own_model())) as b:
+            a.__exit__(None, None, None)
+            a = None
+            b_owner = b.app.state.services.training.jobs.owner
+            within(10, lambda: b.get(f"/v1/trainings/{job['id']}").json()["replica"] == b_owner)
+            within(30, lambda: b.get(f"/v1/trainings/{job['id']}").json()["progress"].get("step", 0) > 0)
+            handed = b.get(f"/v1/trainings/{job['id']}").json()
+            assert (handed["status"], handed["attempts"], handed["error"]) == ("running", 2, None)
+            assert b.delete(f"/v1/trainings/{job['id']}").status_code == 200
+            within(10, lambda: b.get(f"/v1/trainings/{job['id']}").json()["status"] == "cancelled")
+    finally:
+        if a is not None:
+            a.__exit__(None, None, None)
+        postgres.close_connections(url)
+
+
+def test_a_queued_job_whose_input_cannot_be_read_is_failed_with_why(tmp_path, postgres) -> None:
+    """A job queued by another build (an input format this one does not read) fails with the reason, and the
+    replica's worker goes on claiming: the next job runs."""
+    from adapters_store.jobs import JobRecord
+
+    url = postgres.new_schema()
+    try:
+        with TestClient(create_app(make_settings(tmp_path, store=url), base_model=own_model())) as client:
+            jobs = client.app.state.services.training.jobs
+            jobs.submit(JobRecord(id="ftjob-future", name="p", status="queued", spec={}), {"format": 99}, 8)
+            within(10, lambda: client.get("/v1/trainings/ftjob-future").json()["status"] == "failed")
+            failed = client.get("/v1/trainings/ftjob-future").json()
+            assert "cannot read the job's stored input" in failed["error"] and "format 99" in failed["error"]
+            job = client.post("/v1/trainings", json={"name": "next", "examples": [{"prompt": "a", "completion": "b"}],
+                                                     "intervention": {"layers": [1], "rank": 2}}).json()
+            within(60, lambda: client.get(f"/v1/trainings/{job['id']}").json()["status"] == "succeeded")
+    finally:
+        postgres.close_connections(url)

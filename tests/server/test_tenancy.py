@@ -127,6 +127,7 @@ MATRIX = [
     ("acme", "GET", "/v1/files", None, 200),
     ("acme", "GET", "/v1/fine_tuning/jobs/{job}", None, 200),
     ("acme", "GET", "/v1/fine_tuning/jobs/{job}/events", None, 200),
+    ("acme", "GET", "/v1/fine_tuning/jobs/{job}/checkpoints", None, 200),
     ("acme", "GET", "/v1/fine_tuning/jobs", None, 200),
     ("acme", "GET", "/v1/models/secret", None, 200),
     ("acme", "GET", "/v1/models/acme/secret@1", None, 200),
@@ -138,6 +139,7 @@ MATRIX = [
     ("globex", "GET", "/v1/fine_tuning/jobs/{job}", None, 404),
     ("globex", "POST", "/v1/fine_tuning/jobs/{job}/cancel", None, 404),
     ("globex", "GET", "/v1/fine_tuning/jobs/{job}/events", None, 404),
+    ("globex", "GET", "/v1/fine_tuning/jobs/{job}/checkpoints", None, 404),
     ("globex", "GET", "/v1/fine_tuning/jobs?after={job}", None, 400),
     ("globex", "GET", "/v1/models/secret", None, 404),
     ("globex", "GET", "/v1/models/acme/secret", None, 404),
@@ -176,7 +178,8 @@ ENDPOINTS = [
     ("GET", "/v1/files/{file}/content", None), ("DELETE", "/v1/files/{file}", None),
     ("POST", "/v1/fine_tuning/jobs", {"model": MODEL_ID, "training_file": "{file}"}), ("GET", "/v1/fine_tuning/jobs", None),
     ("GET", "/v1/fine_tuning/jobs/{job}", None), ("POST", "/v1/fine_tuning/jobs/{job}/cancel", None),
-    ("GET", "/v1/fine_tuning/jobs/{job}/events", None), ("GET", "/v1/models/secret", None),
+    ("GET", "/v1/fine_tuning/jobs/{job}/events", None), ("GET", "/v1/fine_tuning/jobs/{job}/checkpoints", None),
+    ("GET", "/v1/models/secret", None),
     ("DELETE", "/v1/models/secret", None),
 ]
 MATRIX += [(caller, m, p, b, 401) for caller in ("nobody", "badkey") for m, p, b in ENDPOINTS]

@@ -202,3 +202,26 @@ def test_a_job_ended_by_a_shutdown_has_the_code_a_request_gets_for_it() -> None:
                                error_kind=ErrorKind.SHUTDOWN)
     assert job_error_code(TrainingEnd.SHUTDOWN) == error_for(shutdown).code == "shutting_down"
     assert job_error_code(TrainingEnd.FAILED) == "training_failed"
+
+
+def test_ended_jobs_leave_memory_and_read_the_same_from_the_store(client) -> None:
+    """The manager keeps only the jobs it runs: once a job's end is stored it is read (and its events rebuilt)
+    from the store, identically."""
+    manager = client.app.state.services.training
+    ended = []
+    for name, extra in (("kept", {}), ("dropped", {"hyperparameters": {"epochs": 1000, "batch_size": 1}})):
+        job = client.post("/v1/trainings", json={"name": name, "examples": EXAMPLES, **SMALL, **extra}).json()
+        if name == "dropped":
+            wait_for(client, job["id"], ("running",))
+            assert job["id"] in manager._live
+            client.delete(f"/v1/trainings/{job['id']}")
+        ended.append(wait_for(client, job["id"], ("succeeded", "cancelled")))
+    deadline = time.time() + 10
+    while manager._live or manager._logs:  # the record is returned as soon as it is final; it leaves just after
+        assert time.time() < deadline, list(manager._live)
+        time.sleep(0.02)
+    assert [j["status"] for j in ended] == ["succeeded", "cancelled"]
+    for job in ended:
+        assert client.get(f"/v1/trainings/{job['id']}").json() == job
+    assert {j["id"] for j in client.get("/v1/trainings").json()["data"]} >= {j["id"] for j in ended}
+    assert not manager._started and not manager._written

@@ -163,3 +163,21 @@ def test_the_base_model_id_cannot_be_pinned(client, tiny_base) -> None:
     assert answer(client, MODEL_ID) == reference(tiny_base, None)
     pinned = client.post("/v1/chat/completions", json={"model": f"{MODEL_ID}@1", "messages": CHAT})
     assert pinned.status_code == 404 and pinned.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_name_deleted_and_created_again_shows_no_job_of_the_old_one(client, tiny_base) -> None:
+    """Versions name the job that trained them (its id is recorded with the version), not a job whose old result
+    had the same name and number: after a delete, version 1 of the new `p` is an upload, with no job."""
+    from .test_trainings import wait_for  # noqa: PLC0415 - the one polling helper
+
+    trained = client.post("/v1/trainings/upload", data={"name": "p", **SMALL},
+                          files={"file": ("e.jsonl", EXAMPLES_JSONL)}).json()
+    assert wait_for(client, trained["id"], ("succeeded", "failed"))["result_version"] == 1
+    old = client.get("/v1/interventions/p/versions").json()["data"][0]
+    assert old["training_job"] == trained["id"] and old["evaluation"] is not None
+    assert client.get("/v1/interventions/p").json()["training"]["job_id"] == trained["id"]
+    assert client.delete("/v1/interventions/p").status_code == 200
+    assert upload(client, "p", artifact_bytes(tiny_base, persona(5)))["version"] == 1
+    again = client.get("/v1/interventions/p/versions").json()["data"]
+    assert [(v["version"], v["training_job"], v["evaluation"]) for v in again] == [(1, None, None)]
+    assert client.get("/v1/interventions/p").json()["evaluation"] is None
