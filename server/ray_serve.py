@@ -28,7 +28,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,7 +66,15 @@ TRAINING_UNAVAILABLE = (
     "training on the Ray Serve deployment needs a PostgreSQL store (--store postgresql://...), from which its engine "
     "replicas claim jobs; or train with `reft-serve train` or a single-process server, then upload the artifact"
 )
-HEALTH_POLL_S = 1.0  # how often the ingress reads how many engine replicas are running
+# How often the ingress reads how many engine replicas are running. `serve.status()` makes Ray's controller build
+# every deployment's details (pydantic models, a pickled router class): polled every second, that alone took 2% of
+# a core on an idle 2-core machine (ingress + controller; more under load), cycles the engine needs. A failed
+# replica call asks for a reading at once and for a reading every second for a minute (Ray notices a death and
+# restarts the replica on its own schedule), as does a reading of no replica running, so /ready still follows
+# deaths and restarts within about a second.
+HEALTH_POLL_S = 5.0
+HEALTH_POLL_DOWN_S = 1.0
+WATCH_CLOSELY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -178,14 +187,17 @@ def training_replica(settings: Settings, engine: Engine, base: Any) -> TrainingM
 class RayEngine:
     """The `EngineHandle` the ingress's app holds: each request is a streamed call to the engine deployment."""
 
-    def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: Metrics, app_name: str,
-                 replicas: int, health_poll_s: float = HEALTH_POLL_S) -> None:
-        self._handle, self.info, self._app_name, self._replicas = handle, info, app_name, replicas
-        self._health_poll_s = health_poll_s
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: Metrics, replicas: int,
+                 running_replicas: Callable[[], int]) -> None:
+        """`running_replicas` reads how many engine replicas Ray reports running (`running_engine_replicas`)."""
+        self._handle, self.info, self._replicas = handle, info, replicas
+        self._running_replicas = running_replicas
         self._calls: dict[str, tuple[asyncio.Task[None], list[Any]]] = {}  # request id -> pump task, its stream
         self._draining = False
         self._healthy = replicas  # replaced by the monitor's first reading
         self._stop = threading.Event()
+        self._recheck = threading.Event()  # a replica call failed: read the replicas' status now
+        self._watch_closely_until = 0.0  # monotonic time; after a failure, poll every second for a while
         # per-replica series: bounded by replicas x restarts (replica ids are Ray's, never user input)
         self._served = Counter("reft_ray_replica_requests_total", "Generation requests served by each engine replica",
                                ["replica"], registry=metrics.registry)
@@ -240,6 +252,7 @@ class RayEngine:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._recheck.set()
         self._monitor.join(timeout)
 
     # -- streaming ----------------------------------------------------------------------------------------------------
@@ -270,6 +283,8 @@ class RayEngine:
             finished = True
         except Exception as exc:  # noqa: BLE001 - a replica died or failed mid-request: fail this request only
             log.warning("engine replica call failed", extra={"request": request.request_id, "error": repr(exc)})
+            self._watch_closely_until = time.monotonic() + WATCH_CLOSELY_S
+            self._recheck.set()
             sink(_failed(request, ErrorKind.ENGINE_DEAD, f"the engine replica serving this request failed "
                          f"({type(exc).__name__}); retry the request"))
             finished = True
@@ -278,14 +293,27 @@ class RayEngine:
 
     # -- health -------------------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stop.wait(self._health_poll_s):
+        while True:
+            closely = self._healthy == 0 or time.monotonic() < self._watch_closely_until
+            self._recheck.wait(HEALTH_POLL_DOWN_S if closely else HEALTH_POLL_S)
+            self._recheck.clear()
+            if self._stop.is_set():
+                return
             try:
-                deployments = serve.status().applications[self._app_name].deployments
-                self._healthy = int(deployments[ENGINE].replica_states.get("RUNNING", 0))
+                self._healthy = self._running_replicas()
             except Exception as exc:  # noqa: BLE001 - the controller may be restarting: keep the last reading
                 log.warning("could not read the engine replicas' status", extra={"error": repr(exc)})
                 continue
             self._healthy_gauge.set(self._healthy)
+
+
+def running_engine_replicas(app_name: str) -> Callable[[], int]:
+    """Reads how many engine replicas of the application Ray reports running."""
+    def read() -> int:
+        deployments = serve.status().applications[app_name].deployments
+        return int(deployments[ENGINE].replica_states.get("RUNNING", 0))
+
+    return read
 
 
 def _with_parts(ref: InterventionRef | ComposedRef, parts: list[InterventionRef]) -> InterventionRef | ComposedRef:
@@ -304,7 +332,7 @@ def start_ray_engine(settings: Settings, metrics: Metrics, handle: DeploymentHan
     tokenizer = load_tokenizer(resolve_model_dir(settings.model, settings.model_cache_dir))
     info: ModelInfo = handle.info.remote().result(timeout_s=600)
     app_name = serve.get_replica_context().app_name  # as deployed (`serve deploy` may name it otherwise)
-    engine = RayEngine(handle, info, metrics, app_name, options.replicas)
+    engine = RayEngine(handle, info, metrics, options.replicas, running_engine_replicas(app_name))
     return StartedEngine(engine, tokenizer, info.fingerprint, info.dims, model_id_for(settings.model),
                          capacity=options.replicas * replica_capacity(settings),
                          training_unavailable=training_unavailable(settings), claims_jobs=False)

@@ -1,10 +1,14 @@
-"""`reft-serve serve --ray` on a local Ray cluster: 2 engine replicas of the tiny model on half a CPU each.
+"""`reft-serve serve --ray` on a local Ray cluster: 2 engine replicas of the embedded SmolLM2 on half a CPU each,
+on a PostgreSQL store (the shared-state backend a Ray cluster across machines needs).
 
-One cluster for the module (it takes ~40-60 s to start here); the tests run in file order and the last one stops it
-and checks nothing is left. The tiny random Llama (tests/tiny.py) stands in for SmolLM2: the Ray path does not
-depend on the model, and greedy equality with the single-process server is the property under test.
-Each replica holds max_running 2 + max_waiting 2 = 4 requests (Ray's max_ongoing_requests), the ingress 8.
-The store is a PostgreSQL schema of its own (what training on Ray needs: the engine replicas claim the jobs).
+One cluster per test session (this module is the only one that starts one; it takes ~40-60 s here): the tests run
+in file order and the last one stops it and checks nothing is left. The reference is the single-process server
+(engine on a thread) on the same model object and the same database, so both serve the very same artifacts; it is
+also the "other writer" whose changes must reach the Ray replicas. Everything runs on SmolLM2, not the tiny random
+model: with one cluster per session a second, tiny cluster would cost another cluster start, more than SmolLM2's
+slower steps cost the routing test; max_tokens stays small. Each replica holds max_running 2 + max_waiting 2 = 4
+requests (Ray's max_ongoing_requests), the ingress 8. The PostgreSQL store is also what training on Ray needs:
+the engine replicas claim the jobs from it.
 """
 
 from __future__ import annotations
@@ -28,22 +32,29 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from reft_core.base_model import BaseModel, load_base_model
+from reft_core.base_model import BaseModel
 from reft_core.config import InterventionConfig
 from server.app import create_app
-from tests.builders import sse_events
-from tests.server.conftest import artifact_bytes, make_settings, persona, upload
+from tests.builders import random_intervention, sse_events
+from tests.server.conftest import artifact_bytes, make_settings
 from tests.server.process import ROOT, process_tree
+from tests.shared_services import ScratchDatabase
 
 pytestmark = pytest.mark.ray
 
-CONFIGS = (  # mixed placements, ranks and positions across the 16 personas
-    InterventionConfig(layers=(0, 2), rank=4, positions="f1+l1"),
-    InterventionConfig(layers=(1,), rank=2, positions="l1"),
-    InterventionConfig(layers=(0, 1, 3), rank=8, positions="f3+l3"),
-    InterventionConfig(layers=(3,), rank=1, positions="f1"),
+CONFIGS = (  # mixed placements, ranks and positions across the 16 personas (SmolLM2 has 30 layers)
+    InterventionConfig(layers=(4, 12), rank=4, positions="f1+l1"),
+    InterventionConfig(layers=(8,), rank=2, positions="l1"),
+    InterventionConfig(layers=(6, 14, 22), rank=8, positions="f3+l3"),
+    InterventionConfig(layers=(18,), rank=1, positions="f1"),
 )
 CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "temperature": 0}
+TOKENS = 12  # greedy comparisons: enough to tell personas apart, cheap on two half-CPU replicas
+
+
+def persona_bytes(base: BaseModel, seed: int, config: InterventionConfig = CONFIGS[0]) -> bytes:
+    """A random SmolLM2 persona: strong enough to change a greedy answer, weak enough to keep it fluent."""
+    return artifact_bytes(base, random_intervention(config, seed=seed, hidden=base.hidden_size, scale=0.1))
 
 
 @dataclass
@@ -53,7 +64,7 @@ class RayServer:
     ray_dir: Path
     model_id: str = ""  # the base model's id (from /ready)
 
-    def chat(self, model: str, max_tokens: int = 16, **fields) -> httpx.Response:
+    def chat(self, model: str, max_tokens: int = TOKENS, **fields) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/chat/completions", json={"model": model, "max_tokens": max_tokens,
                                                                    **CHAT, **fields}, timeout=120)
 
@@ -85,25 +96,35 @@ def _is_engine_replica(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_model_dir: Path, tmp_path_factory, postgres) -> Iterator[RayServer]:  # noqa: ANN001
-    store = postgres.new_schema()  # shared by the ingress and the engine replicas (training needs it)
+def ray_store(postgres: ScratchDatabase) -> Iterator[str]:
+    """The Ray server's store: a fresh schema of the session's PostgreSQL database (shared by the ingress, the
+    engine replicas and the reference server)."""
+    store = postgres.new_schema()
+    yield store
+    postgres.close_connections(store)
+
+
+@pytest.fixture(scope="module")
+def ray_server(smollm2: BaseModel, ray_store: str, tmp_path_factory) -> Iterator[RayServer]:
+    # (`smollm2` first: the GGUF conversion into the model cache happens once, before the replicas load it)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     data_dir = tmp_path_factory.mktemp("ray-data")
     ray_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
     command = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--ray", "--replicas", "2",
-               "--replica-cpus", "0.5", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
-               "--port", str(port), "--store", store, "--set", "max_running=2", "--set", "max_waiting_requests=2",
+               "--replica-cpus", "0.5", "--store", ray_store, "--data-dir", str(data_dir),
+               "--port", str(port), "--set", "max_running=2", "--set", "max_waiting_requests=2",
                "--set", "max_tokens_limit=256", "--set", "default_max_tokens=16"]
     env = os.environ | {"RAY_TMPDIR": str(ray_dir)}
+    env.pop("RAY_ADDRESS", None)  # always a cluster of our own
     log_path = data_dir / "ray-server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env,
                                    start_new_session=True)  # its own group: cleanup can reach every Ray process
     server = RayServer(process, f"http://127.0.0.1:{port}", ray_dir)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while True:
             assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
             assert time.time() < deadline, "the Ray server did not become ready"
@@ -125,16 +146,16 @@ def ray_server(tiny_model_dir: Path, tmp_path_factory, postgres) -> Iterator[Ray
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
         shutil.rmtree(ray_dir, ignore_errors=True)
-        postgres.close_connections(store)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path, tmp_path_factory) -> Iterator[TestClient]:
-    """The single-process server on the same model directory (engine on a thread)."""
-    base = load_base_model(tiny_model_dir, device="cpu", dtype="float32")
-    settings = make_settings(tmp_path_factory.mktemp("reference"), max_tokens_limit=256)
-    with TestClient(create_app(settings, base_model=base)) as client:
-        client.base = base  # type: ignore[attr-defined]
+def reference(smollm2: BaseModel, ray_store: str, tmp_path_factory) -> Iterator[TestClient]:
+    """The single-process server (engine on a thread) on the same model and the same database as the Ray server."""
+    settings = make_settings(tmp_path_factory.mktemp("reference"), max_tokens_limit=256, store=ray_store)
+    with TestClient(create_app(settings, base_model=smollm2)) as client:
+        worker = client.app.state.services.training.worker  # type: ignore[attr-defined]
+        assert worker is not None
+        worker.close()  # it claims no training job from the shared queue: those are for the Ray replicas under test
         yield client
 
 
@@ -150,43 +171,75 @@ def _content(response: httpx.Response) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
-def test_greedy_outputs_match_the_single_process_server(ray_server: RayServer, reference: TestClient) -> None:
-    base: BaseModel = reference.base  # type: ignore[attr-defined]
+def _reference_chat(reference: TestClient, model: str, max_tokens: int = TOKENS) -> str:
+    return _content(reference.post("/v1/chat/completions", json={"model": model, "max_tokens": max_tokens, **CHAT}))
+
+
+def test_greedy_outputs_match_the_single_process_server(ray_server: RayServer, smollm2: BaseModel,
+                                                        reference: TestClient) -> None:
     names = [f"mix-{i}" for i in range(16)]
     for i, name in enumerate(names):
-        payload = artifact_bytes(base, persona(100 + i, CONFIGS[i % len(CONFIGS)]))
-        _upload_ray(ray_server, name, payload)
-        upload(reference, name, payload)
-    models = names + [base.model_id, "mix-0+mix-1", "mix-2+mix-5+mix-7"]  # compositions load every part
+        _upload_ray(ray_server, name, persona_bytes(smollm2, 100 + i, CONFIGS[i % len(CONFIGS)]))
+    models = names + [smollm2.model_id, "mix-0+mix-1", "mix-2+mix-5+mix-7"]  # compositions load every part
     with ThreadPoolExecutor(8) as pool:  # the ingress holds 8: 2 replicas x (2 running + 2 waiting)
-        served = list(pool.map(lambda model: _content(ray_server.chat(model, max_tokens=24)), models))
-    expected = [reference.post("/v1/chat/completions", json={"model": m, "max_tokens": 24, **CHAT}).json()
-                ["choices"][0]["message"]["content"] for m in models]
+        served = list(pool.map(lambda model: _content(ray_server.chat(model)), models))
+    expected = [_reference_chat(reference, model) for model in models]  # same database: the very same artifacts
     assert served == expected
-    assert len(set(served)) > 8  # the personas really change the output (not 17 copies of the base model's)
+    assert len(set(served)) > 8  # the personas really change the output (not 19 copies of the base model's)
     counters = ray_server.replica_counters()["reft_ray_replica_requests_total"]
     assert len(counters) == 2 and sum(counters.values()) >= len(models)  # both replicas served some
 
 
-def test_a_persona_uploaded_through_the_ingress_is_servable_at_once(ray_server: RayServer,
+def test_a_persona_uploaded_through_the_ingress_is_servable_at_once(ray_server: RayServer, smollm2: BaseModel,
                                                                     reference: TestClient) -> None:
-    base: BaseModel = reference.base  # type: ignore[attr-defined]
     for version, seed in ((1, 7), (2, 8)):  # a new name, then a new version of it (replace), each used at once
-        payload = artifact_bytes(base, persona(seed))
-        record = _upload_ray(ray_server, "fresh", payload, **({"replace": "true"} if version == 2 else {}))
+        record = _upload_ray(ray_server, "fresh", persona_bytes(smollm2, seed),
+                             **({"replace": "true"} if version == 2 else {}))
         assert record["version"] == version
-        served = _content(ray_server.chat("fresh"))
-        upload(reference, f"fresh-{version}", payload)
-        expected = reference.post("/v1/chat/completions", json={"model": f"fresh-{version}", "max_tokens": 16,
-                                                                **CHAT}).json()["choices"][0]["message"]["content"]
-        assert served == expected
+        assert _content(ray_server.chat("fresh")) == _reference_chat(reference, f"fresh@{version}")
+
+
+def _wait_for(condition, what: str, timeout: float = 10.0) -> float:
+    """Seconds until `condition()` held (polled); fails after `timeout`."""
+    started = time.time()
+    while not condition():
+        assert time.time() - started < timeout, what
+        time.sleep(0.05)
+    return time.time() - started
+
+
+def test_changes_by_another_writer_on_the_shared_store_reach_the_ray_replicas(
+    ray_server: RayServer, smollm2: BaseModel, reference: TestClient
+) -> None:
+    """The reference server is a second writer on the Ray server's database: its replace, promote and delete reach
+    the ingress's registry as change notifications, and the engine replicas load the new digest from the store."""
+    _upload_ray(ray_server, "shared", persona_bytes(smollm2, 300))
+    first = _content(ray_server.chat("shared"))
+    assert first == _reference_chat(reference, "shared")
+
+    loads = sum(ray_server.replica_counters()["reft_ray_replica_intervention_loads"].values())
+    replaced = reference.put("/v1/interventions/shared", files={"file": ("s.safetensors",
+                                                                         persona_bytes(smollm2, 301))})
+    assert replaced.status_code == 200 and replaced.json()["version"] == 2, replaced.text
+    second = _reference_chat(reference, "shared")
+    assert second != first
+    _wait_for(lambda: _content(ray_server.chat("shared")) == second, "the Ray server kept serving version 1")
+    assert sum(ray_server.replica_counters()["reft_ray_replica_intervention_loads"].values()) > loads  # new digest
+    assert _content(ray_server.chat("shared@1")) == first  # a pinned version stays what it was
+
+    assert reference.post("/v1/interventions/shared/versions/1/promote").status_code == 200
+    _wait_for(lambda: _content(ray_server.chat("shared")) == first, "the promotion did not reach the Ray server")
+
+    assert reference.delete("/v1/interventions/shared").status_code in (200, 204)
+    _wait_for(lambda: ray_server.chat("shared").status_code == 404, "the deletion did not reach the Ray server")
+    gone = ray_server.chat("shared")
+    assert gone.json()["error"]["code"] == "model_not_found"
 
 
 def test_requests_for_a_persona_stay_on_the_replica_that_loaded_it_until_it_is_full(
-    ray_server: RayServer, reference: TestClient
+    ray_server: RayServer, smollm2: BaseModel
 ) -> None:
-    base: BaseModel = reference.base  # type: ignore[attr-defined]
-    _upload_ray(ray_server, "hot", artifact_bytes(base, persona(42)))
+    _upload_ray(ray_server, "hot", persona_bytes(smollm2, 42))
     before = ray_server.replica_counters()
     first = _content(ray_server.chat("hot"))
     after = ray_server.replica_counters()
@@ -205,7 +258,7 @@ def test_requests_for_a_persona_stay_on_the_replica_that_loaded_it_until_it_is_f
 
     # 8 at once, long enough to overlap: the home replica holds 4, the rest spill over to the other one
     with ThreadPoolExecutor(8) as pool:
-        long = list(pool.map(lambda _: _content(ray_server.chat("hot", max_tokens=200, ignore_eos=True)), range(8)))
+        long = list(pool.map(lambda _: _content(ray_server.chat("hot", max_tokens=24, ignore_eos=True)), range(8)))
     assert len(set(long)) == 1 and long[0].startswith(first)
     burst = ray_server.replica_counters()
     served = {r: v - sequential["reft_ray_replica_requests_total"].get(r, 0)
@@ -217,7 +270,7 @@ def test_requests_for_a_persona_stay_on_the_replica_that_loaded_it_until_it_is_f
 
 def _stream(server: RayServer, started: list[int], index: int) -> tuple[str, list[dict]]:
     """One streamed chat; returns how it ended ("done" or the error code) and its chunks."""
-    body = {"model": server.model_id, "max_tokens": 200, "ignore_eos": True, "stream": True, **CHAT}
+    body = {"model": server.model_id, "max_tokens": 48, "ignore_eos": True, "stream": True, **CHAT}
     chunks: list[dict] = []
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
@@ -410,16 +463,24 @@ class _FakeHandle:
         return _FakeStream(self.items, self.error)
 
 
-def _pump(handle: _FakeHandle, request) -> list:
-    """Run one request through a RayEngine on `handle`; return the events its sink got."""
+def _pump(handle: _FakeHandle, request, reads: list[float] | None = None, running: int = 2,
+          then: float = 0.0) -> list:
+    """Run one request through a RayEngine on `handle`; return the events its sink got. The engine's reads of the
+    running replicas' count (`running` each time) are timed into `reads`, for `then` seconds after the request."""
     import asyncio
 
     from server.engine.remote import ModelInfo
     from server.metrics import Metrics
     from server.ray_serve import RayEngine
 
+    reads = [] if reads is None else reads
+
+    def running_replicas() -> int:
+        reads.append(time.monotonic())
+        return running
+
     info = ModelInfo(None, None, 256, "cpu", "float32")  # type: ignore[arg-type]
-    engine = RayEngine(handle, info, Metrics(), "reft-serve", 2, health_poll_s=3600)  # type: ignore[arg-type]
+    engine = RayEngine(handle, info, Metrics(), 2, running_replicas)  # type: ignore[arg-type]
     events: list = []
 
     async def run() -> None:
@@ -429,9 +490,33 @@ def _pump(handle: _FakeHandle, request) -> list:
 
     try:
         asyncio.run(asyncio.wait_for(run(), 5))
+        time.sleep(then)
     finally:
         engine.stop()
     return events
+
+
+def test_a_failed_replica_call_makes_the_ingress_read_the_replicas_status_at_once() -> None:
+    """The ingress polls Ray's status every HEALTH_POLL_S (5 s: the poll costs CPU), but a replica that just failed
+    a request is read at once, and a reading of no replica running is re-read every second (/ready follows)."""
+    from ray.exceptions import ActorDiedError
+
+    from server.engine.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
+    from server.ray_serve import HEALTH_POLL_DOWN_S, HEALTH_POLL_S
+
+    assert HEALTH_POLL_S >= 3 * HEALTH_POLL_DOWN_S
+    request = GenerationRequest("r1", (1, 2), SamplingParams(max_tokens=2))
+    reads: list[float] = []
+    started = time.monotonic()
+    _pump(_FakeHandle([("replica-1", 0)], ActorDiedError()), request, reads, running=0,
+          then=HEALTH_POLL_DOWN_S * 1.4)
+    assert reads and reads[0] - started < HEALTH_POLL_DOWN_S  # at once, not after HEALTH_POLL_S
+    assert len(reads) >= 2 and reads[1] - reads[0] < HEALTH_POLL_DOWN_S * 1.5  # then every second
+
+    reads.clear()
+    final = GenerationEvent(text="b", token_ids=(6,), finish_reason=FinishReason.LENGTH)
+    _pump(_FakeHandle([("replica-1", 0), [final]]), request, reads, then=HEALTH_POLL_DOWN_S * 1.2)
+    assert reads == []  # a healthy request triggers no reading
 
 
 @pytest.mark.parametrize("failure", ["none", "replica_died", "backpressure"])
