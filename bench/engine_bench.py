@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the engine section of BENCHMARKS.md")
     parser.add_argument("--only-stall", action="store_true", help="run only the long-prompt stall scenario")
     parser.add_argument("--only-composed", action="store_true", help="run only the composed-personas scenario")
+    parser.add_argument("--skip-composed", action="store_true",
+                        help="leave the composed-personas scenario out of a full run (it has its own section)")
     parser.add_argument("--composed-requests", type=int, default=64, help="(smaller for a smoke run)")
     parser.add_argument("--composed-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -233,7 +235,7 @@ def main() -> None:
         print_stalls(run_stalls(args.rounds))
         return
     base = load_base_model()
-    composed = run_composed(base, args.rounds, args.composed_requests, args.composed_tokens)
+    composed = [] if args.skip_composed else run_composed(base, args.rounds, args.composed_requests, args.composed_tokens)
     if args.only_composed:
         print("\n".join(composed))
         return
@@ -296,9 +298,8 @@ def main() -> None:
         "Inter-token latency of 16 streaming rows (96 tokens each) while a ~2,000-token prompt arrives 3 s in, with "
         "chunked prefill (default) and with every prompt prefilled in one forward (`prefill_chunk_share=0`):", "",
         *stall_lines, "",
-        "Composed personas: one intervention per request vs two composed (`model: \"a+b\"`), the fixed workload, "
-        "16 random personas:", "",
-        *composed, "",
+        *(["Composed personas: one intervention per request vs two composed (`model: \"a+b\"`), the fixed workload, "
+           "16 random personas:", "", *composed, ""] if composed else []),
     ])
     print(section)
     if args.write:

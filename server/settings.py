@@ -85,12 +85,12 @@ class Settings(BaseModel):
     max_running: int = Field(64, ge=1, description="rows in the running batch")
     max_prefill_tokens: int = Field(8192, ge=16, description="prompt tokens per prefill forward")
     kv_cache_budget_bytes: int = Field(
-        4 << 30, ge=1 << 20, description="bound on the running batch's KV cache (rows x longest row, spare capacity "
-        "included); requests beyond it wait for rows to finish",
+        4 << 30, ge=1 << 20, description="bound on the running batch's KV cache (the slot buffers: rows x the longest "
+        "row's prompt + max_tokens, each rounded up to a power of two); requests beyond it wait for rows to finish",
     )
     prefill_chunk_share: float = Field(
-        0.5, ge=0, le=10, description="while rows decode, a long prompt is prefilled in chunks of about this fraction "
-        "of a decode step's time (running rows keep streaming); 0 prefills every prompt in one forward",
+        0.8, ge=0, le=10, description="while rows decode, a long prompt is prefilled in chunks timed to cost about this "
+        "fraction of a decode step (running rows keep streaming); 0 prefills every prompt in one forward",
     )
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")
     max_resident_bank_bytes: int = Field(

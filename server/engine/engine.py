@@ -48,13 +48,14 @@ SHUTDOWN_ERROR = "the server is shutting down"
 # Whole steps failing this many times in a row means the engine itself is broken (not one request): stop, so the
 # process is restarted instead of failing every request forever.
 MAX_CONSECUTIVE_STEP_FAILURES = 20
-# Below this a chunk's forward is mostly fixed cost (measured on SmolLM2 / 2-core CPU: 32-token chunks prefill at
-# ~220 tokens/s, 128-token chunks at ~550, about the rate of a whole prompt).
-MIN_PREFILL_CHUNK = 128
+# Chunk sizes stay within these bounds; in between, each chunk is sized from how long the last one took (see
+# `_size_next_chunk`). The first chunk starts small and sizes grow at most 2x per chunk, so a wrong guess costs
+# running rows one short stall at most.
+MIN_PREFILL_CHUNK = 16
+FIRST_PREFILL_CHUNK = 32
 # Prompts up to this length are always prefilled whole, together with the others admitted in the same iteration:
 # chunking them would admit a burst of chat-sized prompts one chunk at a time and starve the batch of rows.
 CHUNKED_PROMPT_MIN_TOKENS = 512
-DEFAULT_PREFILL_CHUNK = 256  # before the first decode step and prefill have been timed
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,9 @@ class EngineSettings:
     # chunks, which bounds how long a newly arrived request waits for its prefill.
     training_share: float = 0.5
     idle_training_slice_s: float = 0.1
-    # While rows are decoding, a prompt too long to prefill within about this fraction of a decode step is
-    # prefilled a chunk per iteration instead (running rows keep streaming); 0 turns chunking off.
-    prefill_chunk_share: float = 0.5
+    # While rows are decoding, a long prompt is prefilled a chunk per iteration, each chunk's forward timed to cost
+    # about this fraction of a decode step (running rows' inter-token latency grows by that much); 0 turns it off.
+    prefill_chunk_share: float = 0.8
     prefill_chunk_tokens: int | None = None  # a fixed chunk size instead of the measured one (tests, tuning)
     kv_cache_budget_bytes: int | None = None  # bound on the batch's KV cache (see Scheduler); None: unbounded
 
@@ -123,7 +124,7 @@ class Engine:
                              settings.kv_cache_budget_bytes)
         self.scheduler = Scheduler(
             self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens,
-            kv_budget=kv_budget,
+            kv_budget=kv_budget, kv_allocated=lambda: self.runner.cache_allocated,
         )
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -142,8 +143,7 @@ class Engine:
         # iteration's events to the API process here, as one message.
         self.after_iteration: Callable[[], None] | None = None
         self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes training slices and chunks
-        self._prefill_rate = 0.0  # moving average of prompt tokens per second in whole prefills
-        self._chunk_rate = 0.0  # the same for chunk forwards (slower: each attends to the prompt so far); sizes chunks
+        self._chunk_size = FIRST_PREFILL_CHUNK  # tokens in the next chunk, from the last chunk's measured time
         self._chunking: deque[Sequence] = deque()  # admitted rows whose prompts are prefilled a chunk at a time
 
     # -- API for other threads -------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
             self._fail_forward(exc, seqs, "prefill")
             return
-        self._observe_prefill(time.perf_counter() - started, sum(s.prompt_len for s in seqs))
+        self.metrics.prefill_step.observe(time.perf_counter() - started)
         self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
         self._emit(logits, seqs)
 
@@ -412,8 +412,8 @@ class Engine:
             return
         elapsed = time.perf_counter() - started
         self.metrics.prefill_step.observe(elapsed)
-        rate = min(budget, remaining) / max(elapsed, 1e-6)
-        self._chunk_rate = rate if not self._chunk_rate else 0.5 * self._chunk_rate + 0.5 * rate
+        if budget < remaining:  # a full chunk (the last one is shorter and says little about the next)
+            self._size_next_chunk(budget, elapsed)
         if logits is None:
             return
         self._chunking.popleft()
@@ -440,20 +440,19 @@ class Engine:
         for seq in victims:
             self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
 
-    def _observe_prefill(self, elapsed: float, tokens: int) -> None:
-        self.metrics.prefill_step.observe(elapsed)
-        rate = tokens / max(elapsed, 1e-6)
-        self._prefill_rate = rate if not self._prefill_rate else 0.8 * self._prefill_rate + 0.2 * rate
-
     def _chunk_tokens(self) -> int:
-        """Prompt tokens per chunk while rows decode: about `prefill_chunk_share` of a decode step's time."""
+        """Prompt tokens per chunk while rows decode."""
         fixed = self.settings.prefill_chunk_tokens
-        if fixed is not None:
-            return fixed
-        rate = self._chunk_rate or self._prefill_rate  # before the first chunk, whole prefills' rate
-        if not self._decode_step_s or not rate:
-            return DEFAULT_PREFILL_CHUNK  # nothing measured yet
-        return max(MIN_PREFILL_CHUNK, int(self.settings.prefill_chunk_share * self._decode_step_s * rate))
+        return fixed if fixed is not None else self._chunk_size
+
+    def _size_next_chunk(self, tokens: int, elapsed: float) -> None:
+        """Scale the chunk so that its forward costs about `prefill_chunk_share` of a decode step. A chunk's cost is
+        a fixed part (reading the weights) plus a part per token that grows with the prompt prefilled so far, so
+        this is measured per chunk rather than derived from a prefill rate; growth is capped at 2x per chunk."""
+        target = self.settings.prefill_chunk_share * self._decode_step_s
+        if target > 0:
+            scaled = int(tokens * target / max(elapsed, 1e-6))
+            self._chunk_size = max(MIN_PREFILL_CHUNK, min(scaled, 2 * tokens))
 
     def _split_for_chunking(self, admitted: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
         """Rows to prefill at once, and rows whose prompts are too long to prefill without stalling the batch."""
@@ -461,7 +460,7 @@ class Engine:
         if not (chunking_on and self.runner.row_ids):
             return admitted, []
         fixed = self.settings.prefill_chunk_tokens  # a fixed chunk size (tests, tuning) chunks anything longer
-        threshold = fixed if fixed is not None else max(self._chunk_tokens(), CHUNKED_PROMPT_MIN_TOKENS)
+        threshold = fixed if fixed is not None else CHUNKED_PROMPT_MIN_TOKENS
         return [s for s in admitted if s.prompt_len <= threshold], [s for s in admitted if s.prompt_len > threshold]
 
     def _emit(self, logits: Tensor, seqs: list[Sequence]) -> None:

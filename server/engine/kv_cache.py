@@ -1,10 +1,18 @@
-"""The batch KV cache: one row per running sequence, left-aligned so every row writes its next token at one column.
+"""The slot KV cache: one preallocated buffer per layer, one slot (buffer row) per batch row, every row's tokens
+starting at column 0 with its own length (right padding).
 
-Because all rows end at the same column, a decode step is a single forward over the whole batch (the shared
-`cache_position` HF expects), while rows may have any length: shorter rows are left-padded and the padding is masked
-by the runner's attention mask. Each layer keeps a buffer with spare capacity, so appending a token writes in place
-instead of re-concatenating the whole cache every step (what HF's DynamicCache does). Rows join by `extend` (after
-their own prefill) and leave by `select`; `drop_leading` trims columns that have become padding for every row.
+The batch's rows are the first `rows` slots, compact, so a decode step is one forward over a view of the buffer
+(`[rows, kv_heads, width, head_dim]`, width = the longest row + 1) with per-row positions and a 4D mask built by the
+runner. Nothing aligns rows to each other: a joining row writes only its own slot, a leaving row is replaced by the
+last row (that one row is copied), and a long row never widens the others. The buffer grows geometrically (powers
+of two, rows and columns apart) when a row or a column does not fit; `capacity_bytes` is that size, and it is what
+the scheduler's KV budget counts.
+
+Each forward writes in one of three ways, set by the runner just before it:
+  decode  - every row appends one token at its own length (one indexed write per layer);
+  prefill - new rows' left-padded prompts are stored into their slots shifted to column 0 (their attention runs on
+            the forward's own keys, they have no past);
+  chunk   - one row appends a run of prompt tokens and attends to its whole slot so far.
 
 Only the runner touches this object.
 """
@@ -12,81 +20,195 @@ Only the runner touches this object.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
-_MIN_CAPACITY = 64
-
-
-class GrowableLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values are views into a buffer with spare capacity along the time axis."""
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self._set_buffers(key_states[:, :, :0].clone(), value_states[:, :, :0].clone(), 0)
-        self.is_initialized = True
-
-    def _set_buffers(self, key_buffer: Tensor, value_buffer: Tensor, length: int) -> None:
-        self._key_buffer, self._value_buffer, self.length = key_buffer, value_buffer, length
-        self.keys = key_buffer[:, :, :length]
-        self.values = value_buffer[:, :, :length]
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self._key_buffer.shape[-2]:
-            self.reserve(max(end, 2 * self._key_buffer.shape[-2], _MIN_CAPACITY))
-        self._key_buffer[:, :, self.length : end] = key_states
-        self._value_buffer[:, :, self.length : end] = value_states
-        self._set_buffers(self._key_buffer, self._value_buffer, end)
-        return self.keys, self.values
-
-    def reserve(self, capacity: int) -> None:
-        k, v = self._key_buffer, self._value_buffer
-        key_buffer = k.new_zeros((*k.shape[:2], capacity, k.shape[-1]))
-        value_buffer = v.new_zeros((*v.shape[:2], capacity, v.shape[-1]))
-        key_buffer[:, :, : self.length] = self.keys
-        value_buffer[:, :, : self.length] = self.values
-        self._set_buffers(key_buffer, value_buffer, self.length)
+MIN_ROWS = 4
+MIN_COLUMNS = 128
+CLEAN_AHEAD = 64  # columns cleared past the read width at once, so clearing is one op per layer every 64 steps
 
 
-class BatchKVCache(Cache):
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[GrowableLayer() for _ in range(num_layers)])
+def capacity(needed: int, minimum: int) -> int:
+    """The buffer size that holds `needed`: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << max(needed - 1, 0).bit_length())
+
+
+def capacity_bytes(rows: int, columns: int, bytes_per_token: int) -> int:
+    """Bytes of the keys and values the cache allocates to hold `rows` rows of up to `columns` tokens."""
+    return capacity(rows, MIN_ROWS) * capacity(columns, MIN_COLUMNS) * bytes_per_token
+
+
+@dataclass(frozen=True)
+class _Decode:
+    rows: Tensor  # [B] 0..B-1
+    columns: Tensor  # [B] where each row writes: its length
+    width: int  # columns the forward reads: the longest row + 1
+
+
+@dataclass(frozen=True)
+class _Prefill:
+    first: int  # slot of the first new row
+    source: Tensor | None  # [n, H, T, D] input column landing at each slot column; None: no padding to remove
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    row: int
+    start: int
+    end: int
+
+
+class SlotKVCache(Cache):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(layers=[])  # we keep our own buffers; transformers only calls `update`
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.keys: list[Tensor] = []  # per layer [row capacity, H, column capacity, D]
+        self.values: list[Tensor] = []
+        self.lengths = torch.zeros((0,), dtype=torch.long, device=device)  # [row capacity] tokens in each slot
+        self.host_lengths: list[int] = []  # the same for the rows in use, on the host (no device sync to read)
+        # Columns [0, clean) hold finite values in every row in use. Buffers are allocated uninitialised and
+        # cleared lazily, just ahead of what a forward reads: masked columns still enter attention's matmuls
+        # (0 * NaN is NaN), and clearing a long row's columns for every row at once would stall the batch.
+        self.clean = 0
+        self._write: _Decode | _Prefill | _Chunk | None = None
 
     @property
-    def length(self) -> int:
-        return self.layers[0].length if self.layers[0].is_initialized else 0
+    def rows(self) -> int:
+        return len(self.host_lengths)
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only `rows` (in that order)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.layers[0]._key_buffer.device)
-        for layer in self.layers:
-            layer._set_buffers(layer._key_buffer[index], layer._value_buffer[index], layer.length)
+    @property
+    def allocated(self) -> tuple[int, int]:
+        """(rows, columns) the buffers hold."""
+        return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
 
-    def drop_leading(self, columns: int) -> None:
-        """Forget the first `columns` time steps (they are padding for every row)."""
-        if columns <= 0:
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.host_lengths, default=0)
+
+    # -- rows ------------------------------------------------------------------------------------------------------
+    def add_row(self, columns: int = 1) -> int:
+        """A new empty row at the end, with room for `columns` tokens; returns its index."""
+        self.reserve(self.rows + 1, columns)
+        row = self.rows
+        for buffer in (*self.keys, *self.values):
+            buffer[row, :, : self.clean] = 0  # a former row's tokens, or never-written memory
+        self.lengths[row] = 0
+        self.host_lengths.append(0)
+        return row
+
+    def set_length(self, row: int, length: int) -> None:
+        self.host_lengths[row] = length
+        self.lengths[row] = length
+
+    def remove_row(self, row: int) -> None:
+        """Drop `row`; the last row moves into its slot (only that row's tokens are copied)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.host_lengths[last]
+            for buffer in (*self.keys, *self.values):
+                buffer[row, :, :n] = buffer[last, :, :n]
+            self.set_length(row, n)
+        self.host_lengths.pop()
+        if not self.host_lengths:
+            self.clear()  # an idle engine holds no cache memory
+
+    def clear(self) -> None:
+        self.keys, self.values, self.host_lengths = [], [], []
+        self.lengths = self.lengths[:0]
+        self.clean = 0
+        self._write = None
+
+    def reserve(self, rows: int, columns: int) -> None:
+        """Grow the buffers (geometrically) so that `rows` rows of `columns` tokens fit."""
+        have_rows, have_columns = self.allocated
+        if rows <= have_rows and columns <= have_columns:
             return
-        for layer in self.layers:
-            layer._set_buffers(
-                layer._key_buffer[:, :, columns:], layer._value_buffer[:, :, columns:], layer.length - columns
-            )
+        new_rows, new_columns = max(have_rows, capacity(rows, MIN_ROWS)), max(have_columns, capacity(columns, MIN_COLUMNS))
+        shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
+        # Only the rows in use are copied; nothing else is filled (see `clean`): touching a whole new buffer at
+        # once is a stall of seconds on a CPU when a long row arrives.
+        rows_in_use = self.rows
+        grown = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.num_layers)]
+        for old, new in zip((*self.keys, *self.values), grown):
+            new[:rows_in_use, :, : old.shape[2]] = old[:rows_in_use]
+        self.keys, self.values = grown[: self.num_layers], grown[self.num_layers :]
+        lengths = torch.zeros((new_rows,), dtype=torch.long, device=self.device)
+        lengths[: self.lengths.shape[0]] = self.lengths
+        self.lengths = lengths
 
-    def extend(self, other: BatchKVCache) -> None:
-        """Append `other`'s rows below ours, left-padding whichever side is shorter so both end at one column."""
-        length = max(self.length, other.length)
-        for mine, theirs in zip(self.layers, other.layers):
-            rows = mine._key_buffer.shape[0] + theirs._key_buffer.shape[0]
-            k = mine._key_buffer
-            key_buffer = k.new_zeros((rows, k.shape[1], max(length + _MIN_CAPACITY, 2 * length), k.shape[-1]))
-            value_buffer = torch.zeros_like(key_buffer)
-            split = mine._key_buffer.shape[0]
-            key_buffer[:split, :, length - mine.length : length] = mine.keys
-            value_buffer[:split, :, length - mine.length : length] = mine.values
-            key_buffer[split:, :, length - theirs.length : length] = theirs.keys
-            value_buffer[split:, :, length - theirs.length : length] = theirs.values
-            mine._set_buffers(key_buffer, value_buffer, length)
+    # -- what the next forward writes ------------------------------------------------------------------------------
+    def plan_decode(self, row_index: Tensor) -> int:
+        """Every row appends one token at its length; returns the width the forward reads. `row_index`: 0..rows-1."""
+        width = max(self.host_lengths) + 1
+        self.reserve(self.rows, width)
+        self._clean_to(width)
+        self._write = _Decode(row_index, self.lengths[: self.rows], width)
+        return width
+
+    def _clean_to(self, width: int) -> None:
+        """Zero every row's columns from `clean` up to past `width`, where they are beyond that row's length."""
+        if width <= self.clean:
+            return
+        end = min(self.keys[0].shape[2], width + CLEAN_AHEAD)
+        columns = torch.arange(self.clean, end, device=self.device)
+        unused = (columns[None, :] >= self.lengths[: self.rows, None])[:, None, :, None]  # [B, 1, new columns, 1]
+        for buffer in (*self.keys, *self.values):
+            buffer[: self.rows, :, self.clean : end].masked_fill_(unused, 0)
+        self.clean = end
+
+    def advance(self, held: Sequence[int] = ()) -> None:
+        """After a decode forward: every row grew by one token, except the `held` rows (their prompts are still
+        being prefilled; the token they were fed is a placeholder that the next chunk overwrites)."""
+        rows = self.rows
+        if not held:
+            self.lengths[:rows] += 1
+            self.host_lengths = [n + 1 for n in self.host_lengths]
+            return
+        step = [1] * rows
+        for row in held:
+            step[row] = 0
+        self.lengths[:rows] += torch.tensor(step, device=self.device)
+        self.host_lengths = [n + s for n, s in zip(self.host_lengths, step)]
+
+    def plan_prefill(self, first: int, lengths: Sequence[int], width: int) -> None:
+        """Rows first.. receive left-padded prompts of these `lengths`, padded to `width`."""
+        self.reserve(self.rows, width)
+        source = None
+        if any(n != width for n in lengths):
+            offsets = torch.tensor([width - n for n in lengths], device=self.device)
+            columns = (offsets[:, None] + torch.arange(width, device=self.device)).clamp(max=width - 1)
+            source = columns[:, None, :, None].expand(len(lengths), self.kv_heads, width, self.head_dim)
+        self._write = _Prefill(first, source)
+        for i, n in enumerate(lengths):
+            self.set_length(first + i, n)
+
+    def plan_chunk(self, row: int, start: int, end: int) -> None:
+        """`row` appends prompt tokens [start, end)."""
+        self.reserve(self.rows, end)
+        self._write = _Chunk(row, start, end)
+        self.set_length(row, end)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        keys, values, write = self.keys[layer_idx], self.values[layer_idx], self._write
+        if isinstance(write, _Decode):  # states: [B, H, 1, D]
+            keys[write.rows, :, write.columns] = key_states[:, :, 0]
+            values[write.rows, :, write.columns] = value_states[:, :, 0]
+            rows = write.rows.shape[0]
+            return keys[:rows, :, : write.width], values[:rows, :, : write.width]
+        if isinstance(write, _Prefill):  # states: [n, H, T, D], left-padded
+            n, width = key_states.shape[0], key_states.shape[2]
+            for buffer, states in ((keys, key_states), (values, value_states)):
+                shifted = states if write.source is None else states.gather(2, write.source)
+                buffer[write.first : write.first + n, :, :width] = shifted
+            return key_states, value_states
+        assert isinstance(write, _Chunk), "plan the forward before running it"
+        keys[write.row, :, write.start : write.end] = key_states[0]
+        values[write.row, :, write.start : write.end] = value_states[0]
+        return keys[write.row : write.row + 1, :, : write.end], values[write.row : write.row + 1, :, : write.end]

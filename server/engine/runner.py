@@ -1,9 +1,16 @@
 """The model runner: the only caller of `model(...)` and the only owner of the KV cache and the bank tensors.
 
 Two verbs. `prefill(rows)` runs the new rows' prompts in one left-padded forward with the batched bank hooked in
-(each row edited only at its own prompt positions), then appends their cache rows to the running batch.
+(each row edited only at its own prompt positions); their keys and values land in new slots of the slot cache.
 `decode()` feeds every running row its last sampled token in one bare forward: no hooks, so interventions cost
 nothing per generated token. `release(ids)` drops finished rows at once.
+
+A long prompt can instead be prefilled a chunk at a time (`begin_chunked_prefill`, `prefill_chunk`) straight into
+its own slot, so it joins the batch without any copy. Until its prompt is complete the row is *held*: decode steps
+carry it with a placeholder token whose key and value land at the row's next free column, where the next chunk
+overwrites them, and its logits are dropped; `row_ids` lists only the rows that decode.
+
+Every forward gets a 4D mask built here (bool for sdpa, additive for eager), so transformers never builds one.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from reft_core.bank import InterventionBank, RowPlacement
-from reft_core.hf_compat import cache_kwargs
+from reft_core.frozen_context import ModelDims
 from reft_core.generate import left_pad
+from reft_core.hf_compat import cache_kwargs
 from reft_core.hooks import decoder_layers, editing_layers
-from server.engine.kv_cache import BatchKVCache
+from server.engine.kv_cache import SlotKVCache
 
 
 @dataclass(frozen=True)
@@ -34,12 +42,12 @@ class PrefillRow:
 
 
 @dataclass
-class _ChunkedPrefill:
-    """A row whose prompt is being prefilled a chunk at a time, in its own cache until the prompt is complete."""
+class _Row:
+    """One cache row: a decoding sequence, or (with `chunked`) a prompt still being prefilled in chunks."""
 
-    row: PrefillRow
-    cache: BatchKVCache
-    done: int = 0  # prompt tokens already in the cache
+    seq_id: int
+    chunked: PrefillRow | None = None
+    done: int = 0  # prompt tokens already in the cache while chunked
 
 
 class ModelRunner:
@@ -47,17 +55,33 @@ class ModelRunner:
         self.model = model
         self.bank = bank
         self.pad_token_id = pad_token_id
-        self.device = next(model.parameters()).device
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        dims = ModelDims.from_model(model)
         self.num_layers = len(decoder_layers(model))
-        self.row_ids: list[int] = []  # seq id of each cache row, in cache order
-        self._cache: BatchKVCache | None = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # [B, T] 1 = real token
-        self._next_position = torch.zeros((0,), dtype=torch.long, device=self.device)  # [B]
-        self._chunked: dict[int, _ChunkedPrefill] = {}  # seq id -> a prompt being prefilled in chunks
+        self._cache = SlotKVCache(self.num_layers, dims.kv_heads, dims.head_dim, self.dtype, self.device)
+        self._rows: list[_Row] = []  # in cache order
+        self._bool_masks = "sdpa" in str(getattr(model.config, "_attn_implementation", "eager"))
+        self._arange = torch.arange(0, device=self.device)
 
     @property
-    def cache_columns(self) -> int:
-        return self._mask.shape[1]
+    def row_ids(self) -> list[int]:
+        """Seq ids of the rows that decode, in the order `decode` takes their tokens and returns their logits."""
+        return [r.seq_id for r in self._rows if r.chunked is None]
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache.nbytes
+
+    @property
+    def cache_allocated(self) -> tuple[int, int]:
+        """(rows, columns) the KV cache's buffers hold."""
+        return self._cache.allocated
+
+    @property
+    def cache_lengths(self) -> dict[int, int]:
+        """Tokens in each row's slot, by seq id."""
+        return {r.seq_id: n for r, n in zip(self._rows, self._cache.host_lengths)}
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[PrefillRow]) -> Tensor:
@@ -65,111 +89,117 @@ class ModelRunner:
         batch = left_pad([r.prompt_ids for r in rows], self.pad_token_id, self.device)
         placements = [RowPlacement(r.slot, n, o, r.then) for r, n, o in zip(rows, batch.lengths, batch.offsets)]
         plan = self.bank.plan(placements)
-        cache = BatchKVCache(self.num_layers)
+        first = self._cache.rows
+        width = batch.input_ids.shape[1]
+        for row in rows:
+            self._cache.add_row(width)
+            self._rows.append(_Row(row.seq_id))
+        self._cache.plan_prefill(first, batch.lengths, width)
+        square = self._range(width)
+        # causal, padding keys hidden; a padding query sees itself, so no row of the mask is empty (NaN in sdpa)
+        allowed = (square[None, :] <= square[:, None]) & (batch.attention_mask.bool()[:, None, :] | torch.eye(
+            width, dtype=torch.bool, device=self.device))
         with editing_layers(self.model, self.bank.edits(plan)):
-            out = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs(self.model, cache),
-            )
-        self._append(cache, batch.attention_mask, torch.tensor(batch.lengths, device=self.device))
-        self.row_ids.extend(r.seq_id for r in rows)
-        return out.logits[:, -1].float()
+            logits = self._forward(batch.input_ids, batch.position_ids, allowed[:, None])
+        return logits[:, -1].float()
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors: change them only in this mode
     def begin_chunked_prefill(self, row: PrefillRow) -> None:
         """Prefill `row` in chunks (`prefill_chunk`) instead of at once, so running rows keep decoding between."""
-        self._chunked[row.seq_id] = _ChunkedPrefill(row, BatchKVCache(self.num_layers))
+        self._cache.add_row(len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
+        self._rows.append(_Row(row.seq_id, chunked=row))
 
     def chunked_remaining(self, seq_id: int) -> int:
-        part = self._chunked[seq_id]
-        return len(part.row.prompt_ids) - part.done
+        row = self._rows[self._index(seq_id)]
+        assert row.chunked is not None
+        return len(row.chunked.prompt_ids) - row.done
 
     @torch.inference_mode()
     def prefill_chunk(self, seq_id: int, max_tokens: int) -> Tensor | None:
-        """Prefill up to `max_tokens` more of a chunked row's prompt. When the prompt is complete the row joins the
-        batch and its next-token logits [1, V] (float32) are returned; until then None.
+        """Prefill up to `max_tokens` more of a chunked row's prompt. When the prompt is complete the row decodes
+        from the next step on and its next-token logits [1, V] (float32) are returned; until then None.
 
         The bank edits only the intervened positions inside this chunk (at their absolute positions); later chunks
         attend to the edited keys/values in the cache, so the result equals a prefill in one forward."""
-        part = self._chunked[seq_id]
-        prompt = part.row.prompt_ids
-        start, end = part.done, min(len(prompt), part.done + max_tokens)
-        plan = self.bank.plan([RowPlacement(part.row.slot, len(prompt), 0, part.row.then)], window=(start, end))
+        index = self._index(seq_id)
+        row = self._rows[index]
+        assert row.chunked is not None
+        prompt = row.chunked.prompt_ids
+        start, end = row.done, min(len(prompt), row.done + max_tokens)
+        plan = self.bank.plan([RowPlacement(row.chunked.slot, len(prompt), 0, row.chunked.then)], window=(start, end))
+        self._cache.plan_chunk(index, start, end)
+        positions = self._range(end)
+        allowed = positions[None, :] <= positions[start:end, None]  # [chunk, end] causal at absolute positions
+        input_ids = torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device)
         with editing_layers(self.model, self.bank.edits(plan)):
-            out = self.model(
-                input_ids=torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device),
-                attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-                position_ids=torch.arange(start, end, device=self.device)[None],
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs(self.model, part.cache),
-            )
-        part.done = end
+            logits = self._forward(input_ids, positions[None, start:end], allowed[None, None])
+        row.done = end
         if end < len(prompt):
             return None
-        del self._chunked[seq_id]
-        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
-        self._append(part.cache, mask, torch.tensor([end], device=self.device))
-        self.row_ids.append(seq_id)
-        return out.logits[:, -1].float()
+        row.chunked = None
+        return logits[:, -1].float()
 
     @torch.inference_mode()
     def decode(self, last_tokens: Sequence[int]) -> Tensor:
-        """One bare step for every running row (in `row_ids` order); returns logits [B, V] (float32)."""
-        assert self._cache is not None and len(last_tokens) == len(self.row_ids)
+        """One bare step for every decoding row (in `row_ids` order); returns logits [B, V] (float32)."""
+        held = [i for i, r in enumerate(self._rows) if r.chunked is not None]
+        assert len(last_tokens) == len(self._rows) - len(held) > 0
+        if held:
+            tokens = iter(last_tokens)
+            last_tokens = [self.pad_token_id if r.chunked is not None else next(tokens) for r in self._rows]
+        rows = len(self._rows)
+        width = self._cache.plan_decode(self._range(rows))
+        lengths = self._cache.lengths[:rows]
+        allowed = self._range(width)[None, :] <= lengths[:, None]  # [B, width]: each row's tokens and the new one
         input_ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(last_tokens), 1))], dim=1)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=self._next_position[:, None],
-            use_cache=True,
-            **cache_kwargs(self.model, self._cache),
-        )
-        self._next_position = self._next_position + 1
-        return out.logits[:, -1].float()
+        logits = self._forward(input_ids, lengths[:, None], allowed[:, None, None])[:, -1]
+        self._cache.advance(held)
+        if held:
+            keep = [i for i, r in enumerate(self._rows) if r.chunked is None]
+            logits = logits[torch.tensor(keep, device=self.device)]
+        return logits.float()
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Forget every row, chunked prefills included (after a failed step left the cache in an unknown state)."""
-        self._chunked.clear()
-        self._clear_batch()
+        self._rows = []
+        self._cache.clear()
 
-    def _clear_batch(self) -> None:
-        self.row_ids = []
-        self._cache = None
-        self._mask = self._mask[:0, :0]
-        self._next_position = self._next_position[:0]
-
+    @torch.inference_mode()
     def release(self, seq_ids: Sequence[int]) -> None:
-        """Drop finished or cancelled rows from the batch immediately."""
-        gone = set(seq_ids)
-        for seq_id in gone:
-            self._chunked.pop(seq_id, None)
-        keep = [i for i, seq_id in enumerate(self.row_ids) if seq_id not in gone]
-        if len(keep) == len(self.row_ids):
-            return
-        self.row_ids = [self.row_ids[i] for i in keep]
-        if not keep:
-            self._clear_batch()  # prompts still being prefilled in chunks keep their own caches
-            return
-        assert self._cache is not None
-        self._cache.select(keep)
-        index = torch.tensor(keep, device=self.device)
-        self._mask, self._next_position = self._mask[index], self._next_position[index]
-        leading_padding = int(self._mask.any(dim=0).int().argmax())  # first column some row still uses
-        if leading_padding:
-            self._cache.drop_leading(leading_padding)
-            self._mask = self._mask[:, leading_padding:]
+        """Drop finished or cancelled rows (chunked prefills included) from the batch immediately."""
+        for seq_id in seq_ids:
+            index = next((i for i, r in enumerate(self._rows) if r.seq_id == seq_id), None)
+            if index is None:
+                continue
+            self._cache.remove_row(index)  # the last row moves into the freed slot
+            self._rows[index] = self._rows[-1]
+            self._rows.pop()
 
-    def _append(self, cache: BatchKVCache, mask: Tensor, next_position: Tensor) -> None:
-        if self._cache is None:
-            self._cache, self._mask, self._next_position = cache, mask, next_position
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._cache.extend(cache)
-        pad = lambda m: nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731 - left-pad a mask
-        self._mask = torch.cat([pad(self._mask), pad(mask)], dim=0)
-        self._next_position = torch.cat([self._next_position, next_position])
+    def _forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor) -> Tensor:
+        """The model over the cache with a ready 4D mask (`allowed`: True = attend); the last position's logits."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask(allowed),
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(self.model, self._cache),
+        )
+        return out.logits
+
+    def _mask(self, allowed: Tensor) -> Tensor:
+        """The mask in the form the model's attention takes: bool for sdpa, additive for eager and the rest."""
+        if self._bool_masks:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)
+
+    def _range(self, n: int) -> Tensor:
+        """0..n-1 on the device, from one tensor kept across steps (no allocation per step)."""
+        if self._arange.shape[0] < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.shape[0]), device=self.device)
+        return self._arange[:n]
+
+    def _index(self, seq_id: int) -> int:
+        return next(i for i, r in enumerate(self._rows) if r.seq_id == seq_id)

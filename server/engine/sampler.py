@@ -79,8 +79,9 @@ def sample(logits: Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[
         logits = logits.clone()
         index = torch.tensor(below_min, device=logits.device)[:, None]
         logits[index, torch.tensor(list(eos_token_ids), device=logits.device)[None, :]] = float("-inf")
-    finite = torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1) & ~(logits == float("inf")).any(-1)
-    tokens = logits.argmax(dim=-1)
+    # one pass over [B, V]: a row's max is NaN if any logit is, +inf if any is, -inf if all are (usable: finite)
+    best, tokens = logits.max(dim=-1)
+    finite = torch.isfinite(best)
     sampled = [i for i, r in enumerate(rows) if not r.greedy]
     if sampled:
         index = torch.tensor(sampled, device=logits.device)

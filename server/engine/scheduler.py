@@ -2,18 +2,20 @@
 
 Admission happens between decode steps (iteration-level batching): waiting sequences join while there is a free
 row, the prefill token budget allows, the KV cache budget allows, and their interventions (several for a composed
-request) can be pinned in bank slots. The KV cost counted is the cache's real one: rows are left-aligned, so every row pays for the longest row's
-columns, and buffers keep up to 2x spare capacity; a batch's worst case is therefore
-2 x rows x max(prompt + max_tokens) x bytes per token. A request alone is always admitted (its own size is bounded
-by the prompt and max_tokens limits). Finished sequences
-leave at once and unpin their slot.
+request) can be pinned in bank slots. The KV cost counted is the slot cache's real allocation (`capacity_bytes`):
+row capacity x column capacity x bytes per token, each capacity the next power of two of what the batch needs (rows,
+and the longest row's prompt + max_tokens), and never less than what the cache already holds (it keeps its size
+until the batch empties). A request alone is always admitted (its own size is bounded by the prompt
+and max_tokens limits). Finished sequences leave at once and unpin their slot.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from server.engine.kv_cache import capacity_bytes
 from server.engine.residency import SlotTable
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -23,11 +25,13 @@ class KVBudget:
     bytes_per_token: int  # keys + values of one position at every layer
     max_bytes: int | None = None  # None: unbounded
 
-    def cost(self, rows: int, columns: int) -> int:
-        return 2 * rows * columns * self.bytes_per_token  # 2: spare capacity the cache may hold
+    def cost(self, rows: int, columns: int, allocated: tuple[int, int] = (0, 0)) -> int:
+        """Bytes the slot cache holds once it fits `rows` rows of up to `columns` tokens, given the (rows, columns)
+        it has `allocated` already (it grows, it does not shrink while rows remain)."""
+        return capacity_bytes(max(rows, allocated[0]), max(columns, allocated[1]), self.bytes_per_token)
 
-    def allows(self, rows: int, columns: int) -> bool:
-        return self.max_bytes is None or rows <= 1 or self.cost(rows, columns) <= self.max_bytes
+    def allows(self, rows: int, columns: int, allocated: tuple[int, int] = (0, 0)) -> bool:
+        return self.max_bytes is None or rows <= 1 or self.cost(rows, columns, allocated) <= self.max_bytes
 
 
 def final_length(seq: Sequence) -> int:
@@ -36,12 +40,14 @@ def final_length(seq: Sequence) -> int:
 
 class Scheduler:
     def __init__(
-        self, slots: SlotTable, *, max_running: int, max_prefill_tokens: int, kv_budget: KVBudget | None = None
+        self, slots: SlotTable, *, max_running: int, max_prefill_tokens: int, kv_budget: KVBudget | None = None,
+        kv_allocated: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.slots = slots
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
         self.kv_budget = kv_budget or KVBudget(bytes_per_token=0)
+        self.kv_allocated = kv_allocated  # (rows, columns) the KV cache holds now
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
 
@@ -61,12 +67,13 @@ class Scheduler:
         refused: list[tuple[Sequence, Exception]] = []
         tokens = 0
         columns = max((final_length(s) for s in self.running.values()), default=0)
+        allocated = self.kv_allocated()
         while self.waiting and len(self.running) + len(admitted) < self.max_running:
             seq = self.waiting[0]
             if admitted and tokens + seq.prompt_len > self.max_prefill_tokens:
                 break
             widest = max(columns, final_length(seq))
-            if not self.kv_budget.allows(len(self.running) + len(admitted) + 1, widest):
+            if not self.kv_budget.allows(len(self.running) + len(admitted) + 1, widest, allocated):
                 break  # the batch's KV cache would outgrow its budget: wait for rows to finish
             parts = seq.request.parts
             try:

@@ -1,8 +1,9 @@
 """A real server (embedded SmolLM2) serving a long prompt among short ones stays within a stated memory bound.
 
-Rows share one left-aligned KV cache, so one long prompt makes every row pay for its columns: before the KV
-budget, 16 short rows plus a ~1,500-token prompt held about 17 x 1,550 columns x 46 KB (x2 spare capacity), some
-2.4 GB, for 94 MB of real keys and values. With a 256 MiB budget the long prompt waits until it fits.
+The slot KV cache gives every slot the longest row's column capacity, so one long prompt makes every row pay for
+its columns: without a bound, 16 short rows plus a ~1,500-token prompt would hold 32 x 2,048 columns x 46 KB, some
+3 GB (most of it allocated, if untouched), for 94 MB of real keys and values. With a 256 MiB budget the long prompt
+waits until it fits.
 """
 
 from __future__ import annotations

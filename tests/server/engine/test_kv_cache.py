@@ -1,52 +1,199 @@
-"""Cache row operations: filter/merge then decode == decode alone."""
+"""The slot KV cache: rows joining (whole or in chunks) and leaving in any order give every row the tokens and the
+logits it gets alone; a row's slot holds exactly its own tokens (no widening by others); capacity grows by powers
+of two and the scheduler's budget counts exactly what is allocated."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from reft_core.bank import InterventionBank
+from reft_core.bank import InterventionBank, RowPlacement
+from reft_core.config import InterventionConfig
+from reft_core.frozen_context import ModelDims
+from reft_core.generate import generate
+from reft_core.hooks import editing_layers
+from server.engine.kv_cache import MIN_COLUMNS, MIN_ROWS, capacity, capacity_bytes
 from server.engine.runner import ModelRunner, PrefillRow
+from server.engine.scheduler import KVBudget
 from tests import tiny
+from tests.builders import random_intervention
+
+PAD = 257
 
 
-def greedy_continuation(runner: ModelRunner, steps: int, first: dict[int, int]) -> dict[int, list[int]]:
-    out = {seq: [tok] for seq, tok in first.items()}
-    for _ in range(steps):
-        logits = runner.decode([out[s][-1] for s in runner.row_ids])
-        for seq, token in zip(list(runner.row_ids), logits.argmax(-1).tolist()):
-            out[seq].append(token)
-    return out
-
-
-def test_merge_and_filter_then_decode_equals_alone() -> None:
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request):
     model = tiny.tiny_llama()
-    bank = InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1)
-    prompts = {1: [5, 6, 7, 8, 9, 10, 11, 12], 2: [40, 41], 3: [100, 101, 102, 103]}
+    model.config._attn_implementation = request.param  # the runner's 4D mask must suit both
+    return model
 
-    alone = {}
-    for seq, prompt in prompts.items():
-        runner = ModelRunner(model, bank, pad_token_id=0)
-        first = runner.prefill([PrefillRow(seq, prompt, 0)]).argmax(-1).tolist()[0]
-        alone[seq] = greedy_continuation(runner, 6, {seq: first})[seq]
 
-    runner = ModelRunner(model, bank, pad_token_id=0)
-    first = dict(zip([1], runner.prefill([PrefillRow(1, prompts[1], 0)]).argmax(-1).tolist()))
-    partial = greedy_continuation(runner, 2, first)  # row 1 is 3 tokens in
-    first.update(zip([2, 3], runner.prefill([PrefillRow(2, prompts[2], 0), PrefillRow(3, prompts[3], 0)]).argmax(-1).tolist()))
-    out = {1: partial[1], 2: [first[2]], 3: [first[3]]}
-    for _ in range(2):
-        logits = runner.decode([out[s][-1] for s in runner.row_ids])
-        for seq, token in zip(list(runner.row_ids), logits.argmax(-1).tolist()):
-            out[seq].append(token)
-    width_before = runner.cache_columns
-    runner.release([1])  # the longest row leaves: its leading columns are trimmed
-    assert runner.cache_columns < width_before
-    for _ in range(4):
-        logits = runner.decode([out[s][-1] for s in runner.row_ids])
-        for seq, token in zip(list(runner.row_ids), logits.argmax(-1).tolist()):
-            out[seq].append(token)
-    assert out[1] == alone[1][: len(out[1])]
-    assert out[2] == alone[2][: len(out[2])] and len(out[2]) == 7
-    assert out[3] == alone[3][: len(out[3])]
-    runner.release([2, 3])
-    assert runner.row_ids == [] and runner.cache_columns == 0
+@pytest.fixture(scope="module")
+def personas():
+    return [
+        None,
+        random_intervention(InterventionConfig(layers=(0, 3), rank=2, positions="f3+l3"), seed=1, scale=3.0),
+        random_intervention(InterventionConfig(layers=(1,), rank=4, positions="f2+l2", share_weights=True), seed=2,
+                            scale=3.0),
+    ]
+
+
+@dataclass
+class Job:
+    """One sequence of a schedule: joins at step `join` (whole, or in chunks of `chunk` tokens), leaves after
+    `tokens` tokens or, if `leave` is set, at that step (cancelled)."""
+
+    prompt: list[int]
+    persona: int
+    tokens: int
+    join: int
+    chunk: int | None = None
+    leave: int | None = None
+    out: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def run_schedule(model, bank: InterventionBank, jobs: list[Job]) -> ModelRunner:
+    """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode."""
+    runner = ModelRunner(model, bank, PAD)
+    live: dict[int, Job] = {}
+    chunking: dict[int, Job] = {}
+
+    def take(seq_id: int, logits: torch.Tensor) -> None:
+        job = live[seq_id]
+        job.out.append(int(logits.argmax()))
+        job.logits.append(logits)
+        if len(job.out) == job.tokens:
+            runner.release([seq_id])
+            del live[seq_id]
+
+    step = 0
+    while step <= max(j.join for j in jobs) or live:
+        for seq_id, job in enumerate(jobs):
+            if job.leave is not None and job.leave == step and seq_id in live:
+                runner.release([seq_id])
+                del live[seq_id]
+                chunking.pop(seq_id, None)
+        whole = [(i, j) for i, j in enumerate(jobs) if j.join == step and j.chunk is None]
+        for i, job in enumerate(jobs):
+            if job.join == step and job.chunk is not None:
+                live[i], chunking[i] = job, job
+                runner.begin_chunked_prefill(PrefillRow(i, job.prompt, job.persona))
+        if whole:
+            live.update(whole)
+            logits = runner.prefill([PrefillRow(i, j.prompt, j.persona) for i, j in whole])
+            for (i, _), row in zip(whole, logits):
+                take(i, row)
+        for i, job in list(chunking.items()):
+            logits = runner.prefill_chunk(i, job.chunk)
+            if logits is not None:
+                del chunking[i]
+                take(i, logits[0])
+        decoding = [i for i in runner.row_ids if live[i].out]
+        assert decoding == runner.row_ids  # every decoding row has a token to feed
+        if decoding:
+            for i, row in zip(decoding, runner.decode([live[i].out[-1] for i in decoding])):
+                take(i, row)
+        step += 1
+    return runner
+
+
+def reference_logits(model, bank: InterventionBank, job: Job) -> torch.Tensor:
+    """The next-token logits at every generated position, from one forward over prompt + tokens, without a cache."""
+    tokens = job.prompt + job.out[:-1]
+    plan = bank.plan([RowPlacement(job.persona, len(job.prompt), 0)])
+    with torch.inference_mode(), editing_layers(model, bank.edits(plan)):
+        logits = model(input_ids=torch.tensor([tokens])).logits[0]
+    return logits[len(job.prompt) - 1 :].float()
+
+
+def check_alone(model, personas, bank, jobs: list[Job]) -> None:
+    for job in jobs:
+        expected = generate(model, [job.prompt], [personas[job.persona]], max_new_tokens=job.tokens)[0]
+        assert job.out == expected[: len(job.out)]
+        torch.testing.assert_close(torch.stack(job.logits), reference_logits(model, bank, job), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_joining_and_leaving_decode_as_alone(model, personas) -> None:
+    bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
+    jobs = [
+        Job(list(range(5, 13)), 1, 9, join=0),
+        Job([40, 41], 0, 4, join=2),  # leaves first: the last row moves into its slot
+        Job([100, 101, 102, 103], 2, 7, join=2),
+        Job(list(range(20, 150)), 1, 6, join=3, chunk=16),  # 130 tokens in chunks: grows the columns past 128
+        Job([9, 9, 9], 0, 8, join=4),
+        Job([7, 8], 2, 3, join=4),  # the fifth row: grows the rows past 4
+        Job([60, 61, 62], 0, 12, join=1, leave=5),  # cancelled mid-run
+    ]
+    runner = run_schedule(model, bank, jobs)
+    assert runner.row_ids == [] and runner.cache_bytes == 0  # an idle runner holds no cache memory
+    check_alone(model, personas, bank, [j for j in jobs if j.leave is None])
+
+
+def test_a_slot_holds_only_its_own_tokens(model) -> None:
+    """A long row joining does not widen the others, and a row moved into a freed slot keeps its length."""
+    runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
+    runner.prefill([PrefillRow(0, [5, 6], 0), PrefillRow(1, [7, 8, 9], 0)])
+    runner.decode([1, 2])
+    runner.prefill([PrefillRow(2, list(range(100)), 0)])
+    runner.begin_chunked_prefill(PrefillRow(3, list(range(50)), 0))
+    runner.prefill_chunk(3, 20)
+    assert runner.cache_lengths == {0: 3, 1: 4, 2: 100, 3: 20}
+    runner.decode([3, 4, 5])  # the chunked row is carried, its placeholder not counted
+    assert runner.cache_lengths == {0: 4, 1: 5, 2: 101, 3: 20}
+    runner.release([0])
+    assert list(runner.cache_lengths.items()) == [(3, 20), (1, 5), (2, 101)]  # the last row moved into slot 0
+    assert runner.row_ids == [1, 2]
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data) -> None:
+    bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
+    jobs = []
+    for _ in range(data.draw(st.integers(1, 7))):
+        length = data.draw(st.integers(1, 40))
+        start = data.draw(st.integers(0, 250))
+        jobs.append(Job(
+            prompt=[(start + 13 * k) % 256 for k in range(length)],
+            persona=data.draw(st.integers(0, 2)),
+            tokens=data.draw(st.integers(1, 8)),
+            join=data.draw(st.integers(0, 6)),
+            chunk=data.draw(st.one_of(st.none(), st.integers(1, 12))),
+            leave=data.draw(st.one_of(st.none(), st.integers(1, 10))),
+        ))
+    run_schedule(model, bank, jobs)
+    check_alone(model, personas, bank, [j for j in jobs if j.out])
+
+
+def test_capacity_is_a_power_of_two_and_the_budget_counts_it() -> None:
+    assert [capacity(n, 4) for n in (0, 1, 4, 5, 8, 9, 1000)] == [4, 4, 4, 8, 8, 16, 1024]
+    model = tiny.tiny_llama()
+    per_token = ModelDims.from_model(model).kv_bytes_per_token(tiny.LAYERS)
+    runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
+    runner.prefill([PrefillRow(i, [5] * (10 + i), 0) for i in range(MIN_ROWS + 1)])
+    assert runner.cache_allocated == (2 * MIN_ROWS, MIN_COLUMNS)
+    assert runner.cache_bytes == capacity_bytes(MIN_ROWS + 1, 15, per_token) == KVBudget(per_token).cost(MIN_ROWS + 1, 15)
+    runner.prefill([PrefillRow(99, [5] * (MIN_COLUMNS + 1), 0)])
+    assert runner.cache_allocated == (2 * MIN_ROWS, 2 * MIN_COLUMNS)
+    assert KVBudget(per_token).cost(1, 1, runner.cache_allocated) == runner.cache_bytes  # it does not shrink
+
+
+def test_unused_slots_may_hold_anything(model) -> None:
+    """Buffers are never filled when allocated; columns are cleared lazily, just ahead of what a forward reads, and
+    only past each row's length: NaN left in a slot cannot leak into attention (0 * NaN), outputs equal the row
+    alone."""
+    runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
+    runner.prefill([PrefillRow(0, [5, 6, 7], 0)])
+    with torch.inference_mode():
+        for buffer in (*runner._cache.keys, *runner._cache.values):
+            buffer[1:] = float("nan")
+    first = runner.prefill([PrefillRow(1, [40, 41], 0)]).argmax(-1).tolist()
+    out = [first[0]]
+    for _ in range(5):
+        out.append(int(runner.decode([9, out[-1]])[1].argmax()))
+    assert out == generate(model, [[40, 41]], [None], max_new_tokens=6)[0]
