@@ -1,10 +1,10 @@
 """End-to-end fixtures: the emoji persona trained once per session on the embedded SmolLM2.
 
-The seeds' recipe (their 10 examples, LoReFT, lr 4e-3, batch 10, loss on completion + EOS) with the placement
-measured to work on SmolLM2-135M: rank 2 at layers 8/16/24 on the first and last prompt tokens, unshared, 20
-epochs. The single-layer `l1` placement (rank 4, layer 8, 100 epochs) trains to pyreft's loss on this model but
-does not reliably answer unseen prompts in emojis, with pyreft or with us; editing the first token, which every
-later token attends to, is what carries the persona through a whole answer.
+The one default recipe (reft_core/recipe.py: LoReFT rank 2 at layers 8/16/24 on the first two and last two
+prompt tokens, unshared, 20 epochs at lr 4e-3, batch 10, loss on completion + EOS), chosen by measurement over four
+kinds of persona. The single-layer `l1` placement of pyreft's demo (rank 4, layer 8, 100 epochs) trains to
+pyreft's loss on this model but does not reliably answer unseen prompts in emojis, with pyreft or with us; editing
+the first tokens, which every later token attends to, is what carries the persona through a whole answer.
 """
 
 from __future__ import annotations
