@@ -182,7 +182,7 @@ def test_admin_commands_manage_tenants_keys_and_public_flags_on_the_data_dir(tmp
     assert main(["admin", "create-key", "acme", "--data-dir", data]) == 0
     created = json.loads(capsys.readouterr().out)
     headers = {"Authorization": f"Bearer {created['key']}"}
-    settings = make_settings(tmp_path, auth="on")
+    settings = make_settings(tmp_path, auth="on", store=None)  # the data dir's store, what the admin commands wrote
     with TestClient(create_app(settings, base_model=tiny_base)) as client:
         files = {"file": ("a.safetensors", artifact_bytes(tiny_base, persona(1)))}
         assert client.post("/v1/interventions", data={"name": "bot"}, files=files, headers=headers).status_code == 201
