@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 from collections.abc import Callable, Iterable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -113,3 +115,19 @@ def documented(schema: dict, method: str, path: str, status: int) -> bool:
         if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), bare) and method.lower() in operations:
             return str(status) in operations[method.lower()]["responses"]
     return True
+
+
+T = TypeVar("T")
+
+
+def all_at_once(count: int, work: Callable[[int], T]) -> list[T]:
+    """`work(0)` ... `work(count - 1)`, each on its own thread, released together by a barrier so that they race;
+    their results in index order (an exception in one is raised here)."""
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> T:
+        barrier.wait()
+        return work(index)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))

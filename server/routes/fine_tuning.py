@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -114,10 +115,7 @@ async def list_events(
     limit: int = Query(20, ge=1, le=1000), who: Principal = Depends(principal), svc: Services = Depends(services),
 ) -> dict[str, Any]:
     """The job's events, newest first: messages, and a `metrics` event per step (`step`, `train_loss`)."""
-    job = await run_in_threadpool(svc.training.get, job_id, who.tenant)
-    events = list(reversed(openai_events(job)))
-    page, has_more = cursor_page(events, lambda event: event["id"], after, limit)
-    return list_body(page, has_more)
+    return await _job_list(svc, who, job_id, lambda job: list(reversed(openai_events(job))), after, limit)
 
 
 @router.get("/{job_id}/checkpoints")
@@ -126,6 +124,12 @@ async def list_checkpoints(
     limit: int = Query(10, ge=1, le=100), who: Principal = Depends(principal), svc: Services = Depends(services),
 ) -> dict[str, Any]:
     """The job's checkpoints: once it succeeded, the version it stored, as a pinned model `name@N`."""
+    return await _job_list(svc, who, job_id, checkpoint_objects, after, limit)
+
+
+async def _job_list(svc: Services, who: Principal, job_id: str, objects: Callable[[JobRecord], list[dict[str, Any]]],
+                    after: str | None, limit: int) -> dict[str, Any]:
+    """One page of a list derived from the caller's job (a 404 for another tenant's), by object id."""
     job = await run_in_threadpool(svc.training.get, job_id, who.tenant)
-    page, has_more = cursor_page(checkpoint_objects(job), lambda checkpoint: checkpoint["id"], after, limit)
+    page, has_more = cursor_page(objects(job), lambda item: item["id"], after, limit)
     return list_body(page, has_more)

@@ -30,7 +30,7 @@ import pytest
 
 from reft_core.base_model import BaseModel
 from reft_core.config import InterventionConfig
-from tests.builders import random_intervention, sse_events
+from tests.builders import all_at_once, random_intervention, sse_events
 from tests.shared_services import REDIS_URL
 
 from .conftest import artifact_bytes
@@ -146,18 +146,7 @@ def test_concurrent_uploads_across_replicas_never_pass_the_quota(cluster, smollm
     urls = [url for _, url in cluster]
     key = new_key(urls[0], "busy")
     payloads = [persona_bytes(smollm2, 10 + i) for i in range(20)]
-    statuses: list[int] = []
-    start = threading.Barrier(20)
-
-    def upload(index: int) -> None:
-        start.wait()
-        statuses.append(put(urls[index % 3], key, f"n{index}", payloads[index]).status_code)
-
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    statuses = all_at_once(20, lambda i: put(urls[i % 3], key, f"n{i}", payloads[i]).status_code)
     assert sorted(statuses) == [201] * 5 + [403] * 15
     assert len(httpx.get(f"{urls[1]}/v1/interventions", headers=auth(key)).json()["data"]) == 5
 

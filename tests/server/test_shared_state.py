@@ -6,7 +6,6 @@ engines must not share one module's hooks), built from the same seed so artifact
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from reft_core.base_model import BaseModel
 from reft_core.fingerprint import fingerprint_model
 from server.app import create_app
 from tests import tiny
+from tests.builders import all_at_once
 from tests.shared_services import REDIS_URL
 
 from .conftest import MODEL_ID, artifact_bytes, make_settings, persona
@@ -137,18 +137,7 @@ def test_a_request_limit_holds_across_replicas(replicas) -> None:
 def test_concurrent_uploads_on_both_replicas_never_pass_the_quota(replicas) -> None:
     a, b = replicas
     key = new_key(a, "acme")
-    statuses: list[int] = []
-    start = threading.Barrier(12)
-
-    def upload(index: int) -> None:
-        start.wait()
-        statuses.append(put(a if index % 2 else b, key, f"n{index}", index))
-
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    statuses = all_at_once(12, lambda i: put(a if i % 2 else b, key, f"n{i}", i))
     assert sorted(statuses) == [201] * 5 + [403] * 7
     assert len(b.get("/v1/interventions", headers=auth(key)).json()["data"]) == 5
 
