@@ -93,15 +93,18 @@ class SlotKVCache(Cache):
         return max(self.host_lengths, default=0)
 
     # -- rows ------------------------------------------------------------------------------------------------------
-    def add_row(self, columns: int = 1) -> int:
-        """A new empty row at the end, with room for `columns` tokens; returns its index."""
-        self.reserve(self.rows + 1, columns)
-        row = self.rows
-        for buffer in (*self.keys, *self.values):
-            buffer[row, :, : self.clean] = 0  # a former row's tokens, or never-written memory
-        self.lengths[row] = 0
-        self.host_lengths.append(0)
-        return row
+    def add_rows(self, count: int, columns: int = 1) -> int:
+        """`count` new empty rows at the end, each with room for `columns` tokens; returns the first one's index.
+        One growth and one clearing op per buffer for all of them: a prefill of 64 prompts added row by row spent
+        ~5% of a fixed-length benchmark in thousands of tiny per-row ops and repeated doublings."""
+        first = self.rows
+        self.reserve(first + count, columns)
+        if self.clean:
+            for buffer in (*self.keys, *self.values):
+                buffer[first : first + count, :, : self.clean] = 0  # former rows' tokens, or never-written memory
+        self.lengths[first : first + count] = 0
+        self.host_lengths.extend([0] * count)
+        return first
 
     def set_length(self, row: int, length: int) -> None:
         self.host_lengths[row] = length
@@ -179,7 +182,6 @@ class SlotKVCache(Cache):
 
     def plan_prefill(self, first: int, lengths: Sequence[int], width: int) -> None:
         """Rows first.. receive left-padded prompts of these `lengths`, padded to `width`."""
-        self.reserve(self.rows, width)
         source = None
         if any(n != width for n in lengths):
             offsets = torch.tensor([width - n for n in lengths], device=self.device)

@@ -63,6 +63,7 @@ class ModelRunner:
         self._rows: list[_Row] = []  # in cache order
         self._bool_masks = "sdpa" in str(getattr(model.config, "_attn_implementation", "eager"))
         self._arange = torch.arange(0, device=self.device)
+        self._head = model.get_output_embeddings()
 
     @property
     def row_ids(self) -> list[int]:
@@ -89,11 +90,9 @@ class ModelRunner:
         batch = left_pad([r.prompt_ids for r in rows], self.pad_token_id, self.device)
         placements = [RowPlacement(r.slot, n, o, r.then) for r, n, o in zip(rows, batch.lengths, batch.offsets)]
         plan = self.bank.plan(placements)
-        first = self._cache.rows
         width = batch.input_ids.shape[1]
-        for row in rows:
-            self._cache.add_row(width)
-            self._rows.append(_Row(row.seq_id))
+        first = self._cache.add_rows(len(rows), width)
+        self._rows.extend(_Row(row.seq_id) for row in rows)
         self._cache.plan_prefill(first, batch.lengths, width)
         square = self._range(width)
         # causal, padding keys hidden; a padding query sees itself, so no row of the mask is empty (NaN in sdpa)
@@ -106,7 +105,7 @@ class ModelRunner:
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only in this mode
     def begin_chunked_prefill(self, row: PrefillRow) -> None:
         """Prefill `row` in chunks (`prefill_chunk`) instead of at once, so running rows keep decoding between."""
-        self._cache.add_row(len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
+        self._cache.add_rows(1, len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
         self._rows.append(_Row(row.seq_id, chunked=row))
 
     def chunked_remaining(self, seq_id: int) -> int:
@@ -178,14 +177,19 @@ class ModelRunner:
 
     def _forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor) -> Tensor:
         """The model over the cache with a ready 4D mask (`allowed`: True = attend); the last position's logits."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._mask(allowed),
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(self.model, self._cache),
-        )
+        hook = self._head.register_forward_pre_hook(_contiguous_input) if self._head is not None else None
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=self._mask(allowed),
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(self.model, self._cache),
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         return out.logits
 
     def _mask(self, allowed: Tensor) -> Tensor:
@@ -203,3 +207,11 @@ class ModelRunner:
 
     def _index(self, seq_id: int) -> int:
         return next(i for i, r in enumerate(self._rows) if r.seq_id == seq_id)
+
+
+def _contiguous_input(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The LM head's input made contiguous. With `logits_to_keep=1` a multi-token forward hands the head a strided
+    slice of the hidden states ([B, 1, H] out of [B, T, H]); torch then runs the projection as a broadcast batched
+    matmul, measured 8x slower than the plain matmul on a CPU (240 vs 30 ms for 64 rows of SmolLM2's 49k vocabulary),
+    about 7% of a 64-prompt prefill. Decode forwards are already contiguous (T = 1), so this costs them nothing."""
+    return (args[0].contiguous(), *args[1:])

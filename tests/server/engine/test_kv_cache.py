@@ -197,3 +197,24 @@ def test_unused_slots_may_hold_anything(model) -> None:
     for _ in range(5):
         out.append(int(runner.decode([9, out[-1]])[1].argmax()))
     assert out == generate(model, [[40, 41]], [None], max_new_tokens=6)[0]
+
+
+def test_rows_joining_together_clear_their_slots_at_once(model) -> None:
+    """Several rows joining in one prefill take over slots a former row used and that hold NaN: each is cleared
+    (in one op for the group) and decodes as alone; the LM head's contiguity hook is gone after every forward."""
+    runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
+    runner.prefill([PrefillRow(0, list(range(5, 25)), 0)])
+    last = [int(runner.decode([9])[0].argmax())]
+    with torch.inference_mode():
+        for buffer in (*runner._cache.keys, *runner._cache.values):
+            buffer[1:] = float("nan")
+    prompts = [[40, 41], [50, 51, 52, 53], [60]]
+    first = runner.prefill([PrefillRow(1 + i, p, 0) for i, p in enumerate(prompts)]).argmax(-1).tolist()
+    outs = [[t] for t in first]
+    for _ in range(4):
+        logits = runner.decode([last[-1], *(o[-1] for o in outs)])
+        last.append(int(logits[0].argmax()))
+        for out, row in zip(outs, logits[1:]):
+            out.append(int(row.argmax()))
+    assert outs == generate(model, prompts, [None] * 3, max_new_tokens=5)
+    assert not model.get_output_embeddings()._forward_pre_hooks
