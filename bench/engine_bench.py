@@ -7,7 +7,13 @@ prompts, same run; the engine in its own process vs on a thread beside the event
 Scenarios (greedy, no interventions unless said; every request generates exactly its `max_tokens`):
   fixed: 64 concurrent streaming requests x 64 tokens, vs HF static batched `generate` of the same 64 prompts;
   mixed: 16 concurrent requests with output lengths 16..128 (seeded), vs HF static batching, which must decode
-         every row to the longest; both count only the tokens the requests asked for.
+         every row to the longest; both count only the tokens the requests asked for;
+  mixed, 16 clients: 16 clients each sending 4 requests one after another (64 requests, 16..128 tokens, seeded):
+         what a server sees when clients keep coming back. Static batching serves them as 4 batches of 16, each
+         decoded to its longest request (the clients of a batch all get their answers when its longest is done, and
+         come back together); the engine refills a row as soon as its request ends.
+The engine is also driven in-process without HTTP (`Engine.run_until_idle`, same requests, the same clients loop),
+which separates what the engine does from what serving over HTTP on the same two cores costs.
 Each is run with the engine in its own process (the default) and on a thread in the API process
 (`--set engine_process=false`), rounds interleaved, medians reported. The profile reads the server's own
 `reft_decode_step_seconds` (time inside the decode forward) against wall time per step, and times
@@ -31,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -45,7 +52,10 @@ from reft_core.artifact import encode_artifact  # noqa: E402
 from reft_core.base_model import BaseModel, load_base_model  # noqa: E402
 from reft_core.bank import InterventionBank  # noqa: E402
 from reft_core.examples import encode_prompt  # noqa: E402
+from server.engine.engine import Engine, EngineSettings  # noqa: E402
 from server.engine.runner import ModelRunner, PrefillRow  # noqa: E402
+from server.engine.types import GenerationEvent, GenerationRequest, SamplingParams  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 MODES = {"engine process": [], "engine thread": ["--set", "engine_process=false"]}
@@ -55,6 +65,24 @@ STALL_MODES = {"chunked prefill": [], "prefill in one forward": ["--set", "prefi
 def mixed_lengths(count: int = 16, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randint(16, 128) for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    lengths: list[int]  # output tokens of each request, in the order clients send them
+    clients: int  # concurrent clients; each sends its next request when the previous one is answered
+
+    def batches(self) -> list[list[int]]:
+        """What static batching serves: the clients' requests in groups of `clients`, one after another."""
+        return [self.lengths[i : i + self.clients] for i in range(0, len(self.lengths), self.clients)]
+
+
+WORKLOADS = {
+    "fixed": Workload([64] * 64, clients=64),
+    "mixed": Workload(mixed_lengths(), clients=16),
+    "mixed, 16 clients": Workload(mixed_lengths(64, seed=1), clients=16),
+}
+GOALS = {"fixed": 1.0, "mixed": 1.3, "mixed, 16 clients": 1.3}
 
 
 async def _request(client: httpx.AsyncClient, prompt: str, tokens: int, model: str = MODEL) -> int:
@@ -73,15 +101,24 @@ async def _request(client: httpx.AsyncClient, prompt: str, tokens: int, model: s
     return generated
 
 
-async def _load(url: str, lengths: list[int], models: list[str] | None = None) -> tuple[int, float]:
-    limits = httpx.Limits(max_connections=len(lengths) + 8)
+async def _load(url: str, lengths: list[int], models: list[str] | None = None,
+                clients: int | None = None) -> tuple[int, float]:
+    """`clients` concurrent clients (default: one per request) work through the requests in order, each sending
+    its next one when the previous is answered; (tokens generated, wall seconds)."""
+    clients = clients or len(lengths)
     models = models or [MODEL] * len(lengths)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    counts = [0] * len(lengths)
+    queue = iter(range(len(lengths)))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for i in queue:  # one shared iterator: each index is taken by exactly one client
+            counts[i] = await _request(client, PROMPTS[i % len(PROMPTS)], lengths[i], models[i])
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients + 8)) as client:
         started = time.perf_counter()
-        counts = await asyncio.gather(*(_request(client, PROMPTS[i % len(PROMPTS)], n, m)
-                                        for i, (n, m) in enumerate(zip(lengths, models))))
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
     wall = time.perf_counter() - started
-    assert list(counts) == lengths, "every request must generate exactly its max_tokens"
+    assert counts == lengths, "every request must generate exactly its max_tokens"
     return sum(counts), wall
 
 
@@ -119,13 +156,13 @@ def _decode_step_stats(url: str) -> tuple[float, int]:
     return total, count
 
 
-def serve_round(mode: str, data_dir: Path, workloads: dict[str, list[int]]) -> dict[str, dict]:
+def serve_round(mode: str, data_dir: Path, workloads: dict[str, Workload]) -> dict[str, dict]:
     results = {}
     with reft_serve(data_dir, *MODES[mode]) as (_server, url):
         asyncio.run(_load(url, [4] * 8))  # warm-up
-        for name, lengths in workloads.items():
+        for name, workload in workloads.items():
             before = _decode_step_stats(url)
-            tokens, wall = asyncio.run(_load(url, lengths))
+            tokens, wall = asyncio.run(_load(url, workload.lengths, clients=workload.clients))
             after = _decode_step_stats(url)
             steps = after[1] - before[1]
             results[name] = {"tok_s": tokens / wall, "wall": wall, "steps": steps,
@@ -133,20 +170,50 @@ def serve_round(mode: str, data_dir: Path, workloads: dict[str, list[int]]) -> d
     return results
 
 
-def hf_static(base: BaseModel, lengths: list[int]) -> dict:
-    """HF batched generate over the same prompts; every row decodes to the longest request (static batching)."""
+def hf_static(base: BaseModel, lengths: list[int], clients: int | None = None) -> dict:
+    """HF batched generate over the same prompts, in batches of `clients` (default: all at once), one after
+    another; every row of a batch decodes to the batch's longest request (static batching)."""
+    workload = Workload(lengths, clients or len(lengths))
     tok = base.tokenizer
     tok.padding_side = "left"
     texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
                                      add_generation_prompt=True) for i in range(len(lengths))]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    longest = max(lengths)
     started = time.perf_counter()
-    with torch.inference_mode():
-        base.model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                            pad_token_id=tok.pad_token_id)
+    done = 0
+    for batch_lengths in workload.batches():
+        batch = tok(texts[done : done + len(batch_lengths)], return_tensors="pt", padding=True, add_special_tokens=False)
+        longest = max(batch_lengths)
+        with torch.inference_mode():
+            base.model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+        done += len(batch_lengths)
     wall = time.perf_counter() - started
     return {"tok_s": sum(lengths) / wall, "wall": wall}
+
+
+def engine_in_process(base: BaseModel, workload: Workload) -> dict:
+    """The engine alone, no HTTP: `Engine.run_until_idle` over the same requests, `clients` at a time, each
+    client's next request submitted when its previous one ends (from the sink, on the engine's own loop)."""
+    engine = Engine(base.model, base.tokenizer, EngineSettings(), Metrics())
+    requests = [GenerationRequest(f"r{i}", tuple(encode_prompt(base.tokenizer, PROMPTS[i % len(PROMPTS)],
+                                                               chat_template=True)),
+                                  SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True))
+                for i, n in enumerate(workload.lengths)]
+    counts = [0] * len(requests)
+    pending = iter(range(workload.clients, len(requests)))
+
+    def sink_for(i: int):
+        def sink(event: GenerationEvent) -> None:
+            counts[i] += len(event.token_ids)
+            if event.finish_reason is not None and (following := next(pending, None)) is not None:
+                engine.submit(requests[following], sink_for(following))
+        return sink
+
+    started = time.perf_counter()
+    engine.run_until_idle((requests[i], sink_for(i)) for i in range(min(workload.clients, len(requests))))
+    wall = time.perf_counter() - started
+    assert counts == workload.lengths, "every request must generate exactly its max_tokens"
+    return {"tok_s": sum(counts) / wall, "wall": wall}
 
 
 def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 8) -> float:
@@ -228,9 +295,10 @@ def main() -> None:
     parser.add_argument("--composed-requests", type=int, default=64, help="(smaller for a smoke run)")
     parser.add_argument("--composed-tokens", type=int, default=64)
     args = parser.parse_args()
-    workloads = {"fixed": [64] * 64, "mixed": mixed_lengths()}
+    workloads = WORKLOADS
     runs: dict[str, dict[str, list[dict]]] = {mode: {w: [] for w in workloads} for mode in MODES}
     hf_runs: dict[str, list[dict]] = {w: [] for w in workloads}
+    in_process_runs: dict[str, list[dict]] = {w: [] for w in workloads}
     if args.only_stall:
         print_stalls(run_stalls(args.rounds))
         return
@@ -244,8 +312,9 @@ def main() -> None:
             for mode in MODES:
                 for name, result in serve_round(mode, Path(tmp) / f"{mode}-{round_index}", workloads).items():
                     runs[mode][name].append(result)
-            for name, lengths in workloads.items():
-                hf_runs[name].append(hf_static(base, lengths))
+            for name, workload in workloads.items():
+                hf_runs[name].append(hf_static(base, workload.lengths, workload.clients))
+                in_process_runs[name].append(engine_in_process(base, workload))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     decode_alone = runner_decode_step(base)
     by_batch = {rows: runner_decode_step(base, rows) for rows in (1, 4, 16, 64)}
@@ -266,15 +335,19 @@ def main() -> None:
     for name in workloads:
         lines.append(f"| HF static `generate`, {name} | {med(hf_runs[name], 'tok_s'):.1f} | "
                      f"{med(hf_runs[name], 'wall'):.2f} | – | – | – |")
+        lines.append(f"| engine in-process (no HTTP), {name} | {med(in_process_runs[name], 'tok_s'):.1f} | "
+                     f"{med(in_process_runs[name], 'wall'):.2f} | – | – | – |")
         for mode in MODES:
             r = runs[mode][name]
             lines.append(f"| reft-serve ({mode}), {name} | {med(r, 'tok_s'):.1f} | {med(r, 'wall'):.2f} | "
                          f"{med(r, 'steps'):.0f} | {1000 * med(r, 'forward_s'):.0f} | {1000 * med(r, 'step_wall_s'):.0f} |")
     ratios = ["| comparison | value |", "|---|---|"]
-    for name, goal in (("fixed", 1.0), ("mixed", 1.3)):
+    for name, goal in GOALS.items():
         for mode in MODES:
             ratio = med(runs[mode][name], "tok_s") / med(hf_runs[name], "tok_s")
             ratios.append(f"| {name}: reft-serve ({mode}) / HF static (goal >= {goal}) | {ratio:.2f} |")
+        ratio = med(in_process_runs[name], "tok_s") / med(hf_runs[name], "tok_s")
+        ratios.append(f"| {name}: engine in-process, no HTTP / HF static | {ratio:.2f} |")
     ratios.append(f"| in-process `ModelRunner.decode`, 64 rows, mean (ms) | {1000 * decode_alone:.0f} |")
     profile = ["| rows in the batch | " + " | ".join(str(r) for r in by_batch) + " |",
                "|---|" + "---|" * len(by_batch),
@@ -289,9 +362,11 @@ def main() -> None:
     section = "\n".join([
         "## Engine: continuous batching vs static batching", "",
         f"`bench/engine_bench.py --rounds {args.rounds}` ({env}). Workloads: fixed = 64 concurrent streaming "
-        "requests x 64 tokens; mixed = 16 concurrent requests of 16-128 tokens (seeded). HF static batching runs "
-        "in-process on the same prompts in the same run and decodes every row to the longest; only requested "
-        "tokens are counted for both. Rounds interleave the modes; medians.", "",
+        "requests x 64 tokens; mixed = 16 concurrent requests of 16-128 tokens (seeded); mixed, 16 clients = 16 "
+        "clients sending 4 requests each, one after another (64 requests of 16-128 tokens, seeded). HF static "
+        "batching runs in-process on the same prompts in the same run, in batches of as many requests as there "
+        "are clients, each decoded to its longest request; only requested tokens are counted for both. Rounds "
+        "interleave the modes; medians.", "",
         *lines, "", *ratios, "",
         "Profile: one decode step in-process, by batch size (the forward alone; nothing else running):", "",
         *profile, "",
