@@ -130,6 +130,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._exited = threading.Event()  # the loop has ended (stopped or died)
         self._by_request: dict[str, Sequence] = {}
         self._next_seq_id = 0
         self._trainings: deque[TrainingTask] = deque()
@@ -152,15 +153,23 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
         self._thread.start()
 
+    def run_here(self) -> None:
+        """Run the loop on the calling thread until `stop` (from another thread) or until it dies. The engine
+        process gives the loop its main thread and receives commands on another one."""
+        assert self._thread is None, "engine already started"
+        self._thread = threading.current_thread()
+        self._run()
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to stop and wait up to `timeout` for it to end."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._exited.wait(timeout)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        return self._thread is not None and not self._exited.is_set() and not self._stop.is_set()
 
     @property
     def failure(self) -> str | None:
@@ -213,6 +222,7 @@ class Engine:
         finally:
             self._close()
             self._after_iteration()
+            self._exited.set()
 
     def _after_iteration(self) -> None:
         if self.after_iteration is not None:

@@ -103,6 +103,35 @@ def test_concurrent_submissions_from_threads(model, tokenizer, personas) -> None
         engine.stop()
 
 
+def test_loop_run_on_the_calling_thread_serves_and_stops(model, tokenizer, personas) -> None:
+    """`run_here` (the engine process gives the loop its main thread): requests submitted from other threads are
+    served exactly, `stop` from another thread ends the loop, and later submits fail at once."""
+    engine = Engine(model, tokenizer, EngineSettings(max_running=4))
+    loop = threading.Thread(target=engine.run_here)
+    loop.start()
+    try:
+        events: list[GenerationEvent] = []
+        finished = threading.Event()
+
+        def sink(event: GenerationEvent) -> None:
+            events.append(event)
+            if event.finish_reason is not None:
+                finished.set()
+
+        engine.submit(request(0, PROMPTS[2], personas[1], max_tokens=5, ignore_eos=True), sink)
+        assert finished.wait(30)
+        [expected] = generate(model, [PROMPTS[2]], [personas[1]], max_new_tokens=5)
+        assert tokens(events) == expected
+        assert engine.running
+    finally:
+        engine.stop()
+    loop.join(10)
+    assert not loop.is_alive() and not engine.running
+    refused: list[GenerationEvent] = []
+    engine.submit(request(1, PROMPTS[0], None, max_tokens=2), refused.append)
+    assert refused and refused[0].finish_reason is FinishReason.ERROR
+
+
 def test_cancel_frees_the_row_at_once(model, tokenizer) -> None:
     engine = Engine(model, tokenizer, EngineSettings(max_running=2))
     events: list[GenerationEvent] = []
