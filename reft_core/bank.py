@@ -132,13 +132,23 @@ class InterventionBank:
 
         With `window=(start, end)` the forward covers only the prompt tokens in [start, end) (one chunk of a
         chunked prefill): positions outside it are left out and the rest are made relative to `start`."""
+        return self._assemble([[(row, window or (0, None), 0)] for row in rows])
+
+    def plan_packed(self, segments: Sequence[tuple[RowPlacement, tuple[int, int], int]]) -> BankPlan:
+        """A plan for a packed forward: one batch row holding several prompts' windows side by side. Each segment
+        is (placement, window of the prompt it covers, column of the window's first token in the packed row)."""
+        return self._assemble([list(segments)])
+
+    def _assemble(self, rows: list[list[tuple[RowPlacement, tuple[int, int | None], int]]]) -> BankPlan:
+        """The plan for batch rows that each hold one or more (placement, window, column) segments."""
         per_layer: dict[int, list[list[list[tuple[int, int]]]]] = {}  # layer -> stage -> row -> (position, entry)
-        for row_index, row in enumerate(rows):
-            for layer, stage, position, entry in self._targets(row, window or (0, None)):
-                stages = per_layer.setdefault(layer, [])
-                while len(stages) <= stage:
-                    stages.append([[] for _ in rows])
-                stages[stage][row_index].append((position, entry))
+        for row_index, segments in enumerate(rows):
+            for placement, window, column in segments:
+                for layer, stage, position, entry in self._targets(placement, window):
+                    stages = per_layer.setdefault(layer, [])
+                    while len(stages) <= stage:
+                        stages.append([[] for _ in rows])
+                    stages[stage][row_index].append((column + position, entry))
         positions: dict[int, Tensor] = {}
         entries: dict[int, Tensor] = {}
         later: dict[int, tuple[tuple[Tensor, Tensor], ...]] = {}

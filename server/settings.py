@@ -89,7 +89,7 @@ class Settings(BaseModel):
         "row's prompt + max_tokens, each rounded up to a power of two); requests beyond it wait for rows to finish",
     )
     prefill_chunk_share: float = Field(
-        0.8, ge=0, le=10, description="while rows decode, a long prompt is prefilled in chunks timed to cost about this "
+        0.5, ge=0, le=10, description="while rows decode, a long prompt is prefilled in chunks timed to add about this "
         "fraction of a decode step (running rows keep streaming); 0 prefills every prompt in one forward",
     )
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")

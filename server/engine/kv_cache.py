@@ -12,7 +12,9 @@ Each forward writes in one of three ways, set by the runner just before it:
   decode  - every row appends one token at its own length (one indexed write per layer);
   prefill - new rows' left-padded prompts are stored into their slots shifted to column 0 (their attention runs on
             the forward's own keys, they have no past);
-  chunk   - one row appends a run of prompt tokens and attends to its whole slot so far.
+  chunk   - one row appends a run of prompt tokens and attends to its whole slot so far (the runner keeps prompts
+            being prefilled in chunks in a cache of their own, so decoding rows never read their columns).
+A packed forward (`server.engine.packed`) writes decode tokens here and a chunk to the staging cache at once.
 
 Only the runner touches this object.
 """
@@ -106,6 +108,16 @@ class SlotKVCache(Cache):
         self.host_lengths.extend([0] * count)
         return first
 
+    def adopt_row(self, source: SlotKVCache, row: int) -> int:
+        """A new last row holding a copy of `source`'s `row` (a prompt prefilled in the staging cache joins the
+        batch: one copy of its tokens, once); returns its index."""
+        length = source.host_lengths[row]
+        new = self.add_rows(1, length + 1)
+        for mine, theirs in zip((*self.keys, *self.values), (*source.keys, *source.values)):
+            mine[new, :, :length] = theirs[row, :, :length]
+        self.set_length(new, length)
+        return new
+
     def set_length(self, row: int, length: int) -> None:
         self.host_lengths[row] = length
         self.lengths[row] = length
@@ -166,19 +178,10 @@ class SlotKVCache(Cache):
             buffer[: self.rows, :, self.clean : end].masked_fill_(unused, 0)
         self.clean = end
 
-    def advance(self, held: Sequence[int] = ()) -> None:
-        """After a decode forward: every row grew by one token, except the `held` rows (their prompts are still
-        being prefilled; the token they were fed is a placeholder that the next chunk overwrites)."""
-        rows = self.rows
-        if not held:
-            self.lengths[:rows] += 1
-            self.host_lengths = [n + 1 for n in self.host_lengths]
-            return
-        step = [1] * rows
-        for row in held:
-            step[row] = 0
-        self.lengths[:rows] += torch.tensor(step, device=self.device)
-        self.host_lengths = [n + s for n, s in zip(self.host_lengths, step)]
+    def advance(self) -> None:
+        """After a decode forward: every row grew by one token."""
+        self.lengths[: self.rows] += 1
+        self.host_lengths = [n + 1 for n in self.host_lengths]
 
     def plan_prefill(self, first: int, lengths: Sequence[int], width: int) -> None:
         """Rows first.. receive left-padded prompts of these `lengths`, padded to `width`."""

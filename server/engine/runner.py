@@ -5,10 +5,13 @@ Two verbs. `prefill(rows)` runs the new rows' prompts in one left-padded forward
 `decode()` feeds every running row its last sampled token in one bare forward: no hooks, so interventions cost
 nothing per generated token. `release(ids)` drops finished rows at once.
 
-A long prompt can instead be prefilled a chunk at a time (`begin_chunked_prefill`, `prefill_chunk`) straight into
-its own slot, so it joins the batch without any copy. Until its prompt is complete the row is *held*: decode steps
-carry it with a placeholder token whose key and value land at the row's next free column, where the next chunk
-overwrites them, and its logits are dropped; `row_ids` lists only the rows that decode.
+A long prompt can instead be prefilled a chunk at a time (`begin_chunked_prefill`) into a staging cache of its own,
+so the decoding rows never read its columns (in one cache, every decode step would attend over the longest row:
+a 2,000-token prompt being prefilled made 16 rows' steps ~1.7x slower). A chunk runs either packed into the decode
+forward (`decode_with_chunk`, see `server.engine.packed`: the weights are read once for both) or, when no row
+decodes or the architecture cannot be packed, as a forward of its own (`prefill_chunk`). When its prompt is
+complete the row's keys and values are copied into the slot cache once, and it decodes from the next step on;
+`row_ids` lists only the rows that decode.
 
 Every forward gets a 4D mask built here (bool for sdpa, additive for eager), so transformers never builds one.
 """
@@ -27,6 +30,7 @@ from reft_core.generate import left_pad
 from reft_core.hf_compat import cache_kwargs
 from reft_core.hooks import decoder_layers, editing_layers
 from server.engine.kv_cache import SlotKVCache
+from server.engine.packed import PackedCaches, PackedLayout, attention_swapped, packable
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,15 @@ class PrefillRow:
 
 
 @dataclass
-class _Row:
-    """One cache row: a decoding sequence, or (with `chunked`) a prompt still being prefilled in chunks."""
+class _Staged:
+    """A prompt being prefilled in chunks: its row of the staging cache holds the first `done` tokens."""
 
-    seq_id: int
-    chunked: PrefillRow | None = None
-    done: int = 0  # prompt tokens already in the cache while chunked
+    row: PrefillRow
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.row.prompt_ids) - self.done
 
 
 class ModelRunner:
@@ -60,7 +67,10 @@ class ModelRunner:
         dims = ModelDims.from_model(model)
         self.num_layers = len(decoder_layers(model))
         self._cache = SlotKVCache(self.num_layers, dims.kv_heads, dims.head_dim, self.dtype, self.device)
-        self._rows: list[_Row] = []  # in cache order
+        self._staging = SlotKVCache(self.num_layers, dims.kv_heads, dims.head_dim, self.dtype, self.device)
+        self._rows: list[int] = []  # seq ids of the decoding rows, in slot cache order
+        self._staged: list[_Staged] = []  # prompts being prefilled in chunks, in staging cache order
+        self.packs_chunks = packable(model)  # chunks can ride in decode forwards
         self._bool_masks = "sdpa" in str(getattr(model.config, "_attn_implementation", "eager"))
         self._arange = torch.arange(0, device=self.device)
         self._head = model.get_output_embeddings()
@@ -68,11 +78,11 @@ class ModelRunner:
     @property
     def row_ids(self) -> list[int]:
         """Seq ids of the rows that decode, in the order `decode` takes their tokens and returns their logits."""
-        return [r.seq_id for r in self._rows if r.chunked is None]
+        return list(self._rows)
 
     @property
     def cache_bytes(self) -> int:
-        return self._cache.nbytes
+        return self._cache.nbytes + self._staging.nbytes
 
     @property
     def cache_allocated(self) -> tuple[int, int]:
@@ -81,8 +91,9 @@ class ModelRunner:
 
     @property
     def cache_lengths(self) -> dict[int, int]:
-        """Tokens in each row's slot, by seq id."""
-        return {r.seq_id: n for r, n in zip(self._rows, self._cache.host_lengths)}
+        """Tokens in each row's slot, by seq id: the decoding rows in cache order, then the prompts being chunked."""
+        return {**dict(zip(self._rows, self._cache.host_lengths)),
+                **{s.row.seq_id: n for s, n in zip(self._staged, self._staging.host_lengths)}}
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[PrefillRow]) -> Tensor:
@@ -92,91 +103,138 @@ class ModelRunner:
         plan = self.bank.plan(placements)
         width = batch.input_ids.shape[1]
         first = self._cache.add_rows(len(rows), width)
-        self._rows.extend(_Row(row.seq_id) for row in rows)
+        self._rows.extend(row.seq_id for row in rows)
         self._cache.plan_prefill(first, batch.lengths, width)
         square = self._range(width)
         # causal, padding keys hidden; a padding query sees itself, so no row of the mask is empty (NaN in sdpa)
         allowed = (square[None, :] <= square[:, None]) & (batch.attention_mask.bool()[:, None, :] | torch.eye(
             width, dtype=torch.bool, device=self.device))
         with editing_layers(self.model, self.bank.edits(plan)):
-            logits = self._forward(batch.input_ids, batch.position_ids, allowed[:, None])
+            logits = self._forward(batch.input_ids, batch.position_ids, allowed[:, None], self._cache)
         return logits[:, -1].float()
 
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only in this mode
     def begin_chunked_prefill(self, row: PrefillRow) -> None:
-        """Prefill `row` in chunks (`prefill_chunk`) instead of at once, so running rows keep decoding between."""
-        self._cache.add_rows(1, len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
-        self._rows.append(_Row(row.seq_id, chunked=row))
+        """Prefill `row` in chunks instead of at once, so running rows keep decoding between."""
+        self._staging.add_rows(1, len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
+        self._staged.append(_Staged(row))
 
     def chunked_remaining(self, seq_id: int) -> int:
-        row = self._rows[self._index(seq_id)]
-        assert row.chunked is not None
-        return len(row.chunked.prompt_ids) - row.done
+        return self._staged[self._staged_index(seq_id)].remaining
 
     @torch.inference_mode()
     def prefill_chunk(self, seq_id: int, max_tokens: int) -> Tensor | None:
-        """Prefill up to `max_tokens` more of a chunked row's prompt. When the prompt is complete the row decodes
-        from the next step on and its next-token logits [1, V] (float32) are returned; until then None.
+        """Prefill up to `max_tokens` more of a chunked row's prompt in a forward of its own. When the prompt is
+        complete the row decodes from the next step on and its next-token logits [1, V] (float32) are returned;
+        until then None.
 
         The bank edits only the intervened positions inside this chunk (at their absolute positions); later chunks
         attend to the edited keys/values in the cache, so the result equals a prefill in one forward."""
-        index = self._index(seq_id)
-        row = self._rows[index]
-        assert row.chunked is not None
-        prompt = row.chunked.prompt_ids
-        start, end = row.done, min(len(prompt), row.done + max_tokens)
-        plan = self.bank.plan([RowPlacement(row.chunked.slot, len(prompt), 0, row.chunked.then)], window=(start, end))
-        self._cache.plan_chunk(index, start, end)
+        index = self._staged_index(seq_id)
+        staged = self._staged[index]
+        start, end = staged.done, min(len(staged.row.prompt_ids), staged.done + max_tokens)
+        plan = self.bank.plan([self._placement(staged)], window=(start, end))
+        self._staging.plan_chunk(index, start, end)
         positions = self._range(end)
-        allowed = positions[None, :] <= positions[start:end, None]  # [chunk, end] causal at absolute positions
-        input_ids = torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device)
         with editing_layers(self.model, self.bank.edits(plan)):
-            logits = self._forward(input_ids, positions[None, start:end], allowed[None, None])
-        row.done = end
-        if end < len(prompt):
-            return None
-        row.chunked = None
-        return logits[:, -1].float()
+            logits = self._forward(self._chunk_ids(staged, end), positions[None, start:end],
+                                   self._chunk_mask(start, end), self._staging)
+        return self._chunk_done(index, end, logits[:, -1])
 
     @torch.inference_mode()
     def decode(self, last_tokens: Sequence[int]) -> Tensor:
         """One bare step for every decoding row (in `row_ids` order); returns logits [B, V] (float32)."""
-        held = [i for i, r in enumerate(self._rows) if r.chunked is not None]
-        assert len(last_tokens) == len(self._rows) - len(held) > 0
-        if held:
-            tokens = iter(last_tokens)
-            last_tokens = [self.pad_token_id if r.chunked is not None else next(tokens) for r in self._rows]
         rows = len(self._rows)
+        assert len(last_tokens) == rows > 0
         width = self._cache.plan_decode(self._range(rows))
         lengths = self._cache.lengths[:rows]
-        allowed = self._range(width)[None, :] <= lengths[:, None]  # [B, width]: each row's tokens and the new one
         input_ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
-        logits = self._forward(input_ids, lengths[:, None], allowed[:, None, None])[:, -1]
-        self._cache.advance(held)
-        if held:
-            keep = [i for i, r in enumerate(self._rows) if r.chunked is None]
-            logits = logits[torch.tensor(keep, device=self.device)]
+        logits = self._forward(input_ids, lengths[:, None], self._decode_mask(width, rows), self._cache)[:, -1]
+        self._cache.advance()
         return logits.float()
+
+    @torch.inference_mode()
+    def decode_with_chunk(self, last_tokens: Sequence[int], seq_id: int, max_tokens: int) -> tuple[Tensor, Tensor | None]:
+        """`decode` with up to `max_tokens` more of a chunked row's prompt packed into the same forward (requires
+        `packs_chunks`). Returns the decoding rows' logits [B, V] and, if the prompt is now complete, its
+        next-token logits [1, V] (float32; the row decodes from the next step on), else None."""
+        assert self.packs_chunks
+        rows = len(self._rows)
+        assert len(last_tokens) == rows > 0
+        index = self._staged_index(seq_id)
+        staged = self._staged[index]
+        start, end = staged.done, min(len(staged.row.prompt_ids), staged.done + max_tokens)
+        width = self._cache.plan_decode(self._range(rows))
+        self._staging.plan_chunk(index, start, end)
+        lengths = self._cache.lengths[:rows]
+        layout = PackedLayout(rows, self._decode_mask(width, rows), self._chunk_mask(start, end))
+        chunk_ids = self._chunk_ids(staged, end)
+        input_ids = torch.cat([torch.tensor([list(last_tokens)], dtype=torch.long, device=self.device), chunk_ids], 1)
+        positions = torch.cat([lengths, self._range(end)[start:end]])[None]
+        plan = self.bank.plan_packed([(self._placement(staged), (start, end), rows)])
+        keep = self._range(rows + 1).clone()  # the logits of each decoding row's token and the chunk's last one
+        keep[rows] = input_ids.shape[1] - 1
+        with editing_layers(self.model, self.bank.edits(plan)), attention_swapped(self.model):
+            # the mask passed is never read (`packed_attention` takes the layout's): a 4D one keeps transformers
+            # from building its own
+            logits = self._forward(input_ids, positions, layout.chunk_mask,
+                                   PackedCaches(self._cache, self._staging, layout), keep)
+        self._cache.advance()
+        return logits[0, :rows].float(), self._chunk_done(index, end, logits[:, -1])
 
     @torch.inference_mode()
     def reset(self) -> None:
         """Forget every row, chunked prefills included (after a failed step left the cache in an unknown state)."""
-        self._rows = []
+        self._rows, self._staged = [], []
         self._cache.clear()
+        self._staging.clear()
 
     @torch.inference_mode()
     def release(self, seq_ids: Sequence[int]) -> None:
-        """Drop finished or cancelled rows (chunked prefills included) from the batch immediately."""
+        """Drop finished or cancelled rows (chunked prefills included) from the batch immediately; in each cache
+        the last row moves into the freed slot."""
         for seq_id in seq_ids:
-            index = next((i for i, r in enumerate(self._rows) if r.seq_id == seq_id), None)
-            if index is None:
-                continue
-            self._cache.remove_row(index)  # the last row moves into the freed slot
-            self._rows[index] = self._rows[-1]
-            self._rows.pop()
+            if seq_id in self._rows:
+                index = self._rows.index(seq_id)
+                self._cache.remove_row(index)
+                self._rows[index] = self._rows[-1]
+                self._rows.pop()
+            elif (index := next((i for i, s in enumerate(self._staged) if s.row.seq_id == seq_id), None)) is not None:
+                self._staging.remove_row(index)
+                self._staged[index] = self._staged[-1]
+                self._staged.pop()
 
-    def _forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor) -> Tensor:
-        """The model over the cache with a ready 4D mask (`allowed`: True = attend); the last position's logits."""
+    def _placement(self, staged: _Staged) -> RowPlacement:
+        return RowPlacement(staged.row.slot, len(staged.row.prompt_ids), 0, staged.row.then)
+
+    def _chunk_ids(self, staged: _Staged, end: int) -> Tensor:
+        return torch.tensor([list(staged.row.prompt_ids[staged.done : end])], dtype=torch.long, device=self.device)
+
+    def _chunk_mask(self, start: int, end: int) -> Tensor:
+        positions = self._range(end)
+        return (positions[None, :] <= positions[start:end, None])[None, None]  # [1, 1, chunk, end]: causal, absolute
+
+    def _decode_mask(self, width: int, rows: int) -> Tensor:
+        lengths = self._cache.lengths[:rows]
+        return (self._range(width)[None, :] <= lengths[:, None])[:, None, None]  # each row's tokens and its new one
+
+    def _chunk_done(self, index: int, end: int, logits: Tensor) -> Tensor | None:
+        """Record a chunk; once the prompt is complete, move its row into the slot cache and return its logits."""
+        staged = self._staged[index]
+        staged.done = end
+        if staged.remaining:
+            return None
+        self._cache.adopt_row(self._staging, index)
+        self._rows.append(staged.row.seq_id)
+        self._staging.remove_row(index)
+        self._staged[index] = self._staged[-1]
+        self._staged.pop()
+        return logits.float()
+
+    def _forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor, cache: object,
+                 keep: int | Tensor = 1) -> Tensor:
+        """The model over `cache` with a ready 4D mask (`allowed`: True = attend); the logits of the last `keep`
+        positions, or of the positions listed in `keep`."""
         hook = self._head.register_forward_pre_hook(_contiguous_input) if self._head is not None else None
         try:
             out = self.model(
@@ -184,8 +242,8 @@ class ModelRunner:
                 attention_mask=self._mask(allowed),
                 position_ids=position_ids,
                 use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs(self.model, self._cache),
+                logits_to_keep=keep,
+                **cache_kwargs(self.model, cache),
             )
         finally:
             if hook is not None:
@@ -205,8 +263,8 @@ class ModelRunner:
             self._arange = torch.arange(max(n, 2 * self._arange.shape[0]), device=self.device)
         return self._arange[:n]
 
-    def _index(self, seq_id: int) -> int:
-        return next(i for i, r in enumerate(self._rows) if r.seq_id == seq_id)
+    def _staged_index(self, seq_id: int) -> int:
+        return next(i for i, s in enumerate(self._staged) if s.row.seq_id == seq_id)
 
 
 def _contiguous_input(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

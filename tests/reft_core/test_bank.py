@@ -206,3 +206,33 @@ def test_projected_bytes_equal_the_bytes_after_the_load(interventions, ops) -> N
     if resident:
         needed = (min(resident) + 1) * 2
         assert all(bank._shape(layer)[0] < 4 * needed + 4 for layer in range(LAYERS))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_packed_plan_edits_each_segment_where_its_own_plan_does(interventions, data) -> None:
+    """Segments packed side by side in one row get exactly the edits each gets planned alone, shifted to its
+    columns (composed segments' later stages included)."""
+    bank = InterventionBank.for_interventions(interventions, num_layers=LAYERS)
+    segments, column = [], 0
+    for _ in range(data.draw(st.integers(1, 4))):
+        slots = data.draw(st.lists(st.integers(1, len(interventions)), max_size=3))  # empty: no intervention
+        length = data.draw(st.integers(1, 12))
+        start = data.draw(st.integers(0, length - 1))
+        end = data.draw(st.integers(start + 1, length))
+        placement = RowPlacement.for_slots(slots, length)
+        segments.append((placement, (start, end), column))
+        column += end - start + data.draw(st.integers(0, 3))  # segments need not touch
+
+    def edits(plan, shift: int = 0) -> set[tuple[int, int, int, int]]:
+        """(layer, stage, column, entry) of every real edit (padding entries add nothing)."""
+        found = set()
+        for layer in plan.layers:
+            stages = [(plan.positions[layer], plan.entries[layer]), *plan.later.get(layer, ())]
+            for stage, (positions, entries) in enumerate(stages):
+                found |= {(layer, stage, int(p) + shift, int(e)) for p, e in zip(positions[0], entries[0]) if e}
+        return found
+
+    packed = edits(bank.plan_packed(segments))
+    alone = set().union(*(edits(bank.plan([p], window=w), c) for p, w, c in segments))
+    assert packed == alone

@@ -37,18 +37,21 @@ def _request(request_id: str, prompt, persona, max_tokens: int) -> GenerationReq
                                                                        ignore_eos=True), ref)
 
 
-def run_with_chunks(model, personas, chunk: int) -> tuple[dict[str, list[int]], int]:
-    """A row decodes; then the long prompts arrive. Returns tokens per request and the number of chunk forwards."""
+def run_with_chunks(model, personas, chunk: int, packed: bool) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """A row decodes; then the long prompts arrive. Returns tokens per request and the number of chunks prefilled
+    in forwards of their own ("alone") and packed into decode forwards ("packed")."""
     engine = Engine(model, tiny.tiny_tokenizer(), EngineSettings(max_running=4, prefill_chunk_tokens=chunk))
-    chunks = 0
-    original = engine.runner.prefill_chunk
+    engine.runner.packs_chunks = packed
+    chunks = {"alone": 0, "packed": 0}
 
-    def counting(seq_id: int, max_tokens: int):  # noqa: ANN202
-        nonlocal chunks
-        chunks += 1
-        return original(seq_id, max_tokens)
+    def counting(kind: str, forward):  # noqa: ANN001, ANN202
+        def counted(*args):  # noqa: ANN202
+            chunks[kind] += 1
+            return forward(*args)
+        return counted
 
-    engine.runner.prefill_chunk = counting
+    engine.runner.prefill_chunk = counting("alone", engine.runner.prefill_chunk)
+    engine.runner.decode_with_chunk = counting("packed", engine.runner.decode_with_chunk)
     tokens: dict[str, list[int]] = {}
 
     def sink_for(request_id: str):
@@ -65,10 +68,12 @@ def run_with_chunks(model, personas, chunk: int) -> tuple[dict[str, list[int]], 
     return tokens, chunks
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed into decode", "alone"])
 @pytest.mark.parametrize("chunk", [1, 2, 5, 8])
-def test_chunked_prefill_equals_prefill_in_one_forward(model, personas, chunk) -> None:
-    tokens, chunks = run_with_chunks(model, personas, chunk)
-    assert chunks > len(LONG_PROMPTS), "the long prompts should have been prefilled in several chunks"
+def test_chunked_prefill_equals_prefill_in_one_forward(model, personas, chunk, packed) -> None:
+    tokens, chunks = run_with_chunks(model, personas, chunk, packed)
+    assert sum(chunks.values()) > len(LONG_PROMPTS), "the long prompts should have been prefilled in several chunks"
+    assert (chunks["packed"] > 0) == packed
     for i, (prompt, persona) in enumerate(zip(LONG_PROMPTS, personas)):
         assert tokens[str(i)] == generate(model, [prompt], [persona], max_new_tokens=6)[0]
     assert tokens["running"] == generate(model, [RUNNING_PROMPT], [personas[0]], max_new_tokens=40)[0]

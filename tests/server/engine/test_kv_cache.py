@@ -57,8 +57,9 @@ class Job:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def run_schedule(model, bank: InterventionBank, jobs: list[Job]) -> ModelRunner:
-    """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode."""
+def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = False) -> ModelRunner:
+    """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode.
+    With `packed`, the first chunked row's chunk rides in the decode forward whenever rows decode."""
     runner = ModelRunner(model, bank, PAD)
     live: dict[int, Job] = {}
     chunking: dict[int, Job] = {}
@@ -88,16 +89,26 @@ def run_schedule(model, bank: InterventionBank, jobs: list[Job]) -> ModelRunner:
             logits = runner.prefill([PrefillRow(i, j.prompt, j.persona) for i, j in whole])
             for (i, _), row in zip(whole, logits):
                 take(i, row)
+        rider = next(iter(chunking), None) if packed and runner.row_ids else None
         for i, job in list(chunking.items()):
+            if i == rider:
+                continue
             logits = runner.prefill_chunk(i, job.chunk)
             if logits is not None:
                 del chunking[i]
                 take(i, logits[0])
         decoding = [i for i in runner.row_ids if live[i].out]
         assert decoding == runner.row_ids  # every decoding row has a token to feed
-        if decoding:
-            for i, row in zip(decoding, runner.decode([live[i].out[-1] for i in decoding])):
-                take(i, row)
+        if rider is not None:
+            rows, chunk_logits = runner.decode_with_chunk([live[i].out[-1] for i in decoding], rider,
+                                                          chunking[rider].chunk)
+            if chunk_logits is not None:
+                del chunking[rider]
+                take(rider, chunk_logits[0])
+        elif decoding:
+            rows = runner.decode([live[i].out[-1] for i in decoding])
+        for i, row in zip(decoding, rows if decoding else ()):
+            take(i, row)
         step += 1
     return runner
 
@@ -118,7 +129,8 @@ def check_alone(model, personas, bank, jobs: list[Job]) -> None:
         torch.testing.assert_close(torch.stack(job.logits), reference_logits(model, bank, job), rtol=1e-4, atol=1e-4)
 
 
-def test_rows_joining_and_leaving_decode_as_alone(model, personas) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["chunks alone", "chunks packed into decode"])
+def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed) -> None:
     bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
     jobs = [
         Job(list(range(5, 13)), 1, 9, join=0),
@@ -129,13 +141,14 @@ def test_rows_joining_and_leaving_decode_as_alone(model, personas) -> None:
         Job([7, 8], 2, 3, join=4),  # the fifth row: grows the rows past 4
         Job([60, 61, 62], 0, 12, join=1, leave=5),  # cancelled mid-run
     ]
-    runner = run_schedule(model, bank, jobs)
+    runner = run_schedule(model, bank, jobs, packed)
     assert runner.row_ids == [] and runner.cache_bytes == 0  # an idle runner holds no cache memory
     check_alone(model, personas, bank, [j for j in jobs if j.leave is None])
 
 
 def test_a_slot_holds_only_its_own_tokens(model) -> None:
-    """A long row joining does not widen the others, and a row moved into a freed slot keeps its length."""
+    """A long row joining does not widen the others, a prompt being prefilled in chunks stays out of the slot cache
+    until it is complete, and a row moved into a freed slot keeps its length."""
     runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
     runner.prefill([PrefillRow(0, [5, 6], 0), PrefillRow(1, [7, 8, 9], 0)])
     runner.decode([1, 2])
@@ -143,16 +156,18 @@ def test_a_slot_holds_only_its_own_tokens(model) -> None:
     runner.begin_chunked_prefill(PrefillRow(3, list(range(50)), 0))
     runner.prefill_chunk(3, 20)
     assert runner.cache_lengths == {0: 3, 1: 4, 2: 100, 3: 20}
-    runner.decode([3, 4, 5])  # the chunked row is carried, its placeholder not counted
+    runner.decode([3, 4, 5])  # the chunked row is not carried
     assert runner.cache_lengths == {0: 4, 1: 5, 2: 101, 3: 20}
     runner.release([0])
-    assert list(runner.cache_lengths.items()) == [(3, 20), (1, 5), (2, 101)]  # the last row moved into slot 0
-    assert runner.row_ids == [1, 2]
+    assert list(runner.cache_lengths.items()) == [(2, 101), (1, 5), (3, 20)]  # the last row moved into slot 0
+    assert runner.row_ids == [2, 1]
+    assert runner.prefill_chunk(3, 30) is not None  # complete: it joins the slot cache as its last row
+    assert list(runner.cache_lengths.items()) == [(2, 101), (1, 5), (3, 50)] and runner.row_ids == [2, 1, 3]
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.data())
-def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data) -> None:
+@given(data=st.data(), packed=st.booleans())
+def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data, packed) -> None:
     bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
     jobs = []
     for _ in range(data.draw(st.integers(1, 7))):
@@ -166,7 +181,7 @@ def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas
             chunk=data.draw(st.one_of(st.none(), st.integers(1, 12))),
             leave=data.draw(st.one_of(st.none(), st.integers(1, 10))),
         ))
-    run_schedule(model, bank, jobs)
+    run_schedule(model, bank, jobs, packed)
     check_alone(model, personas, bank, [j for j in jobs if j.out])
 
 
