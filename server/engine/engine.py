@@ -56,6 +56,8 @@ FIRST_PREFILL_CHUNK = 32
 # Prompts up to this length are always prefilled whole, together with the others admitted in the same iteration:
 # chunking them would admit a burst of chat-sized prompts one chunk at a time and starve the batch of rows.
 CHUNKED_PROMPT_MIN_TOKENS = 512
+# At most this many prompts joining in one iteration ride in the decode forward; more are prefilled together.
+MAX_PACKED_PROMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: admit and prefill new rows (a long prompt while rows decode: one chunk of it per
-        iteration), then one decode step for every row in the batch, then a training slice."""
+        iteration), then one decode step for every row in the batch, then a training slice. While rows decode, the
+        new rows' prompts and the chunk ride in the decode forward where the model allows it."""
         loads = self.slots.loads
         admitted, refused = self.scheduler.admit()
         if self.slots.loads > loads:
@@ -301,12 +304,15 @@ class Engine:
         for seq in chunked:
             self.runner.begin_chunked_prefill(PrefillRow.for_slots(seq.seq_id, seq.request.prompt_ids, seq.slots))
             self._chunking.append(seq)
-        if whole:
-            self._prefill(whole)
-        # packed once a plain decode step has been timed (the chunk is sized by what it adds to one)
-        if self._chunking and self.runner.row_ids and self.runner.packs_chunks and self._decode_step_s:
-            self._decode_with_chunk()
+        # Prompt pieces ride in the decode forward once a plain decode step has been timed (a chunk is sized by
+        # what it adds to one); a burst of joining prompts is prefilled in a forward of its own (one attention
+        # call per piece and layer would outweigh the weight read saved).
+        packing = self.runner.packs_chunks and bool(self.runner.row_ids) and self._decode_step_s > 0
+        if packing and len(whole) <= MAX_PACKED_PROMPTS and (whole or self._chunking):
+            self._decode_packed(whole)
         else:
+            if whole:
+                self._prefill(whole)
             self._prefill_next_chunk()
             if self.runner.row_ids:
                 self._decode()
@@ -431,34 +437,47 @@ class Engine:
         elapsed = time.perf_counter() - started
         self.metrics.prefill_step.observe(elapsed)
         if budget < remaining:  # a full chunk (the last one is shorter and says little about the next)
-            self._size_next_chunk(budget, elapsed)
+            self._record_chunk_cost(budget, elapsed)
+            self._size_next_chunk(budget)
         if logits is None:
             return
         self._chunking.popleft()
         self.metrics.prompt_tokens.inc(seq.prompt_len)
         self._emit(logits, [seq])
 
-    def _decode_with_chunk(self) -> None:
-        """One forward for every decoding row and the next chunk of the oldest chunked prompt, packed together."""
+    def _decode_packed(self, joining: list[Sequence]) -> None:
+        """One forward for every decoding row, the whole prompts of rows joining now and the next chunk of the
+        oldest chunked prompt, packed together (see `server.engine.packed`)."""
         seqs = [self.scheduler.running[i] for i in self.runner.row_ids]
-        chunked = self._chunking[0]
-        remaining = self.runner.chunked_remaining(chunked.seq_id)
-        budget = min(self._chunk_tokens(), remaining)
+        pieces = [(seq, seq.prompt_len) for seq in joining]
+        chunked, remaining = None, 0
+        if self._chunking:
+            chunked = self._chunking[0]
+            remaining = self.runner.chunked_remaining(chunked.seq_id)
+            pieces.append((chunked, min(self._chunk_tokens(), remaining)))
         started = time.perf_counter()
         try:
-            logits, chunk_logits = self.runner.decode_with_chunk([s.last_token for s in seqs], chunked.seq_id, budget)
+            for seq in joining:
+                self.runner.begin_chunked_prefill(PrefillRow.for_slots(seq.seq_id, seq.request.prompt_ids, seq.slots))
+            logits, piece_logits = self.runner.decode_with_chunks([s.last_token for s in seqs],
+                                                                  [(s.seq_id, n) for s, n in pieces])
         except Exception as exc:  # noqa: BLE001 - as in `_decode`, the shared cache may be half-updated
-            self._fail_forward(exc, list(self.scheduler.running.values()), "decode with a prefill chunk")
+            self._fail_forward(exc, list(self.scheduler.running.values()), "decode with prompt pieces")
             return
         elapsed = time.perf_counter() - started
         self.metrics.decode_step.observe(elapsed)
-        if budget < remaining:  # the chunk's share of the step is what it added to a plain decode step
-            self._size_next_chunk(budget, max(elapsed - self._decode_step_s, 0.0))
+        # what the pieces cost is what they added to a plain decode step
+        self._record_chunk_cost(sum(n for _, n in pieces), max(elapsed - self._decode_step_s, 0.0))
+        if chunked is not None and pieces[-1][1] < remaining:
+            self._size_next_chunk(pieces[-1][1])
         self._emit(logits, seqs)
-        if chunk_logits is not None:
-            self._chunking.popleft()
-            self.metrics.prompt_tokens.inc(chunked.prompt_len)
-            self._emit(chunk_logits, [chunked])
+        for (seq, _), first_logits in zip(pieces, piece_logits):
+            if first_logits is None:
+                continue
+            if seq is chunked:
+                self._chunking.popleft()
+            self.metrics.prompt_tokens.inc(seq.prompt_len)
+            self._emit(first_logits, [seq])
 
     def _decode(self) -> None:
         """One bare forward for every row in the batch, and their next tokens."""
@@ -485,18 +504,21 @@ class Engine:
         fixed = self.settings.prefill_chunk_tokens
         return fixed if fixed is not None else self._chunk_size
 
-    def _size_next_chunk(self, tokens: int, cost: float) -> None:
-        """Size the next chunk so that it costs about `prefill_chunk_share` of a decode step, from what the last
-        `tokens` cost: the whole forward of a chunk alone (a fixed part for reading the weights, and a part per token
-        that grows with the prompt prefilled so far), or what a packed chunk added to a decode step. The cost per
-        token is averaged over chunks: one chunk's cost, less a decode step's, swings with the machine's noise;
-        growth is capped at 2x per chunk."""
+    def _record_chunk_cost(self, tokens: int, cost: float) -> None:
+        """What `tokens` prompt tokens cost: the whole forward of a chunk alone (a fixed part for reading the
+        weights, and a part per token that grows with the prompt prefilled so far), or what packed pieces added to
+        a decode step. Averaged over forwards: one forward's cost, less a decode step's, swings with the machine's
+        noise."""
         per_token = cost / tokens
         self._chunk_token_s = per_token if not self._chunk_token_s else 0.7 * self._chunk_token_s + 0.3 * per_token
+
+    def _size_next_chunk(self, last: int) -> None:
+        """Size the next chunk so that it costs about `prefill_chunk_share` of a decode step; growth is capped at
+        2x the `last` chunk."""
         target = self.settings.prefill_chunk_share * self._decode_step_s
         if target > 0:
             scaled = int(target / max(self._chunk_token_s, 1e-9))
-            self._chunk_size = max(MIN_PREFILL_CHUNK, min(scaled, 2 * tokens))
+            self._chunk_size = max(MIN_PREFILL_CHUNK, min(scaled, 2 * last))
 
     def _split_for_chunking(self, admitted: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
         """Rows to prefill at once, and rows whose prompts are too long to prefill without stalling the batch."""

@@ -57,7 +57,9 @@ class _Prefill:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class Chunk:
+    """Prompt tokens [start, end) of one row."""
+
     row: int
     start: int
     end: int
@@ -76,7 +78,7 @@ class SlotKVCache(Cache):
         # cleared lazily, just ahead of what a forward reads: masked columns still enter attention's matmuls
         # (0 * NaN is NaN), and clearing a long row's columns for every row at once would stall the batch.
         self.clean = 0
-        self._write: _Decode | _Prefill | _Chunk | None = None
+        self._write: _Decode | _Prefill | Chunk | None = None
 
     @property
     def rows(self) -> int:
@@ -196,9 +198,13 @@ class SlotKVCache(Cache):
 
     def plan_chunk(self, row: int, start: int, end: int) -> None:
         """`row` appends prompt tokens [start, end)."""
-        self.reserve(self.rows, end)
-        self._write = _Chunk(row, start, end)
-        self.set_length(row, end)
+        self._write = self.extend(Chunk(row, start, end))
+
+    def extend(self, chunk: Chunk) -> Chunk:
+        """Room and length for `chunk`, whose keys and values the caller writes with `write_chunk`."""
+        self.reserve(self.rows, chunk.end)
+        self.set_length(chunk.row, chunk.end)
+        return chunk
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         keys, values, write = self.keys[layer_idx], self.values[layer_idx], self._write
@@ -213,7 +219,12 @@ class SlotKVCache(Cache):
                 shifted = states if write.source is None else states.gather(2, write.source)
                 buffer[write.first : write.first + n, :, :width] = shifted
             return key_states, value_states
-        assert isinstance(write, _Chunk), "plan the forward before running it"
-        keys[write.row, :, write.start : write.end] = key_states[0]
-        values[write.row, :, write.start : write.end] = value_states[0]
-        return keys[write.row : write.row + 1, :, : write.end], values[write.row : write.row + 1, :, : write.end]
+        assert isinstance(write, Chunk), "plan the forward before running it"
+        return self.write_chunk(layer_idx, write, key_states, value_states)
+
+    def write_chunk(self, layer_idx: int, chunk: Chunk, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Store a chunk's states ([1, H, n, D]); returns its row's keys and values so far ([1, H, end, D])."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[chunk.row, :, chunk.start : chunk.end] = key_states[0]
+        values[chunk.row, :, chunk.start : chunk.end] = value_states[0]
+        return keys[chunk.row : chunk.row + 1, :, : chunk.end], values[chunk.row : chunk.row + 1, :, : chunk.end]

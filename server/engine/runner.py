@@ -18,6 +18,7 @@ Every forward gets a 4D mask built here (bool for sdpa, additive for eager), so 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from reft_core.frozen_context import ModelDims
 from reft_core.generate import left_pad
 from reft_core.hf_compat import cache_kwargs
 from reft_core.hooks import decoder_layers, editing_layers
-from server.engine.kv_cache import SlotKVCache
+from server.engine.kv_cache import Chunk, SlotKVCache
 from server.engine.packed import PackedCaches, PackedLayout, attention_swapped, packable
 
 
@@ -45,7 +46,7 @@ class PrefillRow:
         return cls(seq_id, prompt_ids, slots[0] if slots else 0, tuple(slots[1:]))
 
 
-@dataclass
+@dataclass(eq=False)  # found by identity
 class _Staged:
     """A prompt being prefilled in chunks: its row of the staging cache holds the first `done` tokens."""
 
@@ -139,7 +140,8 @@ class ModelRunner:
         with editing_layers(self.model, self.bank.edits(plan)):
             logits = self._forward(self._chunk_ids(staged, end), positions[None, start:end],
                                    self._chunk_mask(start, end), self._staging)
-        return self._chunk_done(index, end, logits[:, -1])
+        staged.done = end
+        return self._join_if_complete(staged, logits[:, -1])
 
     @torch.inference_mode()
     def decode(self, last_tokens: Sequence[int]) -> Tensor:
@@ -154,33 +156,40 @@ class ModelRunner:
         return logits.float()
 
     @torch.inference_mode()
-    def decode_with_chunk(self, last_tokens: Sequence[int], seq_id: int, max_tokens: int) -> tuple[Tensor, Tensor | None]:
-        """`decode` with up to `max_tokens` more of a chunked row's prompt packed into the same forward (requires
-        `packs_chunks`). Returns the decoding rows' logits [B, V] and, if the prompt is now complete, its
-        next-token logits [1, V] (float32; the row decodes from the next step on), else None."""
-        assert self.packs_chunks
+    def decode_with_chunks(self, last_tokens: Sequence[int],
+                           chunks: Sequence[tuple[int, int]]) -> tuple[Tensor, list[Tensor | None]]:
+        """`decode` with prompt pieces packed into the same forward (requires `packs_chunks`): for each
+        (seq_id, max_tokens) in `chunks`, up to that many more tokens of that chunked row's prompt. Returns the
+        decoding rows' logits [B, V] and, per chunk, the prompt's next-token logits [1, V] if it is now complete
+        (float32; that row decodes from the next step on), else None."""
+        assert self.packs_chunks and chunks
         rows = len(self._rows)
         assert len(last_tokens) == rows > 0
-        index = self._staged_index(seq_id)
-        staged = self._staged[index]
-        start, end = staged.done, min(len(staged.row.prompt_ids), staged.done + max_tokens)
         width = self._cache.plan_decode(self._range(rows))
-        self._staging.plan_chunk(index, start, end)
         lengths = self._cache.lengths[:rows]
-        layout = PackedLayout(rows, self._decode_mask(width, rows), self._chunk_mask(start, end))
-        chunk_ids = self._chunk_ids(staged, end)
-        input_ids = torch.cat([torch.tensor([list(last_tokens)], dtype=torch.long, device=self.device), chunk_ids], 1)
-        positions = torch.cat([lengths, self._range(end)[start:end]])[None]
-        plan = self.bank.plan_packed([(self._placement(staged), (start, end), rows)])
-        keep = self._range(rows + 1).clone()  # the logits of each decoding row's token and the chunk's last one
-        keep[rows] = input_ids.shape[1] - 1
+        staged = [self._staged[self._staged_index(seq_id)] for seq_id, _ in chunks]
+        pieces = [self._staging.extend(Chunk(self._staged.index(s), s.done, min(len(s.row.prompt_ids), s.done + n)))
+                  for s, (_, n) in zip(staged, chunks)]
+        layout = PackedLayout(rows, self._decode_mask(width, rows), tuple(pieces),
+                              tuple(self._chunk_mask(p.start, p.end) for p in pieces))
+        input_ids = torch.cat([torch.tensor([list(last_tokens)], dtype=torch.long, device=self.device),
+                               *(self._chunk_ids(s, p.end) for s, p in zip(staged, pieces))], 1)
+        positions = torch.cat([lengths, *(self._range(p.end)[p.start :] for p in pieces)])[None]
+        columns = list(itertools.accumulate((p.end - p.start for p in pieces), initial=rows))
+        plan = self.bank.plan_packed([(self._placement(s), (p.start, p.end), c)
+                                      for s, p, c in zip(staged, pieces, columns)])
+        # the logits of each decoding row's token and of each piece's last token
+        keep = torch.tensor([*range(rows), *(c - 1 for c in columns[1:])], device=self.device)
         with editing_layers(self.model, self.bank.edits(plan)), attention_swapped(self.model):
             # the mask passed is never read (`packed_attention` takes the layout's): a 4D one keeps transformers
             # from building its own
-            logits = self._forward(input_ids, positions, layout.chunk_mask,
-                                   PackedCaches(self._cache, self._staging, layout), keep)
+            logits = self._forward(input_ids, positions, layout.piece_masks[0],
+                                   PackedCaches(self._cache, self._staging, layout), keep)[0]
         self._cache.advance()
-        return logits[0, :rows].float(), self._chunk_done(index, end, logits[:, -1])
+        for s, p in zip(staged, pieces):
+            s.done = p.end
+        return logits[:rows].float(), [self._join_if_complete(s, logits[rows + i : rows + i + 1])
+                                       for i, s in enumerate(staged)]
 
     @torch.inference_mode()
     def reset(self) -> None:
@@ -218,12 +227,11 @@ class ModelRunner:
         lengths = self._cache.lengths[:rows]
         return (self._range(width)[None, :] <= lengths[:, None])[:, None, None]  # each row's tokens and its new one
 
-    def _chunk_done(self, index: int, end: int, logits: Tensor) -> Tensor | None:
-        """Record a chunk; once the prompt is complete, move its row into the slot cache and return its logits."""
-        staged = self._staged[index]
-        staged.done = end
+    def _join_if_complete(self, staged: _Staged, logits: Tensor) -> Tensor | None:
+        """Once a staged prompt is complete, move its row into the slot cache and return its logits; else None."""
         if staged.remaining:
             return None
+        index = self._staged.index(staged)
         self._cache.adopt_row(self._staging, index)
         self._rows.append(staged.row.seq_id)
         self._staging.remove_row(index)

@@ -51,7 +51,7 @@ def run_with_chunks(model, personas, chunk: int, packed: bool) -> tuple[dict[str
         return counted
 
     engine.runner.prefill_chunk = counting("alone", engine.runner.prefill_chunk)
-    engine.runner.decode_with_chunk = counting("packed", engine.runner.decode_with_chunk)
+    engine.runner.decode_with_chunks = counting("packed", engine.runner.decode_with_chunks)
     tokens: dict[str, list[int]] = {}
 
     def sink_for(request_id: str):
@@ -94,3 +94,34 @@ def test_chunk_logits_equal_whole_prefill_logits(model, personas, length, chunk,
         logits = runner.prefill_chunk(0, chunk)
     torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-5)
     assert runner.row_ids == [0]
+
+
+def test_rows_joining_while_others_decode_ride_in_the_decode_forward(model, personas) -> None:
+    """Short prompts admitted while rows decode are packed whole into the decode forward (several side by side,
+    each with its own intervention), and every row's tokens equal its generation alone."""
+    engine = Engine(model, tiny.tiny_tokenizer(), EngineSettings(max_running=8))
+    packed_pieces: list[int] = []
+    original = engine.runner.decode_with_chunks
+
+    def counted(last_tokens, chunks):  # noqa: ANN001, ANN202
+        packed_pieces.append(len(chunks))
+        return original(last_tokens, chunks)
+
+    engine.runner.decode_with_chunks = counted
+    tokens: dict[str, list[int]] = {}
+
+    def sink_for(request_id: str):
+        tokens[request_id] = []
+        return lambda event: tokens[request_id].extend(event.token_ids)
+
+    engine.submit(_request("running", RUNNING_PROMPT, personas[0], 30), sink_for("running"))
+    engine._apply_commands()
+    engine.step()  # the prefill
+    engine.step()  # a plain decode step, timed: from now on joining prompts are packed
+    joining = [([70 + i, 71 + i, 72 + i, 73 + i][: 2 + i], personas[i % 3]) for i in range(3)]
+    engine.run_until_idle((_request(str(i), prompt, persona, 5), sink_for(str(i)))
+                          for i, (prompt, persona) in enumerate(joining))
+    assert packed_pieces == [3], "the three prompts should have joined in one packed forward"
+    for i, (prompt, persona) in enumerate(joining):
+        assert tokens[str(i)] == generate(model, [prompt], [persona], max_new_tokens=5)[0]
+    assert tokens["running"] == generate(model, [RUNNING_PROMPT], [personas[0]], max_new_tokens=30)[0]

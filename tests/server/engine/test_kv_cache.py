@@ -59,7 +59,8 @@ class Job:
 
 def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = False) -> ModelRunner:
     """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode.
-    With `packed`, the first chunked row's chunk rides in the decode forward whenever rows decode."""
+    With `packed`, whenever rows decode, the prompts joining whole and every chunked row's chunk ride in the decode
+    forward (several pieces side by side)."""
     runner = ModelRunner(model, bank, PAD)
     live: dict[int, Job] = {}
     chunking: dict[int, Job] = {}
@@ -80,18 +81,23 @@ def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = 
                 del live[seq_id]
                 chunking.pop(seq_id, None)
         whole = [(i, j) for i, j in enumerate(jobs) if j.join == step and j.chunk is None]
+        packing = packed and bool(runner.row_ids)
+        pieces = {}
         for i, job in enumerate(jobs):
-            if job.join == step and job.chunk is not None:
+            if job.join == step and (job.chunk is not None or packing):
                 live[i], chunking[i] = job, job
                 runner.begin_chunked_prefill(PrefillRow(i, job.prompt, job.persona))
+                pieces[i] = job.chunk or len(job.prompt)
+        if packing:
+            whole = []
+            pieces.update({i: job.chunk for i, job in chunking.items() if i not in pieces})
         if whole:
             live.update(whole)
             logits = runner.prefill([PrefillRow(i, j.prompt, j.persona) for i, j in whole])
             for (i, _), row in zip(whole, logits):
                 take(i, row)
-        rider = next(iter(chunking), None) if packed and runner.row_ids else None
         for i, job in list(chunking.items()):
-            if i == rider:
+            if i in pieces:
                 continue
             logits = runner.prefill_chunk(i, job.chunk)
             if logits is not None:
@@ -99,12 +105,12 @@ def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = 
                 take(i, logits[0])
         decoding = [i for i in runner.row_ids if live[i].out]
         assert decoding == runner.row_ids  # every decoding row has a token to feed
-        if rider is not None:
-            rows, chunk_logits = runner.decode_with_chunk([live[i].out[-1] for i in decoding], rider,
-                                                          chunking[rider].chunk)
-            if chunk_logits is not None:
-                del chunking[rider]
-                take(rider, chunk_logits[0])
+        if packing and pieces:
+            rows, first = runner.decode_with_chunks([live[i].out[-1] for i in decoding], list(pieces.items()))
+            for i, logits in zip(pieces, first):
+                if logits is not None:
+                    del chunking[i]
+                    take(i, logits[0])
         elif decoding:
             rows = runner.decode([live[i].out[-1] for i in decoding])
         for i, row in zip(decoding, rows if decoding else ()):
