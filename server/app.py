@@ -57,6 +57,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         training_share=settings.training_share,
         prefill_chunk_share=settings.prefill_chunk_share,
         kv_cache_budget_bytes=settings.kv_cache_budget_bytes,
+        compile_decode=settings.compile_decode,
     )
 
 

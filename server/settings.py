@@ -92,6 +92,11 @@ class Settings(BaseModel):
         0.5, ge=0, le=10, description="while rows decode, a long prompt is prefilled in chunks timed to add about this "
         "fraction of a decode step (running rows keep streaming); 0 prefills every prompt in one forward",
     )
+    compile_decode: Literal["inductor", "cudagraphs"] | None = Field(
+        None, description="run decode forwards through torch.compile with this backend (inductor: generated "
+        "kernels; cudagraphs: CUDA graphs of the eager kernels, CUDA only); the first steps wait for the "
+        "compilation, and outputs equal the eager ones",
+    )
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")
     max_resident_bank_bytes: int = Field(
         1 << 30, ge=1 << 16, description="bound on the bank's tables (resident intervention weights); least recently "

@@ -79,6 +79,7 @@ class EngineSettings:
     prefill_chunk_share: float = 0.5
     prefill_chunk_tokens: int | None = None  # a fixed chunk size instead of the measured one (tests, tuning)
     kv_cache_budget_bytes: int | None = None  # bound on the batch's KV cache (see Scheduler); None: unbounded
+    compile_decode: str | None = None  # a torch.compile backend for decode forwards (see ModelRunner); None: eager
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Engine:
         )
         self.slots = SlotTable(bank, settings.max_resident_bank_bytes)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
-        self.runner = ModelRunner(model, bank, pad)
+        self.runner = ModelRunner(model, bank, pad, settings.compile_decode)
         kv_budget = KVBudget(ModelDims.from_model(model).kv_bytes_per_token(len(decoder_layers(model))),
                              settings.kv_cache_budget_bytes)
         self.scheduler = Scheduler(

@@ -8,16 +8,18 @@ nothing per generated token. `release(ids)` drops finished rows at once.
 A long prompt can instead be prefilled a chunk at a time (`begin_chunked_prefill`) into a staging cache of its own,
 so the decoding rows never read its columns (in one cache, every decode step would attend over the longest row:
 a 2,000-token prompt being prefilled made 16 rows' steps ~1.7x slower). A chunk runs either packed into the decode
-forward (`decode_with_chunk`, see `server.engine.packed`: the weights are read once for both) or, when no row
-decodes or the architecture cannot be packed, as a forward of its own (`prefill_chunk`). When its prompt is
-complete the row's keys and values are copied into the slot cache once, and it decodes from the next step on;
-`row_ids` lists only the rows that decode.
+forward (`decode_with_chunks`, see `server.engine.packed`: the weights are read once for both; a short prompt
+joining a decoding batch rides the same way, as one whole chunk) or, when no row decodes or the architecture
+cannot be packed, as a forward of its own (`prefill_chunk`). When its prompt is complete the row's keys and values
+are copied into the slot cache once, and it decodes from the next step on; `row_ids` lists only the rows that
+decode.
 
 Every forward gets a 4D mask built here (bool for sdpa, additive for eager), so transformers never builds one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +61,14 @@ class _Staged:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, bank: InterventionBank, pad_token_id: int) -> None:
+    def __init__(self, model: nn.Module, bank: InterventionBank, pad_token_id: int,
+                 compile_decode: str | None = None) -> None:
         self.model = model
+        # Decode forwards (the bare model, one token per row) may run through torch.compile with this backend
+        # ("inductor": generated kernels; "cudagraphs": CUDA graphs replaying the eager kernels); prefill and packed
+        # forwards carry the bank's hooks and swap the attention, and stay eager.
+        self._decode_model = model if compile_decode is None else torch.compile(
+            model, backend=compile_decode, dynamic=True)
         self.bank = bank
         self.pad_token_id = pad_token_id
         parameter = next(model.parameters())
@@ -151,7 +159,13 @@ class ModelRunner:
         width = self._cache.plan_decode(self._range(rows))
         lengths = self._cache.lengths[:rows]
         input_ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
-        logits = self._forward(input_ids, lengths[:, None], self._decode_mask(width, rows), self._cache)[:, -1]
+        positions, mask = lengths[:, None], self._decode_mask(width, rows)
+        if self._decode_model is self.model:
+            logits = self._forward(input_ids, positions, mask, self._cache)[:, -1]
+        else:
+            _mark_dynamic_decode(input_ids, positions, mask)
+            with _no_duck_sizing():
+                logits = self._forward(input_ids, positions, mask, self._cache, model=self._decode_model)[:, -1]
         self._cache.advance()
         return logits.float()
 
@@ -240,12 +254,14 @@ class ModelRunner:
         return logits.float()
 
     def _forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor, cache: object,
-                 keep: int | Tensor = 1) -> Tensor:
-        """The model over `cache` with a ready 4D mask (`allowed`: True = attend); the logits of the last `keep`
-        positions, or of the positions listed in `keep`."""
-        hook = self._head.register_forward_pre_hook(_contiguous_input) if self._head is not None else None
+                 keep: int | Tensor = 1, model: nn.Module | None = None) -> Tensor:
+        """`model` (default: the model) over `cache` with a ready 4D mask (`allowed`: True = attend); the logits of
+        the last `keep` positions, or of the positions listed in `keep`."""
+        multi_token = input_ids.shape[1] > 1  # one token per row is contiguous already (and a compiled decode
+        # forward would recompile whenever a hook came or went)
+        hook = self._head.register_forward_pre_hook(_contiguous_input) if self._head is not None and multi_token else None
         try:
-            out = self.model(
+            out = (self.model if model is None else model)(
                 input_ids=input_ids,
                 attention_mask=self._mask(allowed),
                 position_ids=position_ids,
@@ -273,6 +289,20 @@ class ModelRunner:
 
     def _staged_index(self, seq_id: int) -> int:
         return next(i for i, s in enumerate(self._staged) if s.row.seq_id == seq_id)
+
+
+def _mark_dynamic_decode(input_ids: Tensor, positions: Tensor, mask: Tensor) -> None:
+    """Rows and the read width change every few steps: compile them as symbols from the start, not one graph per
+    batch size."""
+    for tensor, dims in ((input_ids, (0,)), (positions, (0,)), (mask, (0, 3))):
+        for dim in dims:
+            torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def _no_duck_sizing() -> contextlib.AbstractContextManager[None]:
+    """Trace without tying sizes that happen to be equal once (the cache's row capacity and the read width are both
+    4 at times), which would recompile when they part."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
 def _contiguous_input(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
