@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.cache_utils import Cache
 
 from server.engine.kv_cache import Chunk, SlotKVCache
@@ -94,6 +95,10 @@ def packed_attention(module: nn.Module, query: Tensor, key: PackedStates, value:
                      attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs: Any) -> tuple[Tensor, None]:
     """Attention of a packed forward. query: [1, heads, T, D]; returns [1, T, heads, D]."""
+    if not isinstance(key, PackedStates):  # a plain forward of another thread sharing the model (tests do) ran
+        # while this one's attention was swapped in: plain attention is what it asked for
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
     layout = key.layout
     rows = layout.decode_rows
     decode_query = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, D]
