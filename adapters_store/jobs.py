@@ -102,7 +102,8 @@ class JobRecord:
     # why a failed job failed, as a code of the API's error table (server.generation: the same code a request gets
     # for the same cause), beside the human message in `error`
     error_code: str | None = None
-    attempts: int = 0  # runs started (PostgreSQL: each claim by a replica; a job is failed after job_max_attempts)
+    attempts: int = 0  # runs started (PostgreSQL: each claim by a replica, less those released by a clean shutdown;
+    # a job is failed after job_max_attempts)
     replica: str | None = None  # the replica that claimed it last (PostgreSQL), for operators
 
     def to_dict(self) -> dict[str, Any]:

@@ -245,10 +245,18 @@ class PostgresJobStore:
         return job
 
     def release(self, job_id: str) -> None:
-        """Give up a job this replica holds (it is shutting down): another replica claims it at once."""
+        """Give up a job this replica holds (it is shutting down): another replica claims it at once. A clean
+        shutdown is not a failed attempt: the claim it took back is not counted, so rolling restarts never use up
+        `max_attempts`."""
         with self.db.transaction() as cur:
-            cur.execute("UPDATE jobs SET owner=NULL, lease_until=NULL WHERE id=%s AND owner=%s", (job_id, self.owner))
-            self._notify(cur, {"queued": job_id})
+            row = cur.execute(f"SELECT {_FIELDS} FROM jobs WHERE id=%s AND owner=%s FOR UPDATE",
+                              (job_id, self.owner)).fetchone()
+            if row is not None:
+                job = record_from_row(row)
+                released = replace(job, attempts=max(job.attempts - 1, 0))
+                cur.execute(f"UPDATE jobs SET {_SET}, owner=NULL, lease_until=NULL WHERE id=%s",
+                            (*_values(released), job_id))
+                self._notify(cur, {"queued": job_id})
         self._hold(job_id, False)
 
     def recover_interrupted(self) -> list[JobRecord]:

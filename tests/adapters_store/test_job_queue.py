@@ -245,3 +245,19 @@ def test_a_version_is_written_only_by_the_jobs_owner_and_ends_the_job(replicas, 
         assert store.versions("p")[1] == 1
     finally:
         store.close()
+
+
+def test_a_clean_shutdown_does_not_use_up_an_attempt(replicas) -> None:  # noqa: ANN001
+    """Replicas that stop cleanly release their job: however many rolling restarts it sees, a later crash still
+    leaves it every attempt but the crashed one."""
+    a, b, c = replicas
+    a.submit(queued("j"), INPUT, max_active=8)
+    for store in (a, b, a, b):  # four clean stops (max_attempts is 2)
+        claimed, _ = store.claim()
+        assert claimed.attempts == 1
+        store.release("j")
+    assert a.get("j").status == "queued" and a.get("j").attempts == 0
+    assert c.claim()[0].attempts == 1  # type: ignore[index]
+    stop_renewing(c)  # a crash: that one counts
+    time.sleep(0.8)
+    assert b.claim()[0].attempts == 2  # type: ignore[index]  # its last attempt, not failed
