@@ -34,8 +34,10 @@ from server.engine.engine import Engine, EngineSettings  # noqa: E402
 from server.engine.types import GenerationRequest, InterventionRef, SamplingParams  # noqa: E402
 
 
-def run_engine(base: BaseModel, jobs: list[tuple[list[int], object, int]], **settings) -> tuple[list[list[int]], float]:
-    """Greedy outputs of (prompt ids, persona or None, max_tokens) jobs through one engine; and the wall time."""
+def run_engine(base: BaseModel, jobs: list[tuple[list[int], object, int]], late: int = 0,
+               **settings) -> tuple[list[list[int]], float]:
+    """Greedy outputs of (prompt ids, persona or None, max_tokens) jobs through one engine; and the wall time.
+    The last `late` jobs arrive once the first job has 8 tokens (so they join a decoding batch)."""
     engine = Engine(base.model, base.tokenizer, EngineSettings(**({"max_running": 64} | settings)))
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(jobs))}
     requests = []
@@ -44,6 +46,17 @@ def run_engine(base: BaseModel, jobs: list[tuple[list[int], object, int]], **set
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, min_tokens=tokens)
         requests.append((GenerationRequest(str(i), tuple(prompt), params, ref),
                          lambda event, key=str(i): outputs[key].extend(event.token_ids)))
+    first_sink = requests[0][1]
+
+    def first_then_late(event: object) -> None:
+        first_sink(event)
+        if len(outputs["0"]) >= 8 and late_requests:
+            for request in late_requests:
+                engine.submit(*request)
+            late_requests.clear()
+
+    late_requests = requests[len(requests) - late :] if late else []
+    requests = [(requests[0][0], first_then_late), *requests[1 : len(requests) - late]]
     _sync(base)
     started = time.perf_counter()
     engine.run_until_idle(requests)
@@ -84,6 +97,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("device-check"))
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--min-agreement", type=float, default=0.75)
+    parser.add_argument("--compile-backend", default=None,
+                        help="also check decode forwards compiled with this torch.compile backend (inductor, cudagraphs)")
     args = parser.parse_args()
     base = load_base_model(device=args.device, dtype=args.dtype)
     rows, tokens = (8, 8) if args.quick else (64, 64)
@@ -99,9 +114,10 @@ def main() -> int:
     alone = [run_engine(base, [(p, personas[i], tokens)])[0][0] for i, p in enumerate(prompts[:8])]
     reference = [generate(base.model, [p], [personas[i]], max_new_tokens=tokens)[0] for i, p in enumerate(prompts[:8])]
     long_prompt = encode_prompt(base.tokenizer, " ".join(["The quick brown fox jumps over the lazy dog."] * 40), chat_template=False)
-    long_jobs = [(prompts[1], None, 48), (long_prompt, personas[0], 16)]
-    chunked, _ = run_engine(base, long_jobs, prefill_chunk_tokens=64)
-    one_forward, _ = run_engine(base, long_jobs, prefill_chunk_share=0.0)
+    long_jobs = [(prompts[1], None, 48), (prompts[2], personas[2], 24), (long_prompt, personas[0], 16)]
+    # the short prompt and the long one join while the first row decodes: packed into its decode forwards
+    chunked, _ = run_engine(base, long_jobs, late=2, prefill_chunk_tokens=64)
+    one_forward, _ = run_engine(base, long_jobs, late=2, prefill_chunk_share=0.0)
     correctness = {
         "none == bare (vs HF generate)": agreement(bare, hf_out),
         "mixed == alone": agreement(mixed[:8], alone),
@@ -109,6 +125,13 @@ def main() -> int:
         "engine == reference generate": agreement([m[: len(r)] for m, r in zip(mixed[:8], reference)], reference),
         "chunked == one forward": agreement(chunked, one_forward),
     }
+    compiled_speed = {}
+    if args.compile_backend:
+        run_engine(base, [(p, None, 8) for p in prompts], compile_decode=args.compile_backend)  # compiles
+        compiled, compiled_wall = run_engine(base, [(p, None, tokens) for p in prompts],
+                                             compile_decode=args.compile_backend)
+        correctness[f"compiled decode ({args.compile_backend}) == eager"] = agreement(compiled, bare)
+        compiled_speed[f"compiled decode ({args.compile_backend}) / eager (tok/s ratio)"] = bare_wall / compiled_wall
     lengths = [random.Random(i).randint(16, 128) for i in range(16)]
     _, mixed_len_wall = run_engine(base, [(prompts[i % rows], None, n) for i, n in enumerate(lengths)])
     _, hf_mixed_wall = hf_static(base, [prompts[i % rows] for i in range(16)], lengths)
@@ -124,7 +147,7 @@ def main() -> int:
         "TTFT 512-token prompt, intervention / none": statistics.median(ttft["intervention"]) / statistics.median(ttft["none"]),
         "engine tok/s, fixed length, no intervention": rows * tokens / bare_wall,
         "HF static tok/s, fixed length": rows * tokens / hf_wall,
-    }
+    } | compiled_speed
     report |= {"correctness": correctness, "speed": speed, "rows": rows, "tokens": tokens}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
