@@ -37,7 +37,8 @@ class Metrics:
             "reft_prefill_step_seconds", "Wall time of one prefill forward", buckets=_STEP_BUCKETS, registry=r
         )
         self.decode_step = Histogram(
-            "reft_decode_step_seconds", "Wall time of one decode forward (prompt pieces packed in included)", buckets=_STEP_BUCKETS, registry=r
+            "reft_decode_step_seconds", "Wall time of one decode forward (prompt pieces packed in included)",
+            buckets=_STEP_BUCKETS, registry=r
         )
         self.ttft = Histogram(
             "reft_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r

@@ -222,7 +222,8 @@ class SlotKVCache(Cache):
         assert isinstance(write, Chunk), "plan the forward before running it"
         return self.write_chunk(layer_idx, write, key_states, value_states)
 
-    def write_chunk(self, layer_idx: int, chunk: Chunk, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+    def write_chunk(self, layer_idx: int, chunk: Chunk, key_states: Tensor,
+                    value_states: Tensor) -> tuple[Tensor, Tensor]:
         """Store a chunk's states ([1, H, n, D]); returns its row's keys and values so far ([1, H, end, D])."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[chunk.row, :, chunk.start : chunk.end] = key_states[0]

@@ -76,9 +76,9 @@ class PackedCaches(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[PackedStates, PackedStates]:  # type: ignore[override]
         rows = self.layout.decode_rows  # states: [1, H, B + pieces' tokens, D]
-        decode_keys, decode_values = self.slots.update(
-            key_states[0, :, :rows].transpose(0, 1).unsqueeze(2), value_states[0, :, :rows].transpose(0, 1).unsqueeze(2),
-            layer_idx)
+        decode_keys, decode_values = self.slots.update(  # [B, H, 1, D] each, as a plain decode forward has them
+            key_states[0, :, :rows].transpose(0, 1).unsqueeze(2),
+            value_states[0, :, :rows].transpose(0, 1).unsqueeze(2), layer_idx)
         piece_keys, piece_values, column = [], [], rows
         for piece in self.layout.pieces:
             width = piece.end - piece.start

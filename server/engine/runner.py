@@ -125,7 +125,8 @@ class ModelRunner:
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only in this mode
     def begin_chunked_prefill(self, row: PrefillRow) -> None:
         """Prefill `row` in chunks instead of at once, so running rows keep decoding between."""
-        self._staging.add_rows(1, len(row.prompt_ids))  # room for the whole prompt now: one growth, not one per doubling
+        # room for the whole prompt now: one growth, not one per doubling
+        self._staging.add_rows(1, len(row.prompt_ids))
         self._staged.append(_Staged(row))
 
     def chunked_remaining(self, seq_id: int) -> int:
@@ -259,7 +260,8 @@ class ModelRunner:
         the last `keep` positions, or of the positions listed in `keep`."""
         multi_token = input_ids.shape[1] > 1  # one token per row is contiguous already (and a compiled decode
         # forward would recompile whenever a hook came or went)
-        hook = self._head.register_forward_pre_hook(_contiguous_input) if self._head is not None and multi_token else None
+        hook = (self._head.register_forward_pre_hook(_contiguous_input)
+                if self._head is not None and multi_token else None)
         try:
             out = (self.model if model is None else model)(
                 input_ids=input_ids,
