@@ -37,6 +37,24 @@ def _request(request_id: str, prompt, persona, max_tokens: int) -> GenerationReq
                                                                        ignore_eos=True), ref)
 
 
+class TokenSinks:
+    """Sinks that collect each request's tokens, by request id."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+
+    def sink(self, request_id: str):  # noqa: ANN201
+        self.tokens[request_id] = []
+        return lambda event: self.tokens[request_id].extend(event.token_ids)
+
+
+def start_running_row(engine: Engine, sinks: TokenSinks, persona, max_tokens: int) -> None:  # noqa: ANN001
+    """The "running" request, admitted and prefilled: it decodes from the engine's next step on."""
+    engine.submit(_request("running", RUNNING_PROMPT, persona, max_tokens), sinks.sink("running"))
+    engine._apply_commands()
+    engine.step()
+
+
 def run_with_chunks(model, personas, chunk: int, packed: bool) -> tuple[dict[str, list[int]], dict[str, int]]:
     """A row decodes; then the long prompts arrive. Returns tokens per request and the number of chunks prefilled
     in forwards of their own ("alone") and packed into decode forwards ("packed")."""
@@ -52,20 +70,13 @@ def run_with_chunks(model, personas, chunk: int, packed: bool) -> tuple[dict[str
 
     engine.runner.prefill_chunk = counting("alone", engine.runner.prefill_chunk)
     engine.runner.decode_with_chunks = counting("packed", engine.runner.decode_with_chunks)
-    tokens: dict[str, list[int]] = {}
-
-    def sink_for(request_id: str):
-        tokens[request_id] = []
-        return lambda event: tokens[request_id].extend(event.token_ids)
-
-    engine.submit(_request("running", RUNNING_PROMPT, personas[0], 40), sink_for("running"))
-    engine._apply_commands()
-    engine.step()
+    sinks = TokenSinks()
+    start_running_row(engine, sinks, personas[0], 40)
     engine.run_until_idle(
-        (_request(str(i), prompt, persona, 6), sink_for(str(i)))
+        (_request(str(i), prompt, persona, 6), sinks.sink(str(i)))
         for i, (prompt, persona) in enumerate(zip(LONG_PROMPTS, personas))
     )
-    return tokens, chunks
+    return sinks.tokens, chunks
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed into decode", "alone"])
@@ -108,18 +119,12 @@ def test_rows_joining_while_others_decode_ride_in_the_decode_forward(model, pers
         return original(last_tokens, chunks)
 
     engine.runner.decode_with_chunks = counted
-    tokens: dict[str, list[int]] = {}
-
-    def sink_for(request_id: str):
-        tokens[request_id] = []
-        return lambda event: tokens[request_id].extend(event.token_ids)
-
-    engine.submit(_request("running", RUNNING_PROMPT, personas[0], 30), sink_for("running"))
-    engine._apply_commands()
-    engine.step()  # the prefill
+    sinks = TokenSinks()
+    tokens = sinks.tokens
+    start_running_row(engine, sinks, personas[0], 30)
     engine.step()  # a plain decode step, timed: from now on joining prompts are packed
     joining = [([70 + i, 71 + i, 72 + i, 73 + i][: 2 + i], personas[i % 3]) for i in range(3)]
-    engine.run_until_idle((_request(str(i), prompt, persona, 5), sink_for(str(i)))
+    engine.run_until_idle((_request(str(i), prompt, persona, 5), sinks.sink(str(i)))
                           for i, (prompt, persona) in enumerate(joining))
     assert packed_pieces == [3], "the three prompts should have joined in one packed forward"
     for i, (prompt, persona) in enumerate(joining):
