@@ -59,7 +59,8 @@ from server.engine.types import GenerationEvent, GenerationRequest, SamplingPara
 from server.metrics import Metrics  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-MODES = {"engine process": [], "engine thread": ["--set", "engine_process=false"]}
+MODES = {"engine process": [], "engine thread": ["--set", "engine_process=false"],
+         "engine process, speculative": ["--set", "speculative_tokens=4"]}
 STALL_MODES = {"chunked prefill": [], "prefill in one forward": ["--set", "prefill_chunk_share=0"]}
 
 

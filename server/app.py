@@ -58,6 +58,9 @@ def engine_settings(settings: Settings) -> EngineSettings:
         prefill_chunk_share=settings.prefill_chunk_share,
         kv_cache_budget_bytes=settings.kv_cache_budget_bytes,
         compile_decode=settings.compile_decode,
+        speculative_tokens=settings.speculative_tokens,
+        speculative_step_tokens=settings.speculative_step_tokens,
+        speculative_min_acceptance=settings.speculative_min_acceptance,
     )
 
 

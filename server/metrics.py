@@ -40,6 +40,14 @@ class Metrics:
             "reft_decode_step_seconds", "Wall time of one decode forward (prompt pieces packed in included)",
             buckets=_STEP_BUCKETS, registry=r
         )
+        self.draft_tokens = Counter(
+            "reft_speculative_draft_tokens_total", "Draft tokens fed to decode forwards (speculative decoding)",
+            registry=r,
+        )
+        self.accepted_draft_tokens = Counter(
+            "reft_speculative_accepted_tokens_total", "Draft tokens that stood: tokens generated without a step of "
+            "their own", registry=r,
+        )
         self.ttft = Histogram(
             "reft_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -97,6 +97,19 @@ class Settings(BaseModel):
         "kernels; cudagraphs: CUDA graphs of the eager kernels, CUDA only); the first steps wait for the "
         "compilation, and outputs equal the eager ones",
     )
+    speculative_tokens: int = Field(
+        0, ge=0, le=16, description="speculative decoding: greedy requests draft up to this many tokens per step from "
+        "their own prompt and output (n-gram lookup), verified in the decode forward; outputs stay the same, "
+        "repetitive ones take fewer steps; 0 turns it off",
+    )
+    speculative_step_tokens: int = Field(
+        16, ge=1, description="a speculative decode forward carries at most this many tokens (one per running row "
+        "plus the drafts): past the width where a forward's cost stays flat, drafts slow every row down",
+    )
+    speculative_min_acceptance: float = Field(
+        0.5, ge=0, le=1, description="a request drafts only while its lookups have lately guessed its next token at "
+        "least this often (a failed draft costs the step its width for nothing; a GPU can afford a lower bar)",
+    )
     resident_interventions: int = Field(256, ge=1, description="interventions kept in the bank at once")
     max_resident_bank_bytes: int = Field(
         1 << 30, ge=1 << 16, description="bound on the bank's tables (resident intervention weights); least recently "

@@ -9,7 +9,8 @@ of two, rows and columns apart) when a row or a column does not fit; `capacity_b
 the scheduler's KV budget counts.
 
 Each forward writes in one of three ways, set by the runner just before it:
-  decode  - every row appends one token at its own length (one indexed write per layer);
+  decode  - every row appends one token at its own length (one indexed write per layer), or a few (speculative
+            decoding: its last token and its draft; `advance` then keeps as many as were accepted);
   prefill - new rows' left-padded prompts are stored into their slots shifted to column 0 (their attention runs on
             the forward's own keys, they have no past);
   chunk   - one row appends a run of prompt tokens and attends to its whole slot so far (the runner keeps prompts
@@ -45,9 +46,9 @@ def capacity_bytes(rows: int, columns: int, bytes_per_token: int) -> int:
 
 @dataclass(frozen=True)
 class _Decode:
-    rows: Tensor  # [B] 0..B-1
-    columns: Tensor  # [B] where each row writes: its length
-    width: int  # columns the forward reads: the longest row + 1
+    rows: Tensor  # [B] 0..B-1, or [B, 1] when each row writes several tokens
+    columns: Tensor  # [B] where each row writes: its length; or [B, T]: its length and the T - 1 columns after
+    width: int  # columns the forward reads: the longest row + the tokens each row writes
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,18 @@ class SlotKVCache(Cache):
         self.lengths = lengths
 
     # -- what the next forward writes ------------------------------------------------------------------------------
-    def plan_decode(self, row_index: Tensor) -> int:
-        """Every row appends one token at its length; returns the width the forward reads. `row_index`: 0..rows-1."""
-        width = max(self.host_lengths) + 1
+    def plan_decode(self, row_index: Tensor, tokens: int = 1) -> int:
+        """Every row appends `tokens` tokens at its length; returns the width the forward reads. `row_index`:
+        0..rows-1. Lengths change only with `advance`."""
+        width = max(self.host_lengths) + tokens
         self.reserve(self.rows, width)
         self._clean_to(width)
-        self._write = _Decode(row_index, self.lengths[: self.rows], width)
+        columns = self.lengths[: self.rows]
+        if tokens == 1:
+            self._write = _Decode(row_index, columns, width)
+        else:
+            offsets = torch.arange(tokens, device=self.device)
+            self._write = _Decode(row_index[:, None], columns[:, None] + offsets[None, :], width)
         return width
 
     def _clean_to(self, width: int) -> None:
@@ -180,10 +187,16 @@ class SlotKVCache(Cache):
             buffer[: self.rows, :, self.clean : end].masked_fill_(unused, 0)
         self.clean = end
 
-    def advance(self) -> None:
-        """After a decode forward: every row grew by one token."""
-        self.lengths[: self.rows] += 1
-        self.host_lengths = [n + 1 for n in self.host_lengths]
+    def advance(self, kept: Sequence[int] | None = None) -> None:
+        """After a decode forward: every row grew by one token, or by `kept[row]` of the tokens it wrote (the
+        columns past those hold rejected draft tokens: beyond the row's length, never attended, overwritten later)."""
+        if kept is None:
+            self.lengths[: self.rows] += 1
+            self.host_lengths = [n + 1 for n in self.host_lengths]
+            return
+        assert len(kept) == self.rows
+        self.lengths[: self.rows] += torch.tensor(list(kept), dtype=torch.long, device=self.device)
+        self.host_lengths = [n + k for n, k in zip(self.host_lengths, kept)]
 
     def plan_prefill(self, first: int, lengths: Sequence[int], width: int) -> None:
         """Rows first.. receive left-padded prompts of these `lengths`, padded to `width`."""
@@ -208,9 +221,13 @@ class SlotKVCache(Cache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         keys, values, write = self.keys[layer_idx], self.values[layer_idx], self._write
-        if isinstance(write, _Decode):  # states: [B, H, 1, D]
-            keys[write.rows, :, write.columns] = key_states[:, :, 0]
-            values[write.rows, :, write.columns] = value_states[:, :, 0]
+        if isinstance(write, _Decode):  # states: [B, H, T, D]
+            if write.columns.dim() == 1:
+                keys[write.rows, :, write.columns] = key_states[:, :, 0]
+                values[write.rows, :, write.columns] = value_states[:, :, 0]
+            else:  # indexing [B, 1] rows with [B, T] columns selects [B, T, H, D]
+                keys[write.rows, :, write.columns] = key_states.transpose(1, 2)
+                values[write.rows, :, write.columns] = value_states.transpose(1, 2)
             rows = write.rows.shape[0]
             return keys[:rows, :, : write.width], values[:rows, :, : write.width]
         if isinstance(write, _Prefill):  # states: [n, H, T, D], left-padded

@@ -3,7 +3,9 @@
 Two verbs. `prefill(rows)` runs the new rows' prompts in one left-padded forward with the batched bank hooked in
 (each row edited only at its own prompt positions); their keys and values land in new slots of the slot cache.
 `decode()` feeds every running row its last sampled token in one bare forward: no hooks, so interventions cost
-nothing per generated token. `release(ids)` drops finished rows at once.
+nothing per generated token. `release(ids)` drops finished rows at once. For speculative decoding,
+`decode_drafts()` feeds each row its last token and a few draft tokens in the same kind of forward, and `accept()`
+then keeps, per row, the tokens whose drafts stood (see `server.engine.speculative`).
 
 A long prompt can instead be prefilled a chunk at a time (`begin_chunked_prefill`) into a staging cache of its own,
 so the decoding rows never read its columns (in one cache, every decode step would attend over the longest row:
@@ -169,6 +171,29 @@ class ModelRunner:
                 logits = self._forward(input_ids, positions, mask, self._cache, model=self._decode_model)[:, -1]
         self._cache.advance()
         return logits.float()
+
+    @torch.inference_mode()
+    def decode_drafts(self, last_tokens: Sequence[int], drafts: Sequence[Sequence[int]]) -> Tensor:
+        """`decode` with each row's draft tokens after its last token: one bare forward over [B, T] (T = 1 + the
+        longest draft; shorter rows are padded, and their padding is never kept). Returns logits [B, T, V]
+        (float32): position t is the model's next token after the row's t-th input. Call `accept` next."""
+        rows = len(self._rows)
+        assert len(last_tokens) == len(drafts) == rows > 0
+        width_in = 1 + max(len(d) for d in drafts)
+        width = self._cache.plan_decode(self._range(rows), tokens=width_in)
+        padded = [[token, *draft, *[self.pad_token_id] * (width_in - 1 - len(draft))]
+                  for token, draft in zip(last_tokens, drafts)]
+        input_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
+        positions = self._cache.lengths[:rows, None] + self._range(width_in)[None, :]  # [B, T]
+        # each input attends to its row's tokens and to the inputs up to itself
+        mask = (self._range(width)[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, width]
+        return self._forward(input_ids, positions, mask, self._cache, keep=width_in).float()
+
+    @torch.inference_mode()
+    def accept(self, kept: Sequence[int]) -> None:
+        """After `decode_drafts`: row b keeps its first `kept[b]` inputs (its last token and the drafts that stood,
+        in `row_ids` order); its next input is the token the model chose after them."""
+        self._cache.advance(kept)
 
     @torch.inference_mode()
     def decode_with_chunks(self, last_tokens: Sequence[int],

@@ -90,3 +90,22 @@ def sample(logits: Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[
         rows_logits = torch.where(usable[:, None], logits[index], torch.zeros_like(logits[index]))
         tokens[index] = _sample_rows(rows_logits, [rows[i] for i in sampled])
     return [token if ok else None for token, ok in zip(tokens.tolist(), finite.tolist())]
+
+
+def greedy_continuations(logits: Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[int]) -> list[list[int | None]]:
+    """logits: [R, T, V] of greedy rows at T positions past the one being sampled now (speculative decoding: the
+    positions after the row's draft tokens) -> the argmax at each (None where the logits are unusable). EOS is masked
+    at the positions where the row would still be below `min_tokens`, as `sample` does one step at a time."""
+    logits = logits.float()
+    steps = torch.arange(1, logits.shape[1] + 1, device=logits.device)
+    generated = torch.tensor([r.generated for r in rows], device=logits.device)
+    min_tokens = torch.tensor([r.params.min_tokens for r in rows], device=logits.device)
+    below_min = (generated[:, None] + steps[None, :]) < min_tokens[:, None]  # [R, T]
+    if eos_token_ids and bool(below_min.any()):
+        eos = torch.tensor(list(eos_token_ids), device=logits.device)
+        logits = logits.clone()
+        logits[..., eos] = logits[..., eos].masked_fill(below_min[..., None], float("-inf"))
+    best, tokens = logits.max(dim=-1)
+    finite = torch.isfinite(best)
+    return [[token if ok else None for token, ok in zip(row_tokens, row_finite)]
+            for row_tokens, row_finite in zip(tokens.tolist(), finite.tolist())]

@@ -11,6 +11,7 @@ import torch
 
 from server.engine.detokenizer import Detokenizer
 from server.engine.sampler import RowSampling
+from server.engine.speculative import NgramProposer
 from server.engine.types import GenerationEvent, GenerationRequest
 
 EventSink = Callable[[GenerationEvent], None]
@@ -37,6 +38,7 @@ class Sequence:
     admitted_at: float | None = None  # given a batch row (queue time ends, prefill begins)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    proposer: NgramProposer | None = None  # speculative decoding's draft source, made when the row first needs it
 
     @classmethod
     def create(
