@@ -92,7 +92,8 @@ def sample(logits: Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[
     return [token if ok else None for token, ok in zip(tokens.tolist(), finite.tolist())]
 
 
-def greedy_continuations(logits: Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[int]) -> list[list[int | None]]:
+def greedy_continuations(logits: Tensor, rows: Sequence[RowSampling],
+                         eos_token_ids: Sequence[int]) -> list[list[int | None]]:
     """logits: [R, T, V] of greedy rows at T positions past the one being sampled now (speculative decoding: the
     positions after the row's draft tokens) -> the argmax at each (None where the logits are unusable). EOS is masked
     at the positions where the row would still be below `min_tokens`, as `sample` does one step at a time."""
