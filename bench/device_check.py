@@ -7,8 +7,10 @@ report gives rates, and the script fails only below `--min-agreement`):
   mixed == alone          each row of a batch of mixed personas vs the same request alone
   engine == reference     the engine vs `reft_core.generate` (our reference, tested equal to pyreft on CPU)
   chunked == one forward  a long prompt prefilled in chunks while rows decode vs in one forward
+  speculative == plain    the mixed-lengths run with speculative decoding (a step cap sized for a GPU) vs without
 Speed (in-process engine, no HTTP): 64 distinct personas vs none; fixed length (64 x 64) and mixed lengths (16
-requests, 16-128 tokens) vs HF static batching; TTFT of a 512-token prompt with and without an intervention.
+requests, 16-128 tokens, with and without speculative decoding) vs HF static batching; TTFT of a 512-token prompt
+with and without an intervention.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bench.serve_bench import PROMPTS, random_persona  # noqa: E402
 from reft_core.base_model import BaseModel, load_base_model  # noqa: E402
 from reft_core.examples import encode_prompt  # noqa: E402
 from reft_core.generate import generate  # noqa: E402
-from server.engine.engine import Engine, EngineSettings  # noqa: E402
+from server.engine.engine import Engine, EngineSettings, eos_token_ids  # noqa: E402
 from server.engine.types import GenerationRequest, InterventionRef, SamplingParams  # noqa: E402
 
 
@@ -69,6 +71,11 @@ def _sync(base: BaseModel) -> None:
         torch.cuda.synchronize()
 
 
+def before_eos(tokens: list[int], eos: tuple[int, ...]) -> int:
+    """How many tokens come before the first EOS (all of them if none)."""
+    return next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of sequences that are identical."""
     return sum(x == y for x, y in zip(a, b)) / len(a)
@@ -99,6 +106,8 @@ def main() -> int:
     parser.add_argument("--min-agreement", type=float, default=0.75)
     parser.add_argument("--compile-backend", default=None,
                         help="also check decode forwards compiled with this torch.compile backend (inductor, cudagraphs)")
+    parser.add_argument("--speculative-tokens", type=int, default=4)
+    parser.add_argument("--speculative-step-tokens", type=int, default=256)
     args = parser.parse_args()
     base = load_base_model(device=args.device, dtype=args.dtype)
     rows, tokens = (8, 8) if args.quick else (64, 64)
@@ -113,6 +122,7 @@ def main() -> int:
     mixed, mixed_wall = run_engine(base, [(p, personas[i], tokens) for i, p in enumerate(prompts)])
     alone = [run_engine(base, [(p, personas[i], tokens)])[0][0] for i, p in enumerate(prompts[:8])]
     reference = [generate(base.model, [p], [personas[i]], max_new_tokens=tokens)[0] for i, p in enumerate(prompts[:8])]
+    eos = eos_token_ids(base.model, base.tokenizer)
     long_prompt = encode_prompt(base.tokenizer, " ".join(["The quick brown fox jumps over the lazy dog."] * 40), chat_template=False)
     long_jobs = [(prompts[1], None, 48), (prompts[2], personas[2], 24), (long_prompt, personas[0], 16)]
     # the short prompt and the long one join while the first row decodes: packed into its decode forwards
@@ -121,8 +131,10 @@ def main() -> int:
     correctness = {
         "none == bare (vs HF generate)": agreement(bare, hf_out),
         "mixed == alone": agreement(mixed[:8], alone),
-        # the reference stops at EOS, the engine was told to ignore it: compare the reference's length
-        "engine == reference generate": agreement([m[: len(r)] for m, r in zip(mixed[:8], reference)], reference),
+        # the engine's rows mask EOS (min_tokens, as HF's min_new_tokens does); the reference, told of no EOS,
+        # may choose it: compare up to the reference's first EOS
+        "engine == reference generate": agreement(*zip(*(
+            (m[:cut], r[:cut]) for m, r in zip(mixed[:8], reference) for cut in [before_eos(r, eos)]))),
         "chunked == one forward": agreement(chunked, one_forward),
     }
     compiled_speed = {}
@@ -133,8 +145,13 @@ def main() -> int:
         correctness[f"compiled decode ({args.compile_backend}) == eager"] = agreement(compiled, bare)
         compiled_speed[f"compiled decode ({args.compile_backend}) / eager (tok/s ratio)"] = bare_wall / compiled_wall
     lengths = [random.Random(i).randint(16, 128) for i in range(16)]
-    _, mixed_len_wall = run_engine(base, [(prompts[i % rows], None, n) for i, n in enumerate(lengths)])
+    mixed_jobs = [(prompts[i % rows], None, n) for i, n in enumerate(lengths)]
+    mixed_len, mixed_len_wall = run_engine(base, mixed_jobs)
     _, hf_mixed_wall = hf_static(base, [prompts[i % rows] for i in range(16)], lengths)
+    # speculative decoding with a cap sized for a GPU, where a forward's cost is flat far past 16 tokens
+    speculative, speculative_wall = run_engine(base, mixed_jobs, speculative_tokens=args.speculative_tokens,
+                                               speculative_step_tokens=args.speculative_step_tokens)
+    correctness["speculative decoding == plain (mixed lengths)"] = agreement(speculative, mixed_len)
     ttft = {"none": [], "intervention": []}
     ttft_prompt = encode_prompt(base.tokenizer, " ".join(["The quick brown fox jumps over the lazy dog."] * 50), chat_template=False)
     for _ in range(3 if args.quick else 10):
@@ -144,6 +161,7 @@ def main() -> int:
         "64 distinct personas / none (tok/s ratio)": bare_wall / mixed_wall,
         "fixed length: engine / HF static": hf_wall / bare_wall,
         "mixed lengths: engine / HF static (useful tokens)": hf_mixed_wall / mixed_len_wall,
+        "mixed lengths: speculative engine / HF static (useful tokens)": hf_mixed_wall / speculative_wall,
         "TTFT 512-token prompt, intervention / none": statistics.median(ttft["intervention"]) / statistics.median(ttft["none"]),
         "engine tok/s, fixed length, no intervention": rows * tokens / bare_wall,
         "HF static tok/s, fixed length": rows * tokens / hf_wall,

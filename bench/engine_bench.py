@@ -379,7 +379,7 @@ def main() -> None:
            f"{__import__('os').cpu_count()} CPU cores; SmolLM2-135M-Instruct fp32, greedy")
     section = "\n".join([
         "## Engine: continuous batching vs static batching", "",
-        f"`bench/engine_bench.py --rounds {args.rounds}` ({env}). Workloads: fixed = 64 concurrent streaming "
+        f"`bench/engine_bench.py --rounds {args.rounds}{' --skip-composed' if args.skip_composed else ''}` ({env}). Workloads: fixed = 64 concurrent streaming "
         "requests x 64 tokens; mixed = 16 concurrent requests of 16-128 tokens (seeded); mixed, 16 clients = 16 "
         "clients sending 4 requests each, one after another (64 requests of 16-128 tokens, seeded). HF static "
         "batching runs in-process on the same prompts in the same run, in batches of as many requests as there "
