@@ -2,14 +2,16 @@
 
 Everything Ray-specific lives in this module (Ray's multiplex API is beta and moving). Two deployments:
 
-- `engine`: one `Engine` (on a thread) per replica. A request arrives with its artifact digest as Ray's
+- `engine`: one engine per replica, in a process of its own as in `reft-serve serve` (`engine_process`; with
+  `engine_process=false` on a thread of the replica: beside Ray's event loop its forwards ran ~1.2x slower on a
+  2-core CPU). A request arrives with its artifact digest as Ray's
   multiplexed model id; `@serve.multiplexed` keeps decoded interventions per replica (read by digest from the store
   the settings select), and Ray's router prefers replicas that already hold that id, falling back to any replica
   when those are at `max_ongoing_requests`. A persona is KB-sized and loads in milliseconds, so that affinity is
   an optimisation: a hot persona spreads over every replica that gets busy. Base-model requests carry no id and
   are load-balanced. `max_ongoing_requests` is the engine's own running + waiting bound (Ray's default of 5 would
   starve batching); `serve.batch` is not used (it splits batches by model id; the engine mixes personas in one
-  batch). `check_health` fails once the engine thread has died, so Ray replaces the replica.
+  batch). `check_health` fails once the engine has died, so Ray replaces the replica.
 - `ingress`: `create_app` with a `RayEngine` as its engine: auth, limits, tokenization, name -> digest resolution,
   quotas and the store stay exactly as in one process; only the engine calls cross to the replicas, streamed.
 
@@ -39,15 +41,14 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from reft_core.base_model import load_base_model, load_tokenizer, model_id_for, resolve_model_dir
-from reft_core.frozen_context import ModelDims
+from reft_core.base_model import load_tokenizer, model_id_for, resolve_model_dir
 from reft_core.intervention import Intervention
 from adapters_store.jobs import open_jobs
 from adapters_store.tenants import open_tenants
-from server.app import StartedEngine, create_app, engine_settings, open_artifact_store
+from server.app import StartedEngine, create_app, open_artifact_store, start_engine
 from server.auth import tenant_limits
 from server.engine.engine import Engine, TrainingTask
-from server.engine.remote import ModelInfo
+from server.engine.remote import ModelInfo, RemoteEngine
 from server.engine.sequence import EventSink
 from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef,
@@ -102,16 +103,14 @@ class EngineReplica:
     """One engine per replica: loads the model, serves streamed generations, reports its health to Ray."""
 
     def __init__(self, settings: Settings) -> None:
-        base = load_base_model(settings.model, device=settings.device, dtype=settings.dtype,
-                               cache_dir=settings.model_cache_dir)
-        self._engine = Engine(base.model, base.tokenizer, engine_settings(settings))
-        self._engine.start()
-        self._store = open_artifact_store(settings, base.fingerprint)
-        self._info = ModelInfo(base.fingerprint, ModelDims.from_model(base.model), self._engine.max_context,
-                               str(base.device), str(base.dtype))
+        # the replica's engine metrics stay in the replica (the ingress's /metrics counts requests and tokens)
+        started = start_engine(settings, None, Metrics())
+        self._engine = started.engine
+        self._store = open_artifact_store(settings, started.fingerprint)
+        self._info = model_info(started)
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._loads = 0  # interventions this replica has read from the store (multiplex cache misses)
-        self._training = training_replica(settings, self._engine, base) if settings.postgres_store else None
+        self._training = training_replica(settings, started) if settings.postgres_store else None
 
         async def load(digest: str) -> Intervention:
             self._loads += 1
@@ -168,16 +167,29 @@ class EngineReplica:
             engine.stop()
 
 
-def training_replica(settings: Settings, engine: Engine, base: Any) -> TrainingManager:
+def model_info(started: StartedEngine) -> ModelInfo:
+    """What the ingress learns about the model from a replica, whichever way its engine runs."""
+    engine = started.engine
+    if isinstance(engine, RemoteEngine):
+        assert engine.info is not None  # started
+        return engine.info
+    assert isinstance(engine, Engine)
+    parameter = next(engine.model.parameters())
+    return ModelInfo(started.fingerprint, started.dims, engine.max_context, str(parameter.device),
+                     str(parameter.dtype))
+
+
+def training_replica(settings: Settings, started: StartedEngine) -> TrainingManager:
     """The engine replica's side of training: a TrainingManager over its engine, claiming jobs from the shared
     queue (it registers results in the store and checks the tenant's quota there, as the ingress would)."""
-    store = open_artifact_store(settings, base.fingerprint)
+    store = open_artifact_store(settings, started.fingerprint)
     tenants = open_tenants(settings.state_location(""))
-    registry = InterventionRegistry(store, base.fingerprint, settings, lambda tenant: tenant_limits(tenants, tenant),
-                                    base_model_id=settings.model_id or base.model_id)
+    registry = InterventionRegistry(store, started.fingerprint, settings,
+                                    lambda tenant: tenant_limits(tenants, tenant),
+                                    base_model_id=settings.model_id or started.base_model_id)
     jobs = open_jobs(settings.state_location("jobs"), lease_s=settings.job_lease_s,
                      max_attempts=settings.job_max_attempts)
-    manager = TrainingManager(engine, registry, base.tokenizer, jobs, settings, ModelDims.from_model(base.model))
+    manager = TrainingManager(started.engine, registry, started.tokenizer, jobs, settings, started.dims)
     manager.worker = JobWorker(manager)
     return manager
 

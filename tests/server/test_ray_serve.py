@@ -384,6 +384,9 @@ def test_stopping_leaves_no_ray_process_behind(ray_server: RayServer) -> None:
     """Runs last: SIGTERM to the command stops the application and the local cluster it started."""
     tree = {pid: psutil.Process(pid).create_time() for pid in process_tree(ray_server.process.pid)}
     assert len(tree) > 5  # the command, GCS, raylet, controller, proxy, ingress and engine replicas
+    # each engine replica runs its engine in a process of its own (spawned), as `reft-serve serve` does
+    engines = [pid for pid in tree if "multiprocessing.spawn" in " ".join(psutil.Process(pid).cmdline())]
+    assert len(engines) >= 2, [psutil.Process(pid).cmdline() for pid in tree]
     ray_server.process.send_signal(signal.SIGTERM)
     assert ray_server.process.wait(90) == 0
     deadline = time.time() + 30
