@@ -229,7 +229,7 @@ def render(args: argparse.Namespace, cpus: int, rows: list[dict], ttft: dict[str
     lines = [
         SECTION, "",
         wrap(f"`nice -n 5 .venv/bin/python bench/ray_bench.py{' --quick' if args.quick else ''} --write` (niced: other "
-        "benchmarks may share this machine; both paths ran under the same nice level, side by side).",
+        "benchmarks may share this machine; both paths ran under the same nice level, side by side). "
         f"SmolLM2-135M-Instruct fp32 on CPU; {cpus} CPU cores, no GPU; Python {platform.python_version()}, torch "
         f"{torch.__version__}, ray {ray.__version__}. Streaming chat over HTTP, greedy, exactly {args.tokens} "
         f"tokens per request, each request a different one of {args.personas} random personas. The direct server "
