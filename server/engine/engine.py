@@ -32,6 +32,7 @@ from reft_core.frozen_context import ModelDims
 from reft_core.hooks import decoder_layers
 from reft_core.intervention import Intervention
 from reft_core.trainer import ReftTrainer, TrainingProgress
+from server.engine.chunk_sizing import ChunkSizer
 from server.engine.residency import SlotTable
 from server.engine.runner import ModelRunner, PrefillRow
 from server.engine.sampler import greedy_continuations, sample
@@ -49,14 +50,6 @@ SHUTDOWN_ERROR = "the server is shutting down"
 # Whole steps failing this many times in a row means the engine itself is broken (not one request): stop, so the
 # process is restarted instead of failing every request forever.
 MAX_CONSECUTIVE_STEP_FAILURES = 20
-# Chunk sizes stay within these bounds; in between, each chunk is sized from the measured cost per chunk token (see
-# `_size_next_chunk`). The first chunk starts small and sizes grow at most 2x per chunk, so a wrong guess costs
-# running rows one short stall at most.
-MIN_PREFILL_CHUNK = 16
-FIRST_PREFILL_CHUNK = 32
-# Prompts up to this length are always prefilled whole, together with the others admitted in the same iteration:
-# chunking them would admit a burst of chat-sized prompts one chunk at a time and starve the batch of rows.
-CHUNKED_PROMPT_MIN_TOKENS = 512
 # At most this many prompts joining in one iteration ride in the decode forward; more are prefilled together.
 MAX_PACKED_PROMPTS = 8
 
@@ -160,9 +153,8 @@ class Engine:
         # Called on the engine thread after every loop iteration (and once at exit): the engine process flushes the
         # iteration's events to the API process here, as one message.
         self.after_iteration: Callable[[], None] | None = None
-        self._decode_step_s = 0.0  # moving average of a decode step's duration: sizes training slices and chunks
-        self._chunk_size = FIRST_PREFILL_CHUNK  # tokens in the next chunk, from `_chunk_token_s`
-        self._chunk_token_s = 0.0  # moving average of what one chunk token costs a step
+        self._decode_step_s = 0.0  # moving average of a plain decode step's duration: sizes training slices, chunks
+        self._chunk_sizer = ChunkSizer(settings.prefill_chunk_share, settings.prefill_chunk_tokens)
         self._chunking: deque[Sequence] = deque()  # admitted rows whose prompts are prefilled a chunk at a time
 
     # -- API for other threads -------------------------------------------------------------------------------------
@@ -312,7 +304,7 @@ class Engine:
             log.warning("could not load the intervention", extra={**_ids(seq), "error": repr(exc)})
             self._finish(seq, FinishReason.ERROR, error=f"the intervention could not be loaded: {type(exc).__name__}")
         self._update_gauges()
-        whole, chunked = self._split_for_chunking(admitted)
+        whole, chunked = self._chunk_sizer.split(admitted) if self.runner.row_ids else (admitted, [])
         for seq in chunked:
             self.runner.begin_chunked_prefill(PrefillRow.for_slots(seq.seq_id, seq.request.prompt_ids, seq.slots))
             self._chunking.append(seq)
@@ -439,7 +431,7 @@ class Engine:
             return
         seq = self._chunking[0]
         remaining = self.runner.chunked_remaining(seq.seq_id)
-        budget = self._chunk_tokens() if self.runner.row_ids else remaining  # nobody waits on it: finish at once
+        budget = self._chunk_sizer.tokens if self.runner.row_ids else remaining  # nobody waits: finish at once
         started = time.perf_counter()
         try:
             logits = self.runner.prefill_chunk(seq.seq_id, budget)
@@ -449,8 +441,8 @@ class Engine:
         elapsed = time.perf_counter() - started
         self.metrics.prefill_step.observe(elapsed)
         if budget < remaining:  # a full chunk (the last one is shorter and says little about the next)
-            self._record_chunk_cost(budget, elapsed)
-            self._size_next_chunk(budget)
+            self._chunk_sizer.record(budget, elapsed)
+            self._chunk_sizer.resize(budget, self._decode_step_s)
         if logits is None:
             return
         self._chunking.popleft()
@@ -466,7 +458,7 @@ class Engine:
         if self._chunking:
             chunked = self._chunking[0]
             remaining = self.runner.chunked_remaining(chunked.seq_id)
-            pieces.append((chunked, min(self._chunk_tokens(), remaining)))
+            pieces.append((chunked, min(self._chunk_sizer.tokens, remaining)))
         started = time.perf_counter()
         try:
             for seq in joining:
@@ -479,9 +471,9 @@ class Engine:
         elapsed = time.perf_counter() - started
         self.metrics.decode_step.observe(elapsed)
         # what the pieces cost is what they added to a plain decode step
-        self._record_chunk_cost(sum(n for _, n in pieces), max(elapsed - self._decode_step_s, 0.0))
+        self._chunk_sizer.record(sum(n for _, n in pieces), max(elapsed - self._decode_step_s, 0.0))
         if chunked is not None and pieces[-1][1] < remaining:
-            self._size_next_chunk(pieces[-1][1])
+            self._chunk_sizer.resize(pieces[-1][1], self._decode_step_s)
         self._emit(logits, seqs)
         for (seq, _), first_logits in zip(pieces, piece_logits):
             if first_logits is None:
@@ -555,36 +547,6 @@ class Engine:
         log.exception("forward failed", extra={"forward": what, "rows": len(victims)})
         for seq in victims:
             self._finish(seq, FinishReason.ERROR, error=f"internal error during generation: {type(exc).__name__}")
-
-    def _chunk_tokens(self) -> int:
-        """Prompt tokens per chunk while rows decode."""
-        fixed = self.settings.prefill_chunk_tokens
-        return fixed if fixed is not None else self._chunk_size
-
-    def _record_chunk_cost(self, tokens: int, cost: float) -> None:
-        """What `tokens` prompt tokens cost: the whole forward of a chunk alone (a fixed part for reading the
-        weights, and a part per token that grows with the prompt prefilled so far), or what packed pieces added to
-        a decode step. Averaged over forwards: one forward's cost, less a decode step's, swings with the machine's
-        noise."""
-        per_token = cost / tokens
-        self._chunk_token_s = per_token if not self._chunk_token_s else 0.7 * self._chunk_token_s + 0.3 * per_token
-
-    def _size_next_chunk(self, last: int) -> None:
-        """Size the next chunk so that it costs about `prefill_chunk_share` of a decode step; growth is capped at
-        2x the `last` chunk."""
-        target = self.settings.prefill_chunk_share * self._decode_step_s
-        if target > 0:
-            scaled = int(target / max(self._chunk_token_s, 1e-9))
-            self._chunk_size = max(MIN_PREFILL_CHUNK, min(scaled, 2 * last))
-
-    def _split_for_chunking(self, admitted: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
-        """Rows to prefill at once, and rows whose prompts are too long to prefill without stalling the batch."""
-        chunking_on = self.settings.prefill_chunk_tokens is not None or self.settings.prefill_chunk_share > 0
-        if not (chunking_on and self.runner.row_ids):
-            return admitted, []
-        fixed = self.settings.prefill_chunk_tokens  # a fixed chunk size (tests, tuning) chunks anything longer
-        threshold = fixed if fixed is not None else CHUNKED_PROMPT_MIN_TOKENS
-        return [s for s in admitted if s.prompt_len <= threshold], [s for s in admitted if s.prompt_len > threshold]
 
     def _emit(self, logits: Tensor, seqs: list[Sequence]) -> None:
         self._emit_tokens(seqs, [[token] for token in self._sample(logits, seqs)])
