@@ -16,7 +16,6 @@ restarts the process, and every request, waiting or new, fails at once instead o
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -30,8 +29,6 @@ from torch import Tensor, nn
 from reft_core.bank import InterventionBank
 from reft_core.frozen_context import ModelDims
 from reft_core.hooks import decoder_layers
-from reft_core.intervention import Intervention
-from reft_core.trainer import ReftTrainer, TrainingProgress
 from server.engine.chunk_sizing import ChunkSizer
 from server.engine.residency import SlotTable
 from server.engine.runner import ModelRunner, PrefillRow
@@ -39,10 +36,8 @@ from server.engine.sampler import greedy_continuations, sample
 from server.engine.scheduler import KVBudget, Scheduler
 from server.engine.sequence import EventSink, Sequence
 from server.engine.speculative import NgramProposer, accept_drafts
-from server.engine.types import (
-    CANCELLED_JOB, SHUTDOWN_BEFORE_JOB_ENDED, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, TrainingEnd,
-    TrainingFailure,
-)
+from server.engine.training_slices import TrainingSlices, TrainingTask, call_quietly  # TrainingTask: re-exported
+from server.engine.types import ErrorKind, FinishReason, GenerationEvent, GenerationRequest
 from server.metrics import Metrics
 
 log = logging.getLogger("reft_serve.engine")
@@ -86,23 +81,6 @@ class EngineSettings:
     speculative_min_acceptance: float = 0.5
 
 
-@dataclass(frozen=True)
-class TrainingTask:
-    """A training job handed to the engine: it runs in short slices between serving steps (see `_train_slice`).
-
-    Callbacks run on the engine thread and must be quick. `on_finish(intervention, losses, failure)`: intervention is
-    None when the job did not succeed, and `failure` says how it ended (failed, cancelled, shut down) and why.
-    """
-
-    job_id: str
-    # Called with the engine's model on the engine thread (its set-up runs the model). Picklable (e.g. a
-    # functools.partial of ReftTrainer) when the engine runs in its own process.
-    make_trainer: Callable[[nn.Module], ReftTrainer]
-    on_start: Callable[[int], None]  # total steps
-    on_progress: Callable[[TrainingProgress], None]
-    on_finish: Callable[[Intervention | None, list[float], TrainingFailure | None], None]
-
-
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -143,8 +121,7 @@ class Engine:
         self._exited = threading.Event()  # the loop has ended (stopped or died)
         self._by_request: dict[str, Sequence] = {}
         self._next_seq_id = 0
-        self._trainings: deque[TrainingTask] = deque()
-        self._training: tuple[TrainingTask, ReftTrainer] | None = None
+        self._training = TrainingSlices(model, settings.training_share, settings.idle_training_slice_s)
         self._draining = False
         self._closed = False  # set when the thread exits; later submits fail at once (guarded by _submit_lock)
         self._submit_lock = threading.Lock()
@@ -219,7 +196,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return self.scheduler.idle and self._training is None and not self._trainings
+        return self.scheduler.idle and self._training.idle
 
     # -- engine thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -279,14 +256,10 @@ class Engine:
                 _deliver(sink, GenerationEvent(text="", token_ids=(), finish_reason=FinishReason.ERROR, error=error,
                                                error_kind=kind, prompt_tokens=len(request.prompt_ids)))
             elif command == "train":
-                self._trainings.append(payload)
+                self._training.add(payload)
         for seq in list(self._by_request.values()):
             self._finish(seq, FinishReason.ERROR, error=error, kind=kind)
-        pending = [self._training[0]] if self._training is not None else []
-        self._training = None
-        for task in pending + list(self._trainings):
-            _call_quietly(task.on_finish, None, [], SHUTDOWN_BEFORE_JOB_ENDED)
-        self._trainings.clear()
+        self._training.close()
         self._update_gauges()
 
     def step(self) -> None:
@@ -320,7 +293,7 @@ class Engine:
             self._prefill_next_chunk()
             if self.runner.row_ids:
                 self._decode()
-        self._train_slice()
+        self._training.run_slice(bool(self.scheduler.running or self.scheduler.waiting), self._decode_step_s)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -358,59 +331,9 @@ class Engine:
             elif kind == "cancel" and payload in self._by_request:
                 self._finish(self._by_request[payload], FinishReason.CANCELLED)
             elif kind == "train":
-                self._trainings.append(payload)
+                self._training.add(payload)
             elif kind == "cancel_training":
-                self._cancel_training(payload)
-
-    def _cancel_training(self, job_id: str) -> None:
-        if self._training is not None and self._training[0].job_id == job_id:
-            task, trainer = self._training
-            self._training = None
-            _call_quietly(task.on_finish, None, trainer.losses, CANCELLED_JOB)
-            return
-        for task in [t for t in self._trainings if t.job_id == job_id]:
-            self._trainings.remove(task)
-            _call_quietly(task.on_finish, None, [], CANCELLED_JOB)
-
-    def _train_slice(self) -> None:
-        """Run the current training job for a bounded time (starting the next queued one if needed)."""
-        if self._training is None:
-            if not self._trainings:
-                return
-            task = self._trainings.popleft()
-            try:
-                trainer = task.make_trainer(self.model)
-            except Exception as exc:  # noqa: BLE001 - a bad job fails alone
-                log.exception("training set-up failed", extra={"job": task.job_id})
-                _call_quietly(task.on_finish, None, [], _failed(f"training could not start: {exc}"))
-                return
-            self._training = (task, trainer)
-            _call_quietly(task.on_start, trainer.total_steps)
-        task, trainer = self._training
-        serving = bool(self.scheduler.running or self.scheduler.waiting)
-        budget = self.settings.training_share * self._decode_step_s if serving else self.settings.idle_training_slice_s
-        trainer.fine_slices = serving  # alone, whole buckets are faster; a request arriving waits one slice at most
-        try:
-            progress = trainer.advance(deadline=time.perf_counter() + budget)
-            if progress is not None and not math.isfinite(progress.loss):
-                raise FloatingPointError(f"loss became {progress.loss} at step {progress.step}")
-        except Exception as exc:  # noqa: BLE001
-            log.exception("training step failed", extra={"job": task.job_id})
-            self._training = None
-            _call_quietly(task.on_finish, None, trainer.losses, _failed(f"training failed: {exc}"))
-            return
-        if progress is None:
-            return
-        _call_quietly(task.on_progress, progress)
-        if trainer.done:
-            self._training = None
-            try:
-                result = trainer.result()
-            except Exception as exc:  # noqa: BLE001
-                log.exception("training result failed", extra={"job": task.job_id})
-                _call_quietly(task.on_finish, None, trainer.losses, _failed(f"training failed: {exc}"))
-                return
-            _call_quietly(task.on_finish, result, trainer.losses, None)
+                self._training.cancel(payload)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefill admitted rows in one forward (they join the batch) and emit their first tokens."""
@@ -618,7 +541,7 @@ class Engine:
             self.scheduler.finish(seq)
         self.metrics.running_rows.set(len(self.scheduler.running))
         if reason is FinishReason.CANCELLED and seq.generated:
-            text = _call_quietly(seq.detokenizer.flush) or ""
+            text = call_quietly(seq.detokenizer.flush) or ""
         if reason is FinishReason.ERROR and kind is None:
             kind = ErrorKind.INTERNAL
         self.metrics.requests.labels(finish_reason=reason.value).inc()
@@ -670,10 +593,6 @@ def closed_reason(failure: str | None) -> tuple[ErrorKind, str]:
     return ErrorKind.SHUTDOWN, SHUTDOWN_ERROR
 
 
-def _failed(message: str) -> TrainingFailure:
-    return TrainingFailure(TrainingEnd.FAILED, message)
-
-
 def _ids(seq: Sequence) -> dict[str, str]:
     """Log fields naming a request: the engine's id and the caller's X-Request-Id (the engine thread and process
     have no request context of their own)."""
@@ -686,12 +605,3 @@ def _deliver(sink: EventSink, event: GenerationEvent) -> None:
         sink(event)
     except Exception:  # noqa: BLE001
         log.warning("could not deliver a generation event", exc_info=True)
-
-
-def _call_quietly(callback: Callable[..., Any], *args: Any) -> Any:
-    """Run a job or detokenizer callback; its failure is logged, never raised into the engine loop."""
-    try:
-        return callback(*args)
-    except Exception:  # noqa: BLE001
-        log.exception("engine callback failed")
-        return None
