@@ -231,6 +231,39 @@ def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 8) -> float
     return (time.perf_counter() - started) / steps
 
 
+def long_row_steps(base: BaseModel, rows: int = 16, long_tokens: int = 1800, steps: int = 12) -> list[str]:
+    """Decode step time and KV cache bytes of `rows` chat rows, alone and beside one long row: in the slot cache
+    (every slot as wide as the long row) and in the long rows' own cache (the default). In-process, the forward
+    alone."""
+    bank = InterventionBank(hidden_size=base.hidden_size, num_layers=base.num_layers, num_slots=1)
+    prompts = [encode_prompt(base.tokenizer, PROMPTS[i % len(PROMPTS)], chat_template=True) for i in range(rows)]
+    long_prompt = encode_prompt(base.tokenizer, " ".join(["The quick brown fox jumps over the lazy dog."]
+                                                         * (long_tokens // 10)), chat_template=False)
+
+    def measure(long_row: str) -> tuple[float, int]:
+        runner = ModelRunner(base.model, bank, base.tokenizer.pad_token_id)
+        runner.prefill([PrefillRow(i, p, 0) for i, p in enumerate(prompts)])
+        if long_row == "slot cache":
+            runner.prefill([PrefillRow(rows, long_prompt, 0)])
+        elif long_row == "own cache":
+            runner.begin_chunked_prefill(PrefillRow(rows, long_prompt, 0))
+            runner.prefill_chunk(rows, len(long_prompt))
+        tokens = [5] * len(runner.row_ids)
+        runner.decode(tokens)  # warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            runner.decode(tokens)
+        return (time.perf_counter() - started) / steps, runner.cache_bytes
+
+    results = {case: measure(case) for case in ("none", "slot cache", "own cache")}
+    lines = ["| batch | decode step (ms) | KV cache (MB) |", "|---|---|---|"]
+    labels = {"none": f"{rows} chat rows", "slot cache": f"+ one {len(long_prompt)}-token row in the slot cache "
+              "(before)", "own cache": f"+ one {len(long_prompt)}-token row in its own cache (now)"}
+    for case, (step_s, nbytes) in results.items():
+        lines.append(f"| {labels[case]} | {1000 * step_s:.0f} | {nbytes / 1e6:.0f} |")
+    return lines
+
+
 def decode_ceiling(lengths: list[int], step_s: dict[int, float]) -> float:
     """Static batching's decode time over continuous batching's for one closed batch, from decode step costs by
     batch size (interpolated): both run as many steps as the longest request, but continuous batching's batch
@@ -305,6 +338,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="replace the engine section of BENCHMARKS.md")
     parser.add_argument("--only-stall", action="store_true", help="run only the long-prompt stall scenario")
+    parser.add_argument("--only-long-row", action="store_true", help="run only the long-row decode step scenario")
     parser.add_argument("--only-composed", action="store_true", help="run only the composed-personas scenario")
     parser.add_argument("--skip-composed", action="store_true",
                         help="leave the composed-personas scenario out of a full run (it has its own section)")
@@ -319,6 +353,9 @@ def main() -> None:
         print_stalls(run_stalls(args.rounds))
         return
     base = load_base_model()
+    if args.only_long_row:
+        print("\n".join(long_row_steps(base)))
+        return
     composed = [] if args.skip_composed else run_composed(base, args.rounds, args.composed_requests, args.composed_tokens)
     if args.only_composed:
         print("\n".join(composed))
@@ -342,6 +379,7 @@ def main() -> None:
         long_prompt_ttft(url, (MODEL, "persona"), 2)  # warm-up
         ttfts = [long_prompt_ttft(url, (MODEL, "persona"), 5) for _ in range(args.rounds)]
     stalls = run_stalls(args.rounds)
+    long_row = long_row_steps(base)
 
     def med(values: list[dict], key: str) -> float:
         return statistics.median(v[key] for v in values)
@@ -391,6 +429,10 @@ def main() -> None:
         "Inter-token latency of 16 streaming rows (96 tokens each) while a ~2,000-token prompt arrives 3 s in, with "
         "chunked prefill (default) and with every prompt prefilled in one forward (`prefill_chunk_share=0`):", "",
         *stall_lines, "",
+        "A long row in the batch (in-process, the forward alone): every slot of the slot cache is as wide as its "
+        "longest row, so a long prompt decoding there made every row attend over its columns; long rows now decode "
+        "in a cache of their own:", "",
+        *long_row, "",
         *(["Composed personas: one intervention per request vs two composed (`model: \"a+b\"`), the fixed workload, "
            "16 random personas:", "", *composed, ""] if composed else []),
     ])

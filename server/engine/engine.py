@@ -79,6 +79,9 @@ class EngineSettings:
     speculative_tokens: int = 0
     speculative_step_tokens: int = 16
     speculative_min_acceptance: float = 0.5
+    # Rows whose prompts are at least this long decode in a cache of their own (see `ModelRunner`): in the slot
+    # cache they would widen every row's slot to their length (packable architectures only).
+    long_row_tokens: int = 512
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
@@ -107,12 +110,12 @@ class Engine:
         )
         self.slots = SlotTable(bank, settings.max_resident_bank_bytes)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
-        self.runner = ModelRunner(model, bank, pad, settings.compile_decode)
+        self.runner = ModelRunner(model, bank, pad, settings.compile_decode, settings.long_row_tokens)
         kv_budget = KVBudget(ModelDims.from_model(model).kv_bytes_per_token(len(decoder_layers(model))),
                              settings.kv_cache_budget_bytes)
         self.scheduler = Scheduler(
             self.slots, max_running=settings.max_running, max_prefill_tokens=settings.max_prefill_tokens,
-            kv_budget=kv_budget, kv_allocated=lambda: self.runner.cache_allocated,
+            kv_budget=kv_budget, kv_allocated=lambda: self.runner.cache_allocated, is_long=self.runner.is_long,
         )
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -278,6 +281,8 @@ class Engine:
             self._finish(seq, FinishReason.ERROR, error=f"the intervention could not be loaded: {type(exc).__name__}")
         self._update_gauges()
         whole, chunked = self._chunk_sizer.split(admitted) if self.runner.row_ids else (admitted, [])
+        long = [s for s in whole if self.runner.is_long(s.prompt_len)]  # prefilled where they will decode
+        whole, chunked = [s for s in whole if s not in long], chunked + long
         for seq in chunked:
             self.runner.begin_chunked_prefill(PrefillRow.for_slots(seq.seq_id, seq.request.prompt_ids, seq.slots))
             self._chunking.append(seq)
@@ -429,7 +434,7 @@ class Engine:
         """Each row's draft for this step ([]: none), within the step's token cap (see `EngineSettings`)."""
         drafts: list[list[int]] = [[] for _ in seqs]
         longest = min(self.settings.speculative_tokens, self.settings.speculative_step_tokens // len(seqs) - 1)
-        if longest <= 0:
+        if longest <= 0 or not self.runner.drafts_allowed:
             return drafts
         for i, seq in enumerate(seqs):
             if not seq.sampling.greedy:

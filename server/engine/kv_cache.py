@@ -67,9 +67,11 @@ class Chunk:
 
 
 class SlotKVCache(Cache):
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 min_rows: int = MIN_ROWS) -> None:
         super().__init__(layers=[])  # we keep our own buffers; transformers only calls `update`
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.min_rows = min_rows  # a cache of a few very long rows grows a row at a time (powers of two)
         self.dtype, self.device = dtype, device
         self.keys: list[Tensor] = []  # per layer [row capacity, H, column capacity, D]
         self.values: list[Tensor] = []
@@ -148,7 +150,8 @@ class SlotKVCache(Cache):
         have_rows, have_columns = self.allocated
         if rows <= have_rows and columns <= have_columns:
             return
-        new_rows, new_columns = max(have_rows, capacity(rows, MIN_ROWS)), max(have_columns, capacity(columns, MIN_COLUMNS))
+        new_rows = max(have_rows, capacity(rows, self.min_rows))
+        new_columns = max(have_columns, capacity(columns, MIN_COLUMNS))
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
         # Only the rows in use are copied; nothing else is filled (see `clean`): touching a whole new buffer at
         # once is a stall of seconds on a CPU when a long row arrives.

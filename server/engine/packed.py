@@ -7,7 +7,8 @@ of a 2,000-token prompt on the 2-core test machine, and the prompt took ~100 ite
 a running batch paid a whole forward for its ~40-token prompt. Packed into the decode forward, a piece adds only
 its own compute.
 
-The batch is one packed row `[decoding rows' tokens..., piece 1..., piece 2...]`: the linear layers and the bank's
+The batch is one packed row `[decoding rows' tokens..., piece 1..., piece 2...]` (a long row decoding in its own
+cache is a piece of one token, see `server.engine.runner`): the linear layers and the bank's
 edits run on it as on any row, with per-token positions. Attention is the one place where the parts differ (each
 decoding row attends to its own slot, each piece to its own prompt so far), so for this forward the model's
 attention is swapped for `packed_attention`, which splits the query and runs one SDPA call for the decoding rows
@@ -47,28 +48,32 @@ def packable(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class PackedLayout:
-    decode_rows: int  # the first `decode_rows` tokens are one token of each decoding row, in cache order
-    decode_mask: Tensor  # [B, 1, 1, width] bool: each row's own tokens and its new one
-    pieces: tuple[Chunk, ...]  # staging rows' prompt tokens, side by side after the decoding rows' tokens
+    decode_rows: int  # the first `decode_rows` tokens are one token of each slot cache row, in cache order
+    decode_mask: Tensor | None  # [B, 1, 1, width] bool: each row's own tokens and its new one (None: no such row)
+    # staging rows' new tokens (a long row's next token, or prompt tokens), side by side after the decoding rows'
+    pieces: tuple[Chunk, ...]
     piece_masks: tuple[Tensor, ...]  # [1, 1, n, end] bool each: causal at the piece's absolute positions
+    long_pieces: int = 0  # the first pieces are long rows' next tokens, in the long rows' cache
 
 
 @dataclass(frozen=True)
 class PackedStates:
     """What `PackedCaches.update` hands the attention of one layer (keys or values)."""
 
-    decode: Tensor  # [B, kv_heads, width, D]: the decoding rows' slots
+    decode: Tensor | None  # [B, kv_heads, width, D]: the slot cache rows' slots (None: no such row)
     pieces: tuple[Tensor, ...]  # [1, kv_heads, end, D] each: a piece's prompt so far
     layout: PackedLayout
 
 
 class PackedCaches(Cache):
     """The cache of a packed forward: splits each layer's new keys and values between the slot cache (one token per
-    decoding row, planned with `plan_decode`) and the staging cache (the pieces, each `extend`ed beforehand)."""
+    decoding row, planned with `plan_decode`), the long rows' cache (their next tokens) and the staging cache (prompt
+    pieces); pieces are `extend`ed beforehand."""
 
-    def __init__(self, slots: SlotKVCache, staging: SlotKVCache, layout: PackedLayout) -> None:
+    def __init__(self, slots: SlotKVCache, staging: SlotKVCache, layout: PackedLayout,
+                 long: SlotKVCache | None = None) -> None:
         super().__init__(layers=[])
-        self.slots, self.staging, self.layout = slots, staging, layout
+        self.slots, self.staging, self.layout, self.long = slots, staging, layout, long
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.slots.get_seq_length(layer_idx)
@@ -76,14 +81,18 @@ class PackedCaches(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[PackedStates, PackedStates]:  # type: ignore[override]
         rows = self.layout.decode_rows  # states: [1, H, B + pieces' tokens, D]
-        decode_keys, decode_values = self.slots.update(  # [B, H, 1, D] each, as a plain decode forward has them
-            key_states[0, :, :rows].transpose(0, 1).unsqueeze(2),
-            value_states[0, :, :rows].transpose(0, 1).unsqueeze(2), layer_idx)
+        decode_keys = decode_values = None
+        if rows:
+            decode_keys, decode_values = self.slots.update(  # [B, H, 1, D] each, as a plain decode forward has them
+                key_states[0, :, :rows].transpose(0, 1).unsqueeze(2),
+                value_states[0, :, :rows].transpose(0, 1).unsqueeze(2), layer_idx)
         piece_keys, piece_values, column = [], [], rows
-        for piece in self.layout.pieces:
+        for index, piece in enumerate(self.layout.pieces):
             width = piece.end - piece.start
-            keys, values = self.staging.write_chunk(layer_idx, piece, key_states[:, :, column : column + width],
-                                                    value_states[:, :, column : column + width])
+            cache = self.staging if index >= self.layout.long_pieces else self.long
+            assert cache is not None
+            keys, values = cache.write_chunk(layer_idx, piece, key_states[:, :, column : column + width],
+                                             value_states[:, :, column : column + width])
             piece_keys.append(keys)
             piece_values.append(values)
             column += width
@@ -101,10 +110,13 @@ def packed_attention(module: nn.Module, query: Tensor, key: PackedStates, value:
                                       **kwargs)
     layout = key.layout
     rows = layout.decode_rows
-    decode_query = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, D]
-    decoded = F.scaled_dot_product_attention(decode_query, key.decode, value.decode, attn_mask=layout.decode_mask,
-                                             scale=scaling, enable_gqa=True)
-    outputs, column = [decoded[:, :, 0]], rows  # [B, heads, D]
+    outputs: list[Tensor] = []
+    if rows:
+        decode_query = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, D]
+        decoded = F.scaled_dot_product_attention(decode_query, key.decode, value.decode,
+                                                 attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
+        outputs.append(decoded[:, :, 0])  # [B, heads, D]
+    column = rows
     for piece, mask, piece_keys, piece_values in zip(layout.pieces, layout.piece_masks, key.pieces, value.pieces):
         width = piece.end - piece.start
         attended = F.scaled_dot_product_attention(query[:, :, column : column + width], piece_keys, piece_values,

@@ -5,8 +5,9 @@ row, the prefill token budget allows, the KV cache budget allows, and their inte
 request) can be pinned in bank slots. The KV cost counted is the slot cache's real allocation (`capacity_bytes`):
 row capacity x column capacity x bytes per token, each capacity the next power of two of what the batch needs (rows,
 and the longest row's prompt + max_tokens), and never less than what the cache already holds (it keeps its size
-until the batch empties). A request alone is always admitted (its own size is bounded by the prompt
-and max_tokens limits). Finished sequences leave at once and unpin their slot.
+until the batch empties). Long rows (`is_long`: they decode in a cache of their own, see `ModelRunner`) are counted
+apart, in that cache: their rows x their longest, so a long prompt does not widen every short row's count. A
+request alone is always admitted (its own size is bounded by the prompt and max_tokens limits). Finished sequences leave at once and unpin their slot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.engine.kv_cache import capacity_bytes
+from server.engine.kv_cache import MIN_COLUMNS, capacity, capacity_bytes
 from server.engine.residency import SlotTable
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -25,13 +26,19 @@ class KVBudget:
     bytes_per_token: int  # keys + values of one position at every layer
     max_bytes: int | None = None  # None: unbounded
 
-    def cost(self, rows: int, columns: int, allocated: tuple[int, int] = (0, 0)) -> int:
+    def cost(self, rows: int, columns: int, allocated: tuple[int, int] = (0, 0), long: tuple[int, int] = (0, 0)) -> int:
         """Bytes the slot cache holds once it fits `rows` rows of up to `columns` tokens, given the (rows, columns)
-        it has `allocated` already (it grows, it does not shrink while rows remain)."""
-        return capacity_bytes(max(rows, allocated[0]), max(columns, allocated[1]), self.bytes_per_token)
+        it has `allocated` already (it grows, it does not shrink while rows remain); plus, for `long` = (rows,
+        columns) of long rows, their own cache (grown a row at a time)."""
+        slots = capacity_bytes(max(rows, allocated[0]), max(columns, allocated[1]), self.bytes_per_token)
+        long_rows, long_columns = long
+        return slots + (capacity(long_rows, 1) * capacity(long_columns, MIN_COLUMNS) * self.bytes_per_token
+                        if long_rows else 0)
 
-    def allows(self, rows: int, columns: int, allocated: tuple[int, int] = (0, 0)) -> bool:
-        return self.max_bytes is None or rows <= 1 or self.cost(rows, columns, allocated) <= self.max_bytes
+    def allows(self, rows: int, columns: int, allocated: tuple[int, int] = (0, 0),
+               long: tuple[int, int] = (0, 0)) -> bool:
+        return (self.max_bytes is None or rows + long[0] <= 1
+                or self.cost(rows, columns, allocated, long) <= self.max_bytes)
 
 
 def final_length(seq: Sequence) -> int:
@@ -42,12 +49,14 @@ class Scheduler:
     def __init__(
         self, slots: SlotTable, *, max_running: int, max_prefill_tokens: int, kv_budget: KVBudget | None = None,
         kv_allocated: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        is_long: Callable[[int], bool] = lambda prompt_len: False,
     ) -> None:
         self.slots = slots
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
         self.kv_budget = kv_budget or KVBudget(bytes_per_token=0)
-        self.kv_allocated = kv_allocated  # (rows, columns) the KV cache holds now
+        self.kv_allocated = kv_allocated  # (rows, columns) the slot cache holds now
+        self.is_long = is_long  # whether a prompt this long makes a long row
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
 
@@ -66,14 +75,20 @@ class Scheduler:
         admitted: list[Sequence] = []
         refused: list[tuple[Sequence, Exception]] = []
         tokens = 0
-        columns = max((final_length(s) for s in self.running.values()), default=0)
+        # (rows, widest final length) of the short rows and of the long rows
+        short, long = [0, 0], [0, 0]
+        for running in self.running.values():
+            group = long if self.is_long(running.prompt_len) else short
+            group[0], group[1] = group[0] + 1, max(group[1], final_length(running))
         allocated = self.kv_allocated()
         while self.waiting and len(self.running) + len(admitted) < self.max_running:
             seq = self.waiting[0]
             if admitted and tokens + seq.prompt_len > self.max_prefill_tokens:
                 break
-            widest = max(columns, final_length(seq))
-            if not self.kv_budget.allows(len(self.running) + len(admitted) + 1, widest, allocated):
+            grown_short, grown_long = list(short), list(long)
+            group = grown_long if self.is_long(seq.prompt_len) else grown_short
+            group[0], group[1] = group[0] + 1, max(group[1], final_length(seq))
+            if not self.kv_budget.allows(grown_short[0], grown_short[1], allocated, (grown_long[0], grown_long[1])):
                 break  # the batch's KV cache would outgrow its budget: wait for rows to finish
             parts = seq.request.parts
             try:
@@ -88,7 +103,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.slots, seq.status = slots, SequenceStatus.RUNNING
             admitted.append(seq)
-            columns = widest
+            short, long = grown_short, grown_long
             tokens += seq.prompt_len
         for seq in admitted:
             self.running[seq.seq_id] = seq

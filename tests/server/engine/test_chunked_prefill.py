@@ -130,3 +130,33 @@ def test_rows_joining_while_others_decode_ride_in_the_decode_forward(model, pers
     for i, (prompt, persona) in enumerate(joining):
         assert tokens[str(i)] == generate(model, [prompt], [persona], max_new_tokens=5)[0]
     assert tokens["running"] == generate(model, [RUNNING_PROMPT], [personas[0]], max_new_tokens=30)[0]
+
+
+@pytest.mark.parametrize("speculative", [0, 4], ids=["plain", "speculative"])
+def test_long_prompts_decode_in_their_own_cache_and_equal_alone(model, personas, speculative) -> None:
+    """Long prompts (here: 9 tokens or more) are prefilled into the staging cache, even with nothing decoding, and
+    decode there among short rows; every row's tokens equal its generation alone, and the slot cache never holds a
+    long row (with speculative decoding on, nothing drafts while long rows decode)."""
+    settings_ = EngineSettings(max_running=8, long_row_tokens=9, speculative_tokens=speculative,
+                               speculative_min_acceptance=0.0, speculative_step_tokens=64)
+    engine = Engine(model, tiny.tiny_tokenizer(), settings_)
+    steps_with_long_rows: list[bool] = []
+    original = engine.runner.decode
+
+    def watched(last_tokens):  # noqa: ANN001, ANN202
+        ids = engine.runner.row_ids
+        long_ids = [i for i in ids if engine.scheduler.running[i].prompt_len >= 9]
+        assert ids[len(ids) - len(long_ids) :] == long_ids  # after the slot cache's rows: in the staging cache
+        assert engine.runner.drafts_allowed == (not long_ids)
+        steps_with_long_rows.append(bool(long_ids))
+        return original(last_tokens)
+
+    engine.runner.decode = watched
+    sinks = TokenSinks()
+    jobs = [(LONG_PROMPTS[0], personas[0], 12), ([60, 61, 62], personas[1], 15), (LONG_PROMPTS[1], None, 7),
+            ([9, 9, 9, 9], None, 10), (LONG_PROMPTS[2], personas[1], 9)]
+    engine.run_until_idle((_request(str(i), prompt, persona, n), sinks.sink(str(i)))
+                          for i, (prompt, persona, n) in enumerate(jobs))
+    for i, (prompt, persona, n) in enumerate(jobs):
+        assert sinks.tokens[str(i)] == generate(model, [prompt], [persona], max_new_tokens=n)[0]
+    assert any(steps_with_long_rows) and engine.runner.cache_bytes == 0

@@ -51,3 +51,29 @@ def test_without_a_budget_every_row_is_admitted_and_keeps_its_own_length() -> No
     engine.step()
     assert len(engine.runner.row_ids) == len(prompts) and engine.runner.cache_allocated == (8, 256)
     assert sorted(engine.runner.cache_lengths.values()) == sorted(len(p) + 1 for p in prompts)
+
+
+def test_a_long_row_is_counted_in_its_own_cache_so_short_rows_fit_beside_it() -> None:
+    """With LONG a long row (it decodes in a cache of its own), the budget that held four rows as wide as LONG
+    holds all seven: six short rows at 128 columns and LONG alone at 256; outputs unchanged."""
+    model, tokenizer = tiny.tiny_llama(), tiny.tiny_tokenizer()
+    per_token = ModelDims.from_model(model).kv_bytes_per_token(tiny.LAYERS)
+    budget = capacity_bytes(8, 128, per_token) + 256 * per_token  # the slot cache for 8 short rows + LONG alone
+    assert budget < capacity_bytes(8, len(LONG) + 8, per_token)  # in the slot cache, seven rows would not fit
+    prompts = [*SHORT[:3], LONG, *SHORT[3:]]
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    engine = Engine(model, tokenizer, EngineSettings(max_running=8, kv_cache_budget_bytes=budget, long_row_tokens=100))
+    for i, prompt in enumerate(prompts):
+        engine.submit(GenerationRequest(str(i), tuple(prompt), SamplingParams(max_tokens=8, temperature=0,
+                                                                              ignore_eos=True)),
+                      lambda event, key=str(i): tokens[key].extend(event.token_ids))
+    engine._apply_commands()
+    peak, most_admitted = 0, 0
+    while not engine.idle:
+        engine.step()
+        peak = max(peak, engine.runner.cache_bytes)
+        most_admitted = max(most_admitted, len(engine.scheduler.running))
+    assert peak <= budget, (peak, budget)
+    assert most_admitted == len(prompts)  # all admitted at once (LONG prefilled in chunks while the others decode)
+    for i, prompt in enumerate(prompts):
+        assert tokens[str(i)] == generate(model, [prompt], [None], max_new_tokens=8)[0]

@@ -57,11 +57,13 @@ class Job:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = False) -> ModelRunner:
+def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = False,
+                 long_row_tokens: int = 512) -> ModelRunner:
     """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode.
     With `packed`, whenever rows decode, the prompts joining whole and every chunked row's chunk ride in the decode
-    forward (several pieces side by side)."""
-    runner = ModelRunner(model, bank, PAD)
+    forward (several pieces side by side). Prompts of `long_row_tokens` or more prefilled in chunks (or packed)
+    stay in the staging cache and decode there as long rows."""
+    runner = ModelRunner(model, bank, PAD, long_row_tokens=long_row_tokens)
     live: dict[int, Job] = {}
     chunking: dict[int, Job] = {}
 
@@ -135,8 +137,9 @@ def check_alone(model, personas, bank, jobs: list[Job]) -> None:
         torch.testing.assert_close(torch.stack(job.logits), reference_logits(model, bank, job), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("long_row_tokens", [512, 8], ids=["no long rows", "long rows"])
 @pytest.mark.parametrize("packed", [False, True], ids=["chunks alone", "chunks packed into decode"])
-def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed) -> None:
+def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed, long_row_tokens) -> None:
     bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
     jobs = [
         Job(list(range(5, 13)), 1, 9, join=0),
@@ -147,7 +150,7 @@ def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed) -> No
         Job([7, 8], 2, 3, join=4),  # the fifth row: grows the rows past 4
         Job([60, 61, 62], 0, 12, join=1, leave=5),  # cancelled mid-run
     ]
-    runner = run_schedule(model, bank, jobs, packed)
+    runner = run_schedule(model, bank, jobs, packed, long_row_tokens)
     assert runner.row_ids == [] and runner.cache_bytes == 0  # an idle runner holds no cache memory
     check_alone(model, personas, bank, [j for j in jobs if j.leave is None])
 
@@ -172,8 +175,9 @@ def test_a_slot_holds_only_its_own_tokens(model) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.data(), packed=st.booleans())
-def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data, packed) -> None:
+@given(data=st.data(), packed=st.booleans(), long_row_tokens=st.sampled_from([512, 6, 20]))
+def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data, packed,
+                                                                  long_row_tokens) -> None:
     bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
     jobs = []
     for _ in range(data.draw(st.integers(1, 7))):
@@ -187,8 +191,34 @@ def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas
             chunk=data.draw(st.one_of(st.none(), st.integers(1, 12))),
             leave=data.draw(st.one_of(st.none(), st.integers(1, 10))),
         ))
-    run_schedule(model, bank, jobs, packed)
+    run_schedule(model, bank, jobs, packed, long_row_tokens)
     check_alone(model, personas, bank, [j for j in jobs if j.out])
+
+
+def test_a_long_row_decodes_in_its_own_cache_and_widens_nobody(model) -> None:
+    """A 300-token prompt prefilled through the staging cache decodes there; the slot cache keeps its 128
+    columns; its tokens equal the same rows decoded with the long row in the slot cache."""
+    bank = InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1)
+    long_prompt = [(7 * k) % 256 for k in range(300)]
+    outputs = []
+    for long_row_tokens in (100, 10_000):  # a long row, and the slot cache as before
+        runner = ModelRunner(model, bank, PAD, long_row_tokens=long_row_tokens)
+        tokens = runner.prefill([PrefillRow(0, [5, 6, 7], 0), PrefillRow(1, [8, 9], 0)]).argmax(-1).tolist()
+        runner.begin_chunked_prefill(PrefillRow(2, long_prompt, 0))
+        tokens += runner.prefill_chunk(2, len(long_prompt)).argmax(-1).tolist()
+        assert runner.row_ids == [0, 1, 2]
+        out = [tokens]
+        for _ in range(5):
+            tokens = runner.decode(tokens).argmax(-1).tolist()
+            out.append(tokens)
+        if long_row_tokens == 100:
+            assert not runner.drafts_allowed
+            assert runner.cache_allocated[1] == 128  # the slot cache's columns: the short rows' only
+            assert runner.cache_lengths == {0: 8, 1: 7, 2: 305}
+            runner.release([2])
+            assert runner.drafts_allowed
+        outputs.append(out)
+    assert outputs[0] == outputs[1]
 
 
 def test_capacity_is_a_power_of_two_and_the_budget_counts_it() -> None:
