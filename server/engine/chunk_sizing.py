@@ -47,6 +47,11 @@ class ChunkSizer:
         """Prompt tokens in the next chunk."""
         return self.fixed_tokens if self.fixed_tokens is not None else self._size
 
+    def next_chunk(self, remaining: int, rows_decoding: bool) -> int:
+        """Tokens to prefill now of a prompt with `remaining` tokens left: a chunk while rows decode, else (or with
+        chunking off) all of them."""
+        return min(self.tokens, remaining) if rows_decoding and self.enabled else remaining
+
     def split(self, admitted: Sequence[Row]) -> tuple[list[Row], list[Row]]:
         """Rows to prefill whole, and rows whose prompts are long enough to chunk (call only while rows decode)."""
         if not self.enabled:

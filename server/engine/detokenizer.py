@@ -25,7 +25,8 @@ class Detokenizer:
         self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         stable = len(self.text.rstrip("\ufffd"))
         for stop in self.stop:
-            found = self.text.find(stop, max(0, self.emitted - len(stop)))
+            # only in the stable text: a trailing U+FFFD is half a character, not text a stop string could match
+            found = self.text.find(stop, max(0, self.emitted - len(stop)), stable)
             if found != -1:
                 self.text = self.text[:found]
                 return self._release(len(self.text)), True

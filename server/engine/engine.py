@@ -359,7 +359,7 @@ class Engine:
             return
         seq = self._chunking[0]
         remaining = self.runner.chunked_remaining(seq.seq_id)
-        budget = self._chunk_sizer.tokens if self.runner.row_ids else remaining  # nobody waits: finish at once
+        budget = self._chunk_sizer.next_chunk(remaining, bool(self.runner.row_ids))
         started = time.perf_counter()
         try:
             logits = self.runner.prefill_chunk(seq.seq_id, budget)
@@ -386,7 +386,7 @@ class Engine:
         if self._chunking:
             chunked = self._chunking[0]
             remaining = self.runner.chunked_remaining(chunked.seq_id)
-            pieces.append((chunked, min(self._chunk_sizer.tokens, remaining)))
+            pieces.append((chunked, self._chunk_sizer.next_chunk(remaining, rows_decoding=True)))
         started = time.perf_counter()
         try:
             for seq in joining:

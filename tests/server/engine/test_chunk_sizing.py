@@ -42,3 +42,10 @@ def test_only_long_prompts_are_chunked_and_a_fixed_size_chunks_anything_longer()
     assert ChunkSizer(0.0).split(rows) == (rows, [])  # chunking off
     assert ChunkSizer(0.0, fixed_tokens=10).split(rows) == (rows[:1], rows[1:])
     assert ChunkSizer(0.0, fixed_tokens=8).tokens == 8
+
+
+def test_a_prompt_is_prefilled_whole_unless_rows_decode_and_chunking_is_on() -> None:
+    assert ChunkSizer(0.5).next_chunk(1000, rows_decoding=True) == FIRST_PREFILL_CHUNK
+    assert ChunkSizer(0.5).next_chunk(10, rows_decoding=True) == 10
+    assert ChunkSizer(0.5).next_chunk(1000, rows_decoding=False) == 1000  # nobody waits on it
+    assert ChunkSizer(0.0).next_chunk(1000, rows_decoding=True) == 1000  # chunking off

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from server.engine.detokenizer import Detokenizer
@@ -46,6 +46,7 @@ def test_greedy_rows_take_argmax_and_nan_rows_fail() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(min_size=1, max_size=40), stop=st.text(min_size=1, max_size=4))
+@example(text="\x80", stop="\ufffd")  # half of a two-byte character decodes as U+FFFD: not a stop string
 def test_stream_never_leaks_a_stop_string_and_equals_truncated_text(text, stop) -> None:
     ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
     detok = Detokenizer(TOKENIZER, (stop,))
