@@ -19,7 +19,7 @@ decode.
 A *long row* (a prompt of at least `long_row_tokens`, packable architectures) is copied into a cache of long
 rows instead, and decodes there as a one-token piece of a packed forward. In the slot cache it would widen every
 row's slot to its length: measured on the 2-core CPU with SmolLM2, one 1,800-token row among 16 chat rows made
-every decode step 2.1x slower (69 -> 145 ms, all rows attending over 1,800 masked columns) and the cache 32x bigger
+every decode step 2.1x slower (81 -> 170 ms, all rows attending over 1,800 masked columns) and the cache 32x bigger
 (94 MB -> 3 GB). (Not the staging cache: short prompts joining pass through it, and would take rows as wide as the
 long rows there.) `row_ids` lists the slot cache's rows, then the long rows.
 
