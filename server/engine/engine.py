@@ -381,35 +381,32 @@ class Engine:
         """One forward for every decoding row, the whole prompts of rows joining now and the next chunk of the
         oldest chunked prompt, packed together (see `server.engine.packed`)."""
         seqs = [self.scheduler.running[i] for i in self.runner.row_ids]
-        pieces = [(seq, seq.prompt_len) for seq in joining]
-        chunked, remaining = None, 0
+        chunk, remaining = 0, 0
         if self._chunking:
-            chunked = self._chunking[0]
-            remaining = self.runner.chunked_remaining(chunked.seq_id)
-            pieces.append((chunked, self._chunk_sizer.next_chunk(remaining, rows_decoding=True)))
+            remaining = self.runner.chunked_remaining(self._chunking[0].seq_id)
+            chunk = self._chunk_sizer.next_chunk(remaining, rows_decoding=True)
+        chunks = [(self._chunking[0].seq_id, chunk)] if chunk else []
         started = time.perf_counter()
         try:
-            for seq in joining:
-                self.runner.begin_chunked_prefill(PrefillRow.for_slots(seq.seq_id, seq.request.prompt_ids, seq.slots))
-            logits, piece_logits = self.runner.decode_with_chunks([s.last_token for s in seqs],
-                                                                  [(s.seq_id, n) for s, n in pieces])
+            logits, chunk_logits, join_logits = self.runner.decode_with_chunks(
+                [s.last_token for s in seqs], chunks,
+                [PrefillRow.for_slots(s.seq_id, s.request.prompt_ids, s.slots) for s in joining])
         except Exception as exc:  # noqa: BLE001 - as in `_decode`, the shared cache may be half-updated
             self._fail_forward(exc, list(self.scheduler.running.values()), "decode with prompt pieces")
             return
         elapsed = time.perf_counter() - started
         self.metrics.decode_step.observe(elapsed)
         # what the pieces cost is what they added to a plain decode step
-        self._chunk_sizer.record(sum(n for _, n in pieces), max(elapsed - self._decode_step_s, 0.0))
-        if chunked is not None and pieces[-1][1] < remaining:
-            self._chunk_sizer.resize(pieces[-1][1], self._decode_step_s)
+        self._chunk_sizer.record(chunk + sum(s.prompt_len for s in joining), max(elapsed - self._decode_step_s, 0.0))
+        if chunk and chunk < remaining:
+            self._chunk_sizer.resize(chunk, self._decode_step_s)
         self._emit(logits, seqs)
-        for (seq, _), first_logits in zip(pieces, piece_logits):
-            if first_logits is None:
-                continue
-            if seq is chunked:
-                self._chunking.popleft()
-            self.metrics.prompt_tokens.inc(seq.prompt_len)
-            self._emit(first_logits, [seq])
+        if chunk_logits and chunk_logits[0] is not None:
+            self.metrics.prompt_tokens.inc(self._chunking[0].prompt_len)
+            self._emit(chunk_logits[0], [self._chunking.popleft()])
+        if join_logits is not None:
+            self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in joining))
+            self._emit(join_logits, joining)
 
     def _decode(self) -> None:
         """One bare forward for every row in the batch, and their next tokens."""

@@ -15,7 +15,8 @@ Each forward writes in one of three ways, set by the runner just before it:
             the forward's own keys, they have no past);
   chunk   - one row appends a run of prompt tokens and attends to its whole slot so far (the runner keeps prompts
             being prefilled in chunks in a cache of their own, so decoding rows never read their columns).
-A packed forward (`server.engine.packed`) writes decode tokens here and a chunk to the staging cache at once.
+A packed forward (`server.engine.packed`) writes decode tokens here, whole prompts joining into new rows here
+(`extend`, after `plan_decode`), and a chunk to the staging cache, at once.
 
 Only the runner touches this object.
 """
@@ -191,15 +192,18 @@ class SlotKVCache(Cache):
         self.clean = end
 
     def advance(self, kept: Sequence[int] | None = None) -> None:
-        """After a decode forward: every row grew by one token, or by `kept[row]` of the tokens it wrote (the
-        columns past those hold rejected draft tokens: beyond the row's length, never attended, overwritten later)."""
+        """After a decode forward: every row it wrote grew by one token, or by `kept[row]` of the tokens it wrote
+        (the columns past those hold rejected draft tokens: beyond the row's length, never attended, overwritten
+        later). Rows added since `plan_decode` (prompts joining in a packed forward) keep their lengths."""
+        assert isinstance(self._write, _Decode), "advance follows a decode forward"
+        rows = self._write.rows.shape[0]
         if kept is None:
-            self.lengths[: self.rows] += 1
-            self.host_lengths = [n + 1 for n in self.host_lengths]
+            self.lengths[:rows] += 1
+            self.host_lengths[:rows] = [n + 1 for n in self.host_lengths[:rows]]
             return
-        assert len(kept) == self.rows
-        self.lengths[: self.rows] += torch.tensor(list(kept), dtype=torch.long, device=self.device)
-        self.host_lengths = [n + k for n, k in zip(self.host_lengths, kept)]
+        assert len(kept) == rows
+        self.lengths[:rows] += torch.tensor(list(kept), dtype=torch.long, device=self.device)
+        self.host_lengths[:rows] = [n + k for n, k in zip(self.host_lengths[:rows], kept)]
 
     def plan_prefill(self, first: int, lengths: Sequence[int], width: int) -> None:
         """Rows first.. receive left-padded prompts of these `lengths`, padded to `width`."""

@@ -8,12 +8,13 @@ a running batch paid a whole forward for its ~40-token prompt. Packed into the d
 its own compute.
 
 The batch is one packed row `[decoding rows' tokens..., piece 1..., piece 2...]` (a long row decoding in its own
-cache is a piece of one token, see `server.engine.runner`): the linear layers and the bank's
+cache is a piece of one token, see `server.engine.runner`; a prompt joining whole is a piece written straight into
+its new row of the slot cache): the linear layers and the bank's
 edits run on it as on any row, with per-token positions. Attention is the one place where the parts differ (each
 decoding row attends to its own slot, each piece to its own prompt so far), so for this forward the model's
 attention is swapped for `packed_attention`, which splits the query and runs one SDPA call for the decoding rows
 and one per piece. The KV writes go through the `PackedCaches` wrapper: the decoding rows' keys to the slot cache,
-the pieces' to the staging cache holding the prompts being prefilled.
+each piece's to the row and cache it belongs to.
 
 Only architectures whose attention is plain scaled dot-product attention over the cache take this path
 (`packable`); others prefill chunks in forwards of their own.
@@ -50,10 +51,9 @@ def packable(model: nn.Module) -> bool:
 class PackedLayout:
     decode_rows: int  # the first `decode_rows` tokens are one token of each slot cache row, in cache order
     decode_mask: Tensor | None  # [B, 1, 1, width] bool: each row's own tokens and its new one (None: no such row)
-    # staging rows' new tokens (a long row's next token, or prompt tokens), side by side after the decoding rows'
+    # other rows' new tokens (a long row's next token, or prompt tokens), side by side after the decoding rows'
     pieces: tuple[Chunk, ...]
     piece_masks: tuple[Tensor, ...]  # [1, 1, n, end] bool each: causal at the piece's absolute positions
-    long_pieces: int = 0  # the first pieces are long rows' next tokens, in the long rows' cache
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,13 @@ class PackedStates:
 
 class PackedCaches(Cache):
     """The cache of a packed forward: splits each layer's new keys and values between the slot cache (one token per
-    decoding row, planned with `plan_decode`), the long rows' cache (their next tokens) and the staging cache (prompt
-    pieces); pieces are `extend`ed beforehand."""
+    decoding row, planned with `plan_decode`) and each piece's cache (`piece_caches`, in the layout's order: the
+    long rows' cache, the staging cache or the slot cache); pieces are `extend`ed beforehand."""
 
-    def __init__(self, slots: SlotKVCache, staging: SlotKVCache, layout: PackedLayout,
-                 long: SlotKVCache | None = None) -> None:
+    def __init__(self, layout: PackedLayout, piece_caches: tuple[SlotKVCache, ...], slots: SlotKVCache) -> None:
         super().__init__(layers=[])
-        self.slots, self.staging, self.layout, self.long = slots, staging, layout, long
+        assert len(piece_caches) == len(layout.pieces)
+        self.layout, self.piece_caches, self.slots = layout, piece_caches, slots
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.slots.get_seq_length(layer_idx)
@@ -87,10 +87,8 @@ class PackedCaches(Cache):
                 key_states[0, :, :rows].transpose(0, 1).unsqueeze(2),
                 value_states[0, :, :rows].transpose(0, 1).unsqueeze(2), layer_idx)
         piece_keys, piece_values, column = [], [], rows
-        for index, piece in enumerate(self.layout.pieces):
+        for piece, cache in zip(self.layout.pieces, self.piece_caches):
             width = piece.end - piece.start
-            cache = self.staging if index >= self.layout.long_pieces else self.long
-            assert cache is not None
             keys, values = cache.write_chunk(layer_idx, piece, key_states[:, :, column : column + width],
                                              value_states[:, :, column : column + width])
             piece_keys.append(keys)

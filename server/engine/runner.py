@@ -10,11 +10,16 @@ then keeps, per row, the tokens whose drafts stood (see `server.engine.speculati
 A long prompt can instead be prefilled a chunk at a time (`begin_chunked_prefill`) into a staging cache of its own,
 so the decoding rows never read its columns (in one cache, every decode step would attend over the longest row:
 a 2,000-token prompt being prefilled made 16 rows' steps ~1.7x slower). A chunk runs either packed into the decode
-forward (`decode_with_chunks`, see `server.engine.packed`: the weights are read once for both; a short prompt
-joining a decoding batch rides the same way, as one whole chunk) or, when no row decodes or the architecture
-cannot be packed, as a forward of its own (`prefill_chunk`). When its prompt is complete the row's keys and values
-are copied into the slot cache once, and it decodes from the next step on; `row_ids` lists only the rows that
-decode.
+forward (`decode_with_chunks`, see `server.engine.packed`: the weights are read once for both) or, when no row
+decodes or the architecture cannot be packed, as a forward of its own (`prefill_chunk`). When its prompt is
+complete the row's keys and values are copied into the slot cache once, and it decodes from the next step on;
+`row_ids` lists only the rows that decode. A chunked prompt takes its staging row at its first chunk, so prompts
+waiting their turn hold no memory.
+
+Short prompts joining a decoding batch ride in the packed forward too (`joins`), written straight into new rows
+of the slot cache, after the decoding rows. Through the staging cache they took rows as wide as the prompt being
+chunked there: 8 chat prompts joining beside a 1,800-token prompt grew it from 1 to 16 rows of 2,048 columns
+(1.5 GB of keys and values for ~400 tokens, allocated for real on a GPU), and each was copied again to join.
 
 A *long row* (a prompt of at least `long_row_tokens`, packable architectures) is copied into a cache of long
 rows instead, and decodes there as a one-token piece of a packed forward. In the slot cache it would widen every
@@ -63,6 +68,7 @@ class _Staged:
 
     row: PrefillRow
     done: int = 0
+    staged: bool = False  # holds a row of the staging cache (from its first chunk on)
 
     @property
     def remaining(self) -> int:
@@ -88,7 +94,8 @@ class ModelRunner:
         self._staging = SlotKVCache(self.num_layers, dims.kv_heads, dims.head_dim, self.dtype, self.device, min_rows=1)
         self._long = SlotKVCache(self.num_layers, dims.kv_heads, dims.head_dim, self.dtype, self.device, min_rows=1)
         self._rows: list[int] = []  # seq ids of the decoding rows, in slot cache order
-        self._staged: list[_Staged] = []  # prompts being prefilled in chunks, in staging cache order
+        self._staged: list[_Staged] = []  # prompts being prefilled in chunks: first those holding a staging row,
+        # in staging cache order, then those waiting for their first chunk
         self._long_rows: list[int] = []  # seq ids of the long rows, in long cache order
         self.packs_chunks = packable(model)  # chunks can ride in decode forwards
         self.long_row_tokens = long_row_tokens  # prompts at least this long decode in the staging cache
@@ -125,7 +132,7 @@ class ModelRunner:
         """Tokens in each row's slot, by seq id: the decoding rows in cache order, the long rows, then the prompts
         being chunked."""
         return {**dict(zip(self._rows, self._cache.host_lengths)), **dict(zip(self._long_rows, self._long.host_lengths)),
-                **{s.row.seq_id: n for s, n in zip(self._staged, self._staging.host_lengths)}}
+                **{s.row.seq_id: s.done for s in self._staged}}
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[PrefillRow]) -> Tensor:
@@ -147,13 +154,12 @@ class ModelRunner:
 
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only in this mode
     def begin_chunked_prefill(self, row: PrefillRow) -> None:
-        """Prefill `row` in chunks instead of at once, so running rows keep decoding between."""
-        # room for the whole prompt now: one growth, not one per doubling
-        self._staging.add_rows(1, len(row.prompt_ids))
+        """Prefill `row` in chunks instead of at once, so running rows keep decoding between. Its staging row is
+        taken at its first chunk."""
         self._staged.append(_Staged(row))
 
     def chunked_remaining(self, seq_id: int) -> int:
-        return self._staged[self._staged_index(seq_id)].remaining
+        return self._chunked(seq_id).remaining
 
     @torch.inference_mode()
     def prefill_chunk(self, seq_id: int, max_tokens: int) -> Tensor | None:
@@ -163,11 +169,10 @@ class ModelRunner:
 
         The bank edits only the intervened positions inside this chunk (at their absolute positions); later chunks
         attend to the edited keys/values in the cache, so the result equals a prefill in one forward."""
-        index = self._staged_index(seq_id)
-        staged = self._staged[index]
+        staged = self._stage(seq_id)
         start, end = staged.done, min(len(staged.row.prompt_ids), staged.done + max_tokens)
-        plan = self.bank.plan([self._placement(staged)], window=(start, end))
-        self._staging.plan_chunk(index, start, end)
+        plan = self.bank.plan([_placement(staged.row)], window=(start, end))
+        self._staging.plan_chunk(self._staged.index(staged), start, end)
         positions = self._range(end)
         with editing_layers(self.model, self.bank.edits(plan)):
             logits = self._forward(self._chunk_ids(staged, end), positions[None, start:end],
@@ -219,48 +224,60 @@ class ModelRunner:
         self._cache.advance(kept)
 
     @torch.inference_mode()
-    def decode_with_chunks(self, last_tokens: Sequence[int],
-                           chunks: Sequence[tuple[int, int]]) -> tuple[Tensor, list[Tensor | None]]:
+    def decode_with_chunks(self, last_tokens: Sequence[int], chunks: Sequence[tuple[int, int]],
+                           joins: Sequence[PrefillRow] = ()) -> tuple[Tensor, list[Tensor | None], Tensor | None]:
         """`decode` with prompt pieces packed into the same forward (requires `packs_chunks`): for each
-        (seq_id, max_tokens) in `chunks`, up to that many more tokens of that chunked row's prompt. Returns the
-        decoding rows' logits [B, V] and, per chunk, the prompt's next-token logits [1, V] if it is now complete
-        (float32; that row decodes from the next step on), else None. Long rows are pieces of one token each
-        (their last token), before the prompt pieces."""
+        (seq_id, max_tokens) in `chunks`, up to that many more tokens of that chunked row's prompt; and each row of
+        `joins` whole, added to the batch (it decodes from the next step on). Returns the decoding rows' logits
+        [B, V]; per chunk, the prompt's next-token logits [1, V] if it is now complete (that row decodes from the
+        next step on), else None; and the joining rows' next-token logits [len(joins), V] (None without joins). All
+        float32. Long rows are pieces of one token each (their last token), before the prompt pieces."""
         assert self.packs_chunks
         rows = len(self._rows)
         long_rows = len(self._long_rows)
-        assert len(last_tokens) == rows + long_rows > 0 and (chunks or long_rows)
+        assert len(last_tokens) == rows + long_rows > 0 and (chunks or long_rows or joins)
         width = self._cache.plan_decode(self._range(rows)) if rows else 0
         lengths = self._cache.lengths[:rows]
-        staged = [self._staged[self._staged_index(seq_id)] for seq_id, _ in chunks]
+        decode_mask = self._decode_mask(width, rows) if rows else None
+        staged = [self._stage(seq_id) for seq_id, _ in chunks]
         tokens_in = [self._long.extend(Chunk(i, n, n + 1)) for i, n in enumerate(self._long.host_lengths)]
         prompt_pieces = [self._staging.extend(Chunk(self._staged.index(s), s.done,
                                                     min(len(s.row.prompt_ids), s.done + n)))
                          for s, (_, n) in zip(staged, chunks)]
-        pieces = tokens_in + prompt_pieces
-        layout = PackedLayout(rows, self._decode_mask(width, rows) if rows else None, tuple(pieces),
-                              tuple(self._chunk_mask(p.start, p.end) for p in pieces), long_rows)
+        # joining rows land after the decoding rows, which alone the decode part of this forward reads and advances;
+        # they are rows of the batch from now on, so a failed forward's `release` drops them with the rest
+        first = self._cache.add_rows(len(joins), max(len(r.prompt_ids) for r in joins) + 1) if joins else 0
+        join_pieces = [self._cache.extend(Chunk(first + i, 0, len(r.prompt_ids))) for i, r in enumerate(joins)]
+        self._rows.extend(r.seq_id for r in joins)
+        pieces = tokens_in + prompt_pieces + join_pieces
+        caches = ((self._long,) * len(tokens_in) + (self._staging,) * len(prompt_pieces)
+                  + (self._cache,) * len(join_pieces))
+        layout = PackedLayout(rows, decode_mask, tuple(pieces), tuple(self._chunk_mask(p.start, p.end) for p in pieces))
         input_ids = torch.cat([torch.tensor([list(last_tokens)], dtype=torch.long, device=self.device),
-                               *(self._chunk_ids(s, p.end) for s, p in zip(staged, prompt_pieces))], 1)
+                               *(self._chunk_ids(s, p.end) for s, p in zip(staged, prompt_pieces)),
+                               *(self._prompt_ids(r.prompt_ids) for r in joins)], 1)
         positions = torch.cat([lengths, *(self._range(p.end)[p.start :] for p in pieces)])[None]
         columns = list(itertools.accumulate((p.end - p.start for p in pieces), initial=rows))
         # long rows decode bare: the bank edits only the prompt pieces, at their columns
-        plan = self.bank.plan_packed([(self._placement(s), (p.start, p.end), c)
-                                      for s, p, c in zip(staged, prompt_pieces, columns[len(tokens_in) :])])
+        prompts = [(_placement(s.row), (p.start, p.end)) for s, p in zip(staged, prompt_pieces)]
+        prompts += [(_placement(r), (0, p.end)) for r, p in zip(joins, join_pieces)]
+        plan = self.bank.plan_packed([(placement, window, column)
+                                      for (placement, window), column in zip(prompts, columns[len(tokens_in) :])])
         # the logits of each decoding row's token and of each piece's last token
         keep = torch.tensor([*range(rows), *(c - 1 for c in columns[1:])], device=self.device)
         with editing_layers(self.model, self.bank.edits(plan)), attention_swapped(self.model):
             # the mask passed is never read (`packed_attention` takes the layout's): a 4D one keeps transformers
             # from building its own
             logits = self._forward(input_ids, positions, layout.piece_masks[0],
-                                   PackedCaches(self._cache, self._staging, layout, self._long), keep)[0]
+                                   PackedCaches(layout, caches, self._cache), keep)[0]
         if rows:
             self._cache.advance()
         for s, p in zip(staged, prompt_pieces):
             s.done = p.end
         decoded = rows + long_rows
-        return logits[:decoded].float(), [self._join_if_complete(s, logits[decoded + i : decoded + i + 1])
-                                          for i, s in enumerate(staged)]
+        chunk_logits = [self._join_if_complete(s, logits[decoded + i : decoded + i + 1]) for i, s in enumerate(staged)]
+        joined = decoded + len(staged)
+        return logits[:decoded].float(), chunk_logits, logits[joined:].float() if joins else None
 
     @torch.inference_mode()
     def reset(self) -> None:
@@ -285,16 +302,42 @@ class ModelRunner:
                 self._long.remove_row(index)
                 self._long_rows[index] = self._long_rows[-1]
                 self._long_rows.pop()
-            elif (index := next((i for i, s in enumerate(self._staged) if s.row.seq_id == seq_id), None)) is not None:
-                self._staging.remove_row(index)
-                self._staged[index] = self._staged[-1]
-                self._staged.pop()
+            elif (staged := next((s for s in self._staged if s.row.seq_id == seq_id), None)) is not None:
+                self._unstage(staged)
 
-    def _placement(self, staged: _Staged) -> RowPlacement:
-        return RowPlacement(staged.row.slot, len(staged.row.prompt_ids), 0, staged.row.then)
+    def _chunked(self, seq_id: int) -> _Staged:
+        return next(s for s in self._staged if s.row.seq_id == seq_id)
+
+    def _stage(self, seq_id: int) -> _Staged:
+        """The chunked row `seq_id`, given its staging row (room for its whole prompt: one growth, not one per
+        doubling) if it has none yet. Rows holding one stay first in `_staged`, in staging cache order."""
+        staged = self._chunked(seq_id)
+        if not staged.staged:
+            index = self._staging.add_rows(1, len(staged.row.prompt_ids))
+            self._staged.remove(staged)
+            self._staged.insert(index, staged)
+            staged.staged = True
+        return staged
+
+    def _unstage(self, staged: _Staged) -> None:
+        """Forget a chunked row; in the staging cache the last row moves into its slot, so in `_staged` too."""
+        if staged.staged:
+            index = self._staged.index(staged)
+            self._staging.remove_row(index)
+            last = self._staging.rows  # the moved row's former index, now the first waiting one's
+            if index != last:
+                self._staged[index] = self._staged[last]
+                self._staged.pop(last)
+            else:
+                self._staged.pop(index)
+        else:
+            self._staged.remove(staged)
 
     def _chunk_ids(self, staged: _Staged, end: int) -> Tensor:
-        return torch.tensor([list(staged.row.prompt_ids[staged.done : end])], dtype=torch.long, device=self.device)
+        return self._prompt_ids(staged.row.prompt_ids[staged.done : end])
+
+    def _prompt_ids(self, token_ids: Sequence[int]) -> Tensor:
+        return torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
 
     def _chunk_mask(self, start: int, end: int) -> Tensor:
         positions = self._range(end)
@@ -316,9 +359,7 @@ class ModelRunner:
         else:
             self._cache.adopt_row(self._staging, index)
             self._rows.append(staged.row.seq_id)
-        self._staging.remove_row(index)
-        self._staged[index] = self._staged[-1]
-        self._staged.pop()
+        self._unstage(staged)
         return logits.float()
 
     def _forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor, cache: object,
@@ -356,8 +397,10 @@ class ModelRunner:
             self._arange = torch.arange(max(n, 2 * self._arange.shape[0]), device=self.device)
         return self._arange[:n]
 
-    def _staged_index(self, seq_id: int) -> int:
-        return next(i for i, s in enumerate(self._staged) if s.row.seq_id == seq_id)
+
+def _placement(row: PrefillRow) -> RowPlacement:
+    """Where the bank edits `row`: its whole prompt, from column 0."""
+    return RowPlacement(row.slot, len(row.prompt_ids), 0, row.then)
 
 
 def _mark_dynamic_decode(input_ids: Tensor, positions: Tensor, mask: Tensor) -> None:

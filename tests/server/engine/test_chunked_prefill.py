@@ -114,9 +114,9 @@ def test_rows_joining_while_others_decode_ride_in_the_decode_forward(model, pers
     packed_pieces: list[int] = []
     original = engine.runner.decode_with_chunks
 
-    def counted(last_tokens, chunks):  # noqa: ANN001, ANN202
-        packed_pieces.append(len(chunks))
-        return original(last_tokens, chunks)
+    def counted(last_tokens, chunks, joins):  # noqa: ANN001, ANN202
+        packed_pieces.append(len(chunks) + len(joins))
+        return original(last_tokens, chunks, joins)
 
     engine.runner.decode_with_chunks = counted
     sinks = TokenSinks()

@@ -60,8 +60,8 @@ class Job:
 def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = False,
                  long_row_tokens: int = 512) -> ModelRunner:
     """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode.
-    With `packed`, whenever rows decode, the prompts joining whole and every chunked row's chunk ride in the decode
-    forward (several pieces side by side). Prompts of `long_row_tokens` or more prefilled in chunks (or packed)
+    With `packed`, whenever rows decode, the prompts joining whole (into new slot cache rows) and every chunked
+    row's chunk ride in the decode forward (several pieces side by side). Prompts of `long_row_tokens` or more prefilled in chunks (or packed)
     stay in the staging cache and decode there as long rows."""
     runner = ModelRunner(model, bank, PAD, long_row_tokens=long_row_tokens)
     live: dict[int, Job] = {}
@@ -84,15 +84,15 @@ def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = 
                 chunking.pop(seq_id, None)
         whole = [(i, j) for i, j in enumerate(jobs) if j.join == step and j.chunk is None]
         packing = packed and bool(runner.row_ids)
-        pieces = {}
+        pieces, joins = {}, []
         for i, job in enumerate(jobs):
-            if job.join == step and (job.chunk is not None or packing):
+            if job.join == step and job.chunk is not None:
                 live[i], chunking[i] = job, job
                 runner.begin_chunked_prefill(PrefillRow(i, job.prompt, job.persona))
-                pieces[i] = job.chunk or len(job.prompt)
         if packing:
-            whole = []
-            pieces.update({i: job.chunk for i, job in chunking.items() if i not in pieces})
+            joins, whole = whole, []
+            live.update(joins)
+            pieces = {i: job.chunk for i, job in chunking.items()}
         if whole:
             live.update(whole)
             logits = runner.prefill([PrefillRow(i, j.prompt, j.persona) for i, j in whole])
@@ -107,12 +107,15 @@ def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = 
                 take(i, logits[0])
         decoding = [i for i in runner.row_ids if live[i].out]
         assert decoding == runner.row_ids  # every decoding row has a token to feed
-        if packing and pieces:
-            rows, first = runner.decode_with_chunks([live[i].out[-1] for i in decoding], list(pieces.items()))
+        if packing and (pieces or joins):
+            rows, first, joined = runner.decode_with_chunks([live[i].out[-1] for i in decoding], list(pieces.items()),
+                                                            [PrefillRow(i, j.prompt, j.persona) for i, j in joins])
             for i, logits in zip(pieces, first):
                 if logits is not None:
                     del chunking[i]
                     take(i, logits[0])
+            for (i, _), logits in zip(joins, joined if joins else ()):
+                take(i, logits)
         elif decoding:
             rows = runner.decode([live[i].out[-1] for i in decoding])
         for i, row in zip(decoding, rows if decoding else ()):
@@ -219,6 +222,31 @@ def test_a_long_row_decodes_in_its_own_cache_and_widens_nobody(model) -> None:
             assert runner.drafts_allowed
         outputs.append(out)
     assert outputs[0] == outputs[1]
+
+
+def test_staging_holds_only_the_prompt_being_chunked(model) -> None:
+    """Chunked prompts waiting their turn hold no staging row, and prompts joining whole in a packed forward go
+    straight into new slot cache rows: the staging cache stays one row as wide as the prompt being chunked (through
+    it, four joins made it 8 rows of that width). The joined rows then decode as alone."""
+    runner = ModelRunner(model, InterventionBank(hidden_size=tiny.HIDDEN, num_layers=tiny.LAYERS, num_slots=1), PAD)
+    tokens = runner.prefill([PrefillRow(0, [5, 6, 7], 0), PrefillRow(1, [8, 9], 0)]).argmax(-1).tolist()
+    runner.begin_chunked_prefill(PrefillRow(2, [(7 * k) % 256 for k in range(300)], 0))
+    runner.begin_chunked_prefill(PrefillRow(3, [(5 * k) % 256 for k in range(200)], 0))
+    assert runner._staging.allocated == (0, 0)
+    joins = [PrefillRow(10 + i, [20 + i, 30, 40 + i], 0) for i in range(4)]
+    decoded, chunks, joined = runner.decode_with_chunks(tokens, [(2, 100)], joins)
+    assert chunks == [None] and joined is not None and joined.shape[0] == 4
+    assert runner._staging.allocated == (1, 512) and runner.row_ids == [0, 1, 10, 11, 12, 13]
+    assert runner.cache_lengths == {0: 4, 1: 3, 10: 3, 11: 3, 12: 3, 13: 3, 2: 100, 3: 0}
+    tokens = [*decoded.argmax(-1).tolist(), *joined.argmax(-1).tolist()]
+    out = [tokens]
+    for _ in range(4):
+        tokens = runner.decode(tokens).argmax(-1).tolist()
+        out.append(tokens)
+    for column, row in enumerate(joins, start=2):
+        assert [step[column] for step in out] == generate(model, [list(row.prompt_ids)], [None], max_new_tokens=5)[0]
+    assert runner.prefill_chunk(2, 200) is not None and runner._staging.rows == 0
+    assert runner.prefill_chunk(3, 50) is None and runner._staging.rows == 1  # its row, taken at its first chunk
 
 
 def test_capacity_is_a_power_of_two_and_the_budget_counts_it() -> None:
