@@ -160,3 +160,48 @@ def test_long_prompts_decode_in_their_own_cache_and_equal_alone(model, personas,
     for i, (prompt, persona, n) in enumerate(jobs):
         assert sinks.tokens[str(i)] == generate(model, [prompt], [persona], max_new_tokens=n)[0]
     assert any(steps_with_long_rows) and engine.runner.cache_bytes == 0
+
+
+def test_a_packed_forward_failing_midway_fails_its_rows_and_leaves_no_cache_behind(model, personas,
+                                                                                   monkeypatch) -> None:
+    """A packed forward raises after some layers wrote the decoding rows' keys, the joining rows' new slots and a
+    chunk: every running row fails (the joining ones too, whose slots already exist), the runner is left with no
+    rows and no cache, and the next requests equal their generation alone."""
+    from server.engine import packed
+
+    engine = Engine(model, tiny.tiny_tokenizer(), EngineSettings(max_running=8, prefill_chunk_tokens=4))
+    finals: dict[str, GenerationEvent] = {}
+    tokens: dict[str, list[int]] = {}
+
+    def sink(request_id: str):  # noqa: ANN202
+        def collect(event: GenerationEvent) -> None:
+            tokens.setdefault(request_id, []).extend(event.token_ids)
+            if event.finish_reason is not None:
+                finals[request_id] = event
+        return collect
+
+    engine.submit(_request("running", RUNNING_PROMPT, personas[0], 30), sink("running"))
+    engine._apply_commands()
+    engine.step()
+    engine.step()  # a plain decode step, timed: from now on joining prompts are packed
+    original, calls = packed.PackedCaches.update, {"n": 0}
+
+    def failing(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third layer of the first packed forward
+            raise RuntimeError("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(packed.PackedCaches, "update", failing)
+    for i, prompt in enumerate(([70, 71], [72, 73, 74], LONG_PROMPTS[0])):
+        engine.submit(_request(f"join{i}", prompt, personas[i % 3], 5), sink(f"join{i}"))
+    engine._apply_commands()
+    engine.step()
+    assert calls["n"] == 3 and set(finals) == {"running", "join0", "join1", "join2"}
+    assert all(event.finish_reason.value == "error" for event in finals.values())
+    assert engine.runner.row_ids == [] and engine.runner.cache_bytes == 0 and engine.runner.cache_lengths == {}
+    monkeypatch.setattr(packed.PackedCaches, "update", original)
+    engine.run_until_idle((_request(f"after{i}", prompt, persona, 5), sink(f"after{i}"))
+                          for i, (prompt, persona) in enumerate(zip(LONG_PROMPTS, personas)))
+    for i, (prompt, persona) in enumerate(zip(LONG_PROMPTS, personas)):
+        assert tokens[f"after{i}"] == generate(model, [prompt], [persona], max_new_tokens=5)[0]
