@@ -6,8 +6,9 @@ request) can be pinned in bank slots. The KV cost counted is the slot cache's re
 row capacity x column capacity x bytes per token, each capacity the next power of two of what the batch needs (rows,
 and the longest row's prompt + max_tokens), and never less than what the cache already holds (it keeps its size
 until the batch empties). Long rows (`is_long`: they decode in a cache of their own, see `ModelRunner`) are counted
-apart, in that cache: their rows x their longest, so a long prompt does not widen every short row's count. A
-request alone is always admitted (its own size is bounded by the prompt and max_tokens limits). Finished sequences leave at once and unpin their slot.
+apart, in that cache: their rows x their longest, so a long prompt does not widen every short row's count. The
+staging cache is not counted: it holds only the prompt being prefilled in chunks (one at a time, bounded by the
+prompt limit) until it moves to the cache it decodes in. A request alone is always admitted (its own size is bounded by the prompt and max_tokens limits). Finished sequences leave at once and unpin their slot.
 """
 
 from __future__ import annotations
