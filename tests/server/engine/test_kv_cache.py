@@ -158,6 +158,27 @@ def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed, long_
     check_alone(model, personas, bank, [j for j in jobs if j.leave is None])
 
 
+@pytest.mark.parametrize(("packed", "long_row_tokens"), [(False, 512), (True, 512), (True, 8)],
+                         ids=["chunks alone", "packed", "packed, long rows"])
+def test_in_bfloat16_every_row_gets_the_logits_of_a_forward_without_cache(personas, packed, long_row_tokens) -> None:
+    """bf16, the dtype served on GPUs: prefill, chunks (alone and packed), joins and long rows give each row the
+    logits of one forward over its own tokens without a cache, within bf16 rounding. (Greedy tokens can differ from
+    a batch of one at near-ties in bf16, so logits are compared along each row's own tokens.)"""
+    model = tiny.tiny_llama().to(torch.bfloat16)
+    bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
+    jobs = [
+        Job(list(range(5, 13)), 1, 9, join=0),
+        Job([40, 41], 0, 4, join=2),
+        Job([100, 101, 102, 103], 2, 7, join=2),
+        Job(list(range(20, 150)), 1, 6, join=3, chunk=16),
+        Job([9, 9, 9], 0, 8, join=4),
+        Job([7, 8], 2, 3, join=4),
+    ]
+    run_schedule(model, bank, jobs, packed, long_row_tokens)
+    for job in jobs:
+        torch.testing.assert_close(torch.stack(job.logits), reference_logits(model, bank, job), rtol=0.02, atol=0.06)
+
+
 def test_a_slot_holds_only_its_own_tokens(model) -> None:
     """A long row joining does not widen the others, a prompt being prefilled in chunks stays out of the slot cache
     until it is complete, and a row moved into a freed slot keeps its length."""

@@ -4,6 +4,7 @@ found by lookup) equals its output without them, with sampled rows, stops and li
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -63,8 +64,13 @@ def test_acceptance_keeps_the_longest_prefix_that_stood(draft, data) -> None:
         assert draft[stood] != emitted[stood] or emitted[stood] is None or targets[stood + 1] is None
 
 
-def test_a_forward_over_drafts_equals_one_step_at_a_time(model) -> None:
-    """Logits at every draft position, and the cache after `accept`, equal plain decode steps over the same tokens."""
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, (1e-4, 1e-5)), (torch.bfloat16, (0.02, 0.06))],
+                         ids=["float32", "bfloat16"])
+def test_a_forward_over_drafts_equals_one_step_at_a_time(model, dtype, tolerance) -> None:
+    """Logits at every draft position, and the cache after `accept`, equal plain decode steps over the same tokens
+    (in bf16, the dtype served on GPUs, within its rounding)."""
+    rtol, atol = tolerance
+    model = copy.deepcopy(model).to(dtype)
     prompts, drafts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]], [[12, 13, 14], [], [15]]
     bank = InterventionBank(hidden_size=model.config.hidden_size, num_layers=model.config.num_hidden_layers,
                             num_slots=1)
@@ -82,13 +88,13 @@ def test_a_forward_over_drafts_equals_one_step_at_a_time(model) -> None:
             ids, inputs, wide = [ids[k] for k in keep], [inputs[k] for k in keep], wide[keep]
             assert stepped.row_ids == ids
         narrow = stepped.decode([row[t] for row in inputs])
-        torch.testing.assert_close(wide[:, t], narrow, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wide[:, t], narrow, atol=atol, rtol=rtol)
     # accept: row 0 keeps 2 of its 4 inputs, rows 1 and 2 keep their last token only; then both runners agree
     drafted.accept([2, 1, 1])
     fresh = ModelRunner(model, bank, 0)
     fresh.prefill([PrefillRow(0, prompts[0] + [20, 12], 0), PrefillRow(1, prompts[1] + [21], 0),
                    PrefillRow(2, prompts[2] + [22], 0)])
-    torch.testing.assert_close(drafted.decode([30, 31, 32]), fresh.decode([30, 31, 32]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(drafted.decode([30, 31, 32]), fresh.decode([30, 31, 32]), atol=atol, rtol=rtol)
 
 
 REQUESTS = [  # (prompt, params): greedy rows with repeats to find, a sampled row, stops, limits
