@@ -222,3 +222,19 @@ def test_memory_estimate_matches_the_contexts_a_trainer_keeps(model, positions, 
     capped = estimate_training_memory(ModelDims.from_model(model), config, EXAMPLES, batch_size=3,
                                       context_budget_bytes=budget, max_micro_batch_tokens=8)
     assert capped.working_bytes < estimate.working_bytes  # the cap bounds a micro-batch to one example here
+
+
+def test_training_on_a_bfloat16_model_follows_float32() -> None:
+    """The GPU dtype: the frozen model in bf16 (the intervention still learns in fp32) gives the loss curve of the
+    same training in fp32, within bf16 rounding, and the learned intervention lowers the loss the same way."""
+    examples = [TokenizedExample(tuple(range(3 + 5 * i, 10 + 6 * i)), (50, 2)) for i in range(6)]
+    config = InterventionConfig(layers=(1, 2), rank=2, positions="f1+l1")
+    curves = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny.tiny_llama().to(dtype)
+        result = train_intervention(model, config, examples, TrainingConfig(epochs=30, learning_rate=2e-2))
+        assert all(t.dtype == torch.float32 for t in result.intervention.tensors().values())
+        curves.append(torch.tensor(result.losses))
+    fp32, bf16 = curves
+    assert fp32[-1] < 0.5 * fp32[0]
+    torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=0.0)
