@@ -8,6 +8,11 @@ same quota. `open_tenants` and `open_jobs` pick the same place for tenants/keys 
 way: this package uses `reft_core` and knows nothing of HTTP or the server.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from adapters_store.errors import (
     ArtifactUnavailableError,
     InterventionExistsError,
@@ -30,8 +35,25 @@ from adapters_store.records import (
     validate_name,
     validate_tenant,
 )
-from adapters_store.store import ArtifactStore, StoreStats
-from adapters_store.training_files import TrainingFileStore
+
+# The store (and through it torch and safetensors) loads on first use, not on `import adapters_store`: the settings
+# and the CLI import this package's light modules, and `reft-serve serve` starts its engine process before the
+# heavy imports so that both processes import at once (see server.engine_launch).
+_LAZY = {"ArtifactStore": "adapters_store.store", "StoreStats": "adapters_store.store",
+         "TrainingFileStore": "adapters_store.training_files"}
+
+if TYPE_CHECKING:
+    from adapters_store.store import ArtifactStore, StoreStats
+    from adapters_store.training_files import TrainingFileStore
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'adapters_store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "MAX_VERSION",

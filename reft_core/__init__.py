@@ -3,8 +3,11 @@
 Pure ML: nothing here knows about HTTP or the artifact store.
 """
 
-from reft_core.bank import BankPlan, InterventionBank, RowPlacement
-from reft_core.config import InterventionConfig, Unit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from reft_core.errors import (
     ArtifactError,
     ArtifactFormatError,
@@ -16,9 +19,30 @@ from reft_core.errors import (
     ReftError,
     UnsupportedFormatVersionError,
 )
-from reft_core.generate import generate
-from reft_core.intervention import Intervention, UnitWeights
-from reft_core.positions import PositionSpec
+
+# The modules that import torch and transformers load on first use, not on `import reft_core`: light modules of
+# this package (errors, atomic_io) are imported by the settings and the CLI, and `reft-serve serve` starts its
+# engine process before the heavy imports so that both processes import at once (see server.engine_launch).
+_LAZY = {"BankPlan": "reft_core.bank", "InterventionBank": "reft_core.bank", "RowPlacement": "reft_core.bank",
+         "InterventionConfig": "reft_core.config", "Unit": "reft_core.config", "generate": "reft_core.generate",
+         "Intervention": "reft_core.intervention", "UnitWeights": "reft_core.intervention",
+         "PositionSpec": "reft_core.positions"}
+
+if TYPE_CHECKING:
+    from reft_core.bank import BankPlan, InterventionBank, RowPlacement
+    from reft_core.config import InterventionConfig, Unit
+    from reft_core.generate import generate
+    from reft_core.intervention import Intervention, UnitWeights
+    from reft_core.positions import PositionSpec
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reft_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ArtifactError",

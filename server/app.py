@@ -21,18 +21,18 @@ from fastapi import FastAPI
 from adapters_store import ArtifactStore
 from adapters_store.jobs import open_jobs
 from adapters_store.tenants import TenantStore, open_tenants
-from reft_core.base_model import BaseModel, load_base_model, load_tokenizer, model_id_for, resolve_model_dir
+from reft_core.base_model import BaseModel, load_base_model, load_tokenizer, model_id_for
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
 from server.auth import AuthenticateFirst, tenant_limits
 from server.dependencies import Services
-from server.engine.engine import Engine, EngineSettings
-from server.engine.remote import EngineHandle, EngineProcessSpec, RemoteEngine
+from server.engine.engine import Engine
+from server.engine.launch import EngineLaunch, engine_settings, spec_for
+from server.engine.remote import EngineHandle, RemoteEngine
 from server.errors import install_error_handlers
 from server.generation import GenerationService
 from server.job_worker import JobWorker
 from server.limits import BodySizeLimit
-from server.logging_setup import current_format
 from server.metrics import Metrics
 from server.openapi import document_errors
 from server.playground import install_playground
@@ -46,22 +46,6 @@ from server.tracing import Tracing, build_tracing
 from server.training import TrainingManager
 
 log = logging.getLogger("reft_serve.app")
-
-
-def engine_settings(settings: Settings) -> EngineSettings:
-    return EngineSettings(
-        max_running=settings.max_running,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        resident_interventions=settings.resident_interventions,
-        max_resident_bank_bytes=settings.max_resident_bank_bytes,
-        training_share=settings.training_share,
-        prefill_chunk_share=settings.prefill_chunk_share,
-        kv_cache_budget_bytes=settings.kv_cache_budget_bytes,
-        compile_decode=settings.compile_decode,
-        speculative_tokens=settings.speculative_tokens,
-        speculative_step_tokens=settings.speculative_step_tokens,
-        speculative_min_acceptance=settings.speculative_min_acceptance,
-    )
 
 
 @dataclass(frozen=True)
@@ -88,17 +72,17 @@ def open_artifact_store(settings: Settings, fingerprint: ModelFingerprint) -> Ar
                          keep_versions=settings.max_versions_per_intervention)
 
 
-def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics) -> StartedEngine:
+def start_engine(settings: Settings, base: BaseModel | None, metrics: Metrics,
+                 launched: EngineLaunch | None = None) -> StartedEngine:
     """Start the engine: a thread beside the event loop for a given model object (tests, embedding), else a
-    process of its own (`engine_process`, the default for `reft-serve serve`) that loads the weights itself."""
+    process of its own (`engine_process`, the default for `reft-serve serve`) that loads the weights itself; the CLI
+    passes that process `launched` already, before its own heavy imports (see `server.engine.launch`)."""
     if base is None and settings.engine_process:
-        model_dir = resolve_model_dir(settings.model, settings.model_cache_dir)  # any GGUF conversion happens once, here
-        tokenizer = load_tokenizer(model_dir)
-        spec = EngineProcessSpec(model_dir, settings.device, settings.dtype, engine_settings(settings),
-                                 logging.getLevelName(logging.getLogger().level).lower(), current_format())
-        remote = RemoteEngine(spec, metrics)
+        remote = RemoteEngine(launched or spec_for(settings), metrics)
         try:
             info = remote.start()
+            assert info.model_dir is not None
+            tokenizer = load_tokenizer(info.model_dir)
         except Exception:
             remote.stop()
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from server.engine.launch import launch, spec_for
 from server.logging_setup import LOG_FORMATS, LOG_LEVELS, configure_logging
 from server.settings import TRAINING_EXAMPLES_CEILING, Settings, default_data_dir
 
@@ -54,11 +55,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.app import create_app
-    from server.connections import guarded_protocol
-
     flags = dict(
         model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype, host=args.host,
         port=args.port, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
@@ -74,7 +70,15 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.model is not None and not Path(settings.model).expanduser().exists():
         raise UserError(f"--model {settings.model}: no such file or directory (give a local HF model directory or "
                         ".gguf file)")
-    app = create_app(settings)
+    # The engine process starts first, so that it imports torch and loads the model while this process imports the
+    # app (nothing above imports torch; see server.engine.launch).
+    launched = launch(spec_for(settings)) if settings.engine_process else None
+    import uvicorn
+
+    from server.app import create_app, start_engine
+    from server.connections import guarded_protocol
+
+    app = create_app(settings, start=lambda settings, metrics: start_engine(settings, None, metrics, launched))
     _reserve_descriptors(settings.max_connections)
     # The guarded protocol bounds connections, header bytes and the time a request may take to arrive
     # (server/connections.py); uvicorn's own limit_concurrency is not used: it answers only after reading headers.

@@ -21,18 +21,19 @@ close and exits.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Protocol
 
 from reft_core.fingerprint import ModelFingerprint
 from reft_core.frozen_context import ModelDims
-from server.engine.engine import Engine, EngineSettings, TrainingTask, closed_reason
+from server.engine.engine import Engine, TrainingTask, closed_reason
+from server.engine.launch import EngineLaunch, EngineProcessSpec, launch  # EngineProcessSpec: re-exported
 from server.engine.metrics_relay import MetricsRecorder, replay
 from server.engine.sequence import EventSink
 from server.engine.types import (
@@ -44,18 +45,6 @@ log = logging.getLogger("reft_serve.engine_process")
 
 
 @dataclass(frozen=True)
-class EngineProcessSpec:
-    """What the child needs to build the engine (picklable)."""
-
-    model_dir: Path  # an already resolved local HF directory (any GGUF conversion happened in the API process)
-    device: str | None
-    dtype: str | None
-    engine: EngineSettings
-    log_level: str = "info"
-    log_format: str = "json"
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     """What the API process learns about the model from the child (it never loads the weights itself)."""
 
@@ -64,6 +53,7 @@ class ModelInfo:
     max_context: int
     device: str
     dtype: str
+    model_dir: Path | None = None  # the local HF directory the child loaded (the API process's tokenizer is there)
 
 
 class EngineStartError(RuntimeError):
@@ -71,13 +61,12 @@ class EngineStartError(RuntimeError):
 
 
 class RemoteEngine:
-    def __init__(self, spec: EngineProcessSpec, metrics: Metrics) -> None:
+    def __init__(self, process: EngineProcessSpec | EngineLaunch, metrics: Metrics) -> None:
+        """`process`: one started already (`server.engine.launch.launch`, which `reft-serve serve` calls before its
+        heavy imports), or the spec of one to start in `start`."""
         self.metrics = metrics
-        context = multiprocessing.get_context("spawn")  # never fork a process that has started torch threads
-        self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(target=engine_process_main, args=(spec, child_conn), name="reft-engine",
-                                        daemon=True)
-        self._child_conn = child_conn
+        self._spec = process if isinstance(process, EngineProcessSpec) else None
+        self._launched = process if isinstance(process, EngineLaunch) else None
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()  # guards the maps below and `_closed`
         self._sinks: dict[str, EventSink] = {}
@@ -90,9 +79,11 @@ class RemoteEngine:
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self, timeout: float = 600.0) -> ModelInfo:
-        """Start the child and wait until its model is loaded; raises EngineStartError if it cannot load."""
-        self._process.start()
-        self._child_conn.close()  # ours is the only end left in this process: EOF when the child exits
+        """Start the child (unless it was launched already) and wait until its model is loaded; raises
+        EngineStartError if it cannot load."""
+        if self._launched is None:
+            assert self._spec is not None
+            self._launched = launch(self._spec)
         if not self._conn.poll(timeout):
             self._process.kill()
             raise EngineStartError(f"the engine process did not load the model within {timeout:g} s")
@@ -110,7 +101,7 @@ class RemoteEngine:
         return self.info
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._process.pid is None:  # never started
+        if self._launched is None:  # never started
             return
         self._stopping = True
         self._send(("stop",))
@@ -137,7 +128,17 @@ class RemoteEngine:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._process.pid if self._launched is not None else None
+
+    @property
+    def _process(self) -> BaseProcess:
+        assert self._launched is not None, "start() first"
+        return self._launched.process
+
+    @property
+    def _conn(self) -> Connection:
+        assert self._launched is not None, "start() first"
+        return self._launched.conn
 
     # -- the Engine interface --------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
@@ -299,12 +300,13 @@ class _Outbox:
 def engine_process_main(spec: EngineProcessSpec, conn: Connection) -> None:
     """Entry point of the engine process: load the model, run the engine, apply commands until told to stop or
     until the API process goes away."""
-    from reft_core.base_model import load_base_model
+    from reft_core.base_model import load_base_model, resolve_model_dir
     from server.logging_setup import configure_logging
 
     configure_logging(spec.log_level, spec.log_format)
     try:
-        base = load_base_model(spec.model_dir, device=spec.device, dtype=spec.dtype)
+        model_dir = resolve_model_dir(spec.model, spec.model_cache_dir)  # a GGUF file is converted once, here
+        base = load_base_model(model_dir, device=spec.device, dtype=spec.dtype)
     except Exception as exc:  # noqa: BLE001 - reported to the API process, which reports it on /ready
         conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
         return
@@ -313,7 +315,7 @@ def engine_process_main(spec: EngineProcessSpec, conn: Connection) -> None:
     outbox = _Outbox(conn, engine, recorder)
     engine.after_iteration = outbox.flush
     info = ModelInfo(base.fingerprint, ModelDims.from_model(base.model), engine.max_context, str(base.device),
-                     str(base.dtype))
+                     str(base.dtype), model_dir)
     conn.send(("ready", info))
     log.info("engine process ready", extra={"pid": os.getpid(), "device": str(base.device)})
     # The loop gets the main thread and commands arrive on another one: measured side by side on the 2-core CPU

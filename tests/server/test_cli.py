@@ -86,6 +86,15 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
+def test_the_cli_and_the_engine_launcher_import_no_torch() -> None:
+    """`reft-serve serve` launches its engine process before importing torch and transformers, so that both
+    processes import them at once; and `--help` or `admin` need neither."""
+    check = ("import sys, server.cli, server.engine.launch; "
+             "heavy = {'torch', 'transformers', 'fastapi'} & set(sys.modules); assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_version_and_a_bad_flag_from_a_real_process() -> None:
     version = _run("--version")
     assert version.returncode == 0 and version.stdout.startswith("reft-serve ")

@@ -17,6 +17,7 @@ from reft_core.examples import TokenizedExample
 from reft_core.generate import generate
 from reft_core.trainer import ReftTrainer, TrainingConfig, train_intervention
 from server.engine.engine import EngineSettings, TrainingTask
+from server.engine.launch import launch
 from server.engine.remote import EngineProcessSpec, RemoteEngine
 from server.engine.types import (
     ComposedRef, ErrorKind, FinishReason, GenerationEvent, GenerationRequest, InterventionRef, SamplingParams,
@@ -67,6 +68,24 @@ class Collector:
 
     def tokens(self, request_id: str) -> list[int]:
         return [t for e in self.events[request_id] for t in e.token_ids]
+
+
+def test_an_engine_process_launched_ahead_is_adopted_and_names_the_model_it_loaded(model_dir) -> None:
+    """`reft-serve serve` launches the engine process before its own heavy imports; `RemoteEngine` then adopts
+    that very process, waits for its model and learns where it loaded it from (for the tokenizer)."""
+    launched = launch(EngineProcessSpec(model_dir, "cpu", "float32", EngineSettings(), "warning"))
+    remote = RemoteEngine(launched, Metrics())
+    try:
+        info = remote.start(timeout=120)
+        assert remote.pid == launched.process.pid and info.model_dir == model_dir
+        collector = Collector()
+        params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        remote.submit(GenerationRequest("r", tuple(PROMPTS[0]), params, None), collector.sink("r"))
+        collector.wait()
+        assert collector.tokens("r") == generate(tiny.tiny_llama(), [PROMPTS[0]], [None], max_new_tokens=5)[0]
+    finally:
+        remote.stop()
+    assert not launched.process.is_alive()
 
 
 def test_mixed_batch_in_the_engine_process_equals_the_reference(remote) -> None:
