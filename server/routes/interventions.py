@@ -20,7 +20,7 @@ from server.archives import kind_of
 from server.auth import Principal, principal
 from server.dependencies import Services, services
 from server.errors import APIError
-from server.pagination import list_body
+from server.pagination import MAX_PAGE, list_body, page_size
 from server.routes.models import model_name
 
 router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
@@ -79,7 +79,8 @@ async def create_intervention(
     return JSONResponse(record_body(record, who.tenant), status_code=201)
 
 
-LIMIT = Query(None, ge=1, le=10_000, description="at most this many items (default: all of them)")
+LIMIT = Query(None, ge=1, le=MAX_PAGE, description=f"at most this many items (default and maximum {MAX_PAGE}; "
+                                                    "page on with `after` while `has_more`)")
 AFTER = Query(None, max_length=200, description="the `id` of the previous page's last item")
 
 
@@ -87,11 +88,12 @@ AFTER = Query(None, max_length=200, description="the `id` of the previous page's
 async def list_interventions(
     limit: int | None = LIMIT, after: str | None = AFTER, who: Principal = Depends(principal),
     svc: Services = Depends(services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """List your interventions (current versions), then other tenants' public ones (as `tenant/name`); cursor
     pagination with `after` and `limit`."""
-    page, has_more = await run_in_threadpool(svc.registry.visible, who.tenant, after, limit)
-    return list_body([record_body(r, who.tenant) for r in page], has_more)
+    page, has_more = await run_in_threadpool(svc.registry.visible, who.tenant, after, page_size(limit))
+    # rendered here: FastAPI's generic encoding of a returned dict took 10x json.dumps' time (6.4 s for 100k)
+    return JSONResponse(list_body([record_body(r, who.tenant) for r in page], has_more))
 
 
 @router.get("/{name}")

@@ -14,6 +14,7 @@ from adapters_store import InterventionNotFoundError, InterventionRecord, Invali
 from server.auth import Principal, principal
 from server.dependencies import Services, services
 from server.errors import APIError
+from server.pagination import MAX_PAGE, page_size
 from server.schemas import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -43,7 +44,8 @@ def _not_found(model: str) -> APIError:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(
-    limit: int | None = Query(None, ge=1, le=10_000, description="at most this many interventions (default: all)"),
+    limit: int | None = Query(None, ge=1, le=MAX_PAGE, description=f"at most this many interventions (default and "
+                                                                    f"maximum {MAX_PAGE}; page on with `after`)"),
     after: str | None = Query(None, max_length=200, description="the `id` of the previous page's last model"),
     who: Principal = Depends(principal), svc: Services = Depends(services),
 ) -> ModelList:
@@ -51,7 +53,7 @@ async def list_models(
     `limit`: the base model comes first, on the first page, beside `limit` interventions)."""
     base = [_base_card(svc)] if after is None else []
     after = None if after == svc.model_id else after  # the base model's id: the interventions from the first
-    records, has_more = await run_in_threadpool(svc.registry.visible, who.tenant, after, limit)
+    records, has_more = await run_in_threadpool(svc.registry.visible, who.tenant, after, page_size(limit))
     return ModelList(data=base + [_card(svc, r, model_name(r, who.tenant)) for r in records], has_more=has_more)
 
 

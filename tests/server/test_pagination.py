@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.errors import APIError
+from server import pagination
 from server.pagination import cursor_page, list_body
 
 
@@ -54,7 +55,7 @@ def _pages(client, path: str, headers: dict, limit: int) -> list[str]:
         after = ids[-1]
 
 
-def test_listings_page_through_own_then_public_interventions(tmp_path, tiny_base) -> None:
+def test_listings_page_through_own_then_public_interventions(tmp_path, tiny_base, monkeypatch) -> None:
     """/v1/interventions and /v1/models with any `limit`: following the cursor yields exactly the unpaged listing
     (own names, then other tenants' public ones as owner/name), each once, in order."""
     from fastapi.testclient import TestClient
@@ -87,5 +88,13 @@ def test_listings_page_through_own_then_public_interventions(tmp_path, tiny_base
         for limit in (1, 2, 3, 4, 9, 10, 11, 50):
             assert _pages(client, "/v1/interventions", keys["beta"], limit) == everything
             assert _pages(client, "/v1/models", keys["beta"], limit) == models
+        # without `limit` a page is at most MAX_PAGE long (10,000; 4 here), and says there is more
+        monkeypatch.setattr(pagination, "MAX_PAGE", 4)
+        for path, listing in (("/v1/interventions", everything), ("/v1/models", models)):
+            body = client.get(path, headers=keys["beta"]).json()
+            assert [item["id"] for item in body["data"]] == listing[: 4 + (path == "/v1/models")]
+            assert body["has_more"]
+            rest = client.get(path, params={"after": body["data"][-1]["id"]}, headers=keys["beta"]).json()
+            assert [item["id"] for item in rest["data"]] == listing[5 if path == "/v1/models" else 4 :][:4]
         bad = client.get("/v1/interventions", params={"limit": 0}, headers=keys["beta"])
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
