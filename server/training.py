@@ -202,11 +202,16 @@ class TrainingManager:
         """The job that trained each of these versions (of one name), by the job id recorded with the version
         (uploads have none; nor does a version of a name deleted and created again that a job's old number matches):
         its id, and the evaluation shown with the version (kept in the job record: it is not part of the weights)."""
-        ids = {r.version: r.training.get("job_id") for r in versions if r.training.get("job_id")}
-        if not ids:
-            return {}
-        jobs = {j.id: j for j in self.jobs.list(versions[0].tenant)}
-        return {version: jobs[job_id] for version, job_id in ids.items() if job_id in jobs}
+        found = {}
+        for record in versions:  # point reads: listing the tenant's every job made each read grow with its history
+            job_id = record.training.get("job_id")
+            if not job_id:
+                continue
+            try:
+                found[record.version] = self.get(job_id, record.tenant)
+            except JobNotFoundError:  # removed with its name, or another tenant's id: shown without evaluation
+                continue
+        return found
 
     def cancel(self, job_id: str, tenant: str = "default") -> JobRecord:
         """Cancel a job this process runs on its engine; one in the shared queue through the store (cancelled at
