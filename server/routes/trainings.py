@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -17,6 +17,7 @@ from server.auth import Principal, principal
 from server.dependencies import services
 from server.errors import APIError
 from server.jsonl import parse_examples
+from server.pagination import MAX_PAGE, cursor_page, list_body, page_size
 from server.training import TrainingManager
 from server.training_request import TrainingRequest
 
@@ -88,10 +89,15 @@ def _json_object(text: str, param: str) -> dict[str, Any]:
 
 @router.get("")
 async def list_trainings(
-    who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager)
+    after: str | None = Query(None, max_length=200, description="the last job id of the previous page"),
+    limit: int | None = Query(None, ge=1, le=MAX_PAGE, description=f"at most this many jobs (default and maximum "
+                                                                   f"{MAX_PAGE}; page on with `after`)"),
+    who: Principal = Depends(principal), trainings: TrainingManager = Depends(manager),
 ) -> dict[str, Any]:
-    """List your training jobs, oldest first."""
-    return {"object": "list", "data": [_job(j) for j in await run_in_threadpool(trainings.list, who.tenant)]}
+    """List your training jobs, oldest first; cursor pagination with `after` and `limit`, as the other lists."""
+    jobs = await run_in_threadpool(trainings.list, who.tenant)
+    page, has_more = cursor_page(jobs, lambda job: job.id, after, page_size(limit))
+    return list_body([_job(j) for j in page], has_more)
 
 
 @router.get("/{job_id}")

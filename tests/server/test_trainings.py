@@ -46,7 +46,12 @@ def test_job_runs_to_a_servable_intervention(client) -> None:
     again = client.post("/v1/trainings", json={"name": "yes-bot", "examples": EXAMPLES, **SMALL,
                                                "replace": True}).json()
     assert wait_for(client, again["id"], ("succeeded", "failed"))["result_version"] == 2  # a new version: hot swap
-    assert [j["id"] for j in client.get("/v1/trainings").json()["data"]] == [created.json()["id"], again["id"]]
+    ids = [created.json()["id"], again["id"]]
+    assert [j["id"] for j in client.get("/v1/trainings").json()["data"]] == ids
+    first = client.get("/v1/trainings", params={"limit": 1}).json()  # paged as the other lists
+    assert [j["id"] for j in first["data"]] == ids[:1] and first["has_more"] and first["last_id"] == ids[0]
+    rest = client.get("/v1/trainings", params={"limit": 1, "after": ids[0]}).json()
+    assert [j["id"] for j in rest["data"]] == ids[1:] and not rest["has_more"]
 
 
 def test_cancel_registers_nothing(client) -> None:
