@@ -10,8 +10,7 @@ way: this package uses `reft_core` and knows nothing of HTTP or the server.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from adapters_store.errors import (
     ArtifactUnavailableError,
@@ -35,10 +34,11 @@ from adapters_store.records import (
     validate_name,
     validate_tenant,
 )
+from reft_core.lazy import lazy_attributes
 
 # The store (and through it torch and safetensors) loads on first use, not on `import adapters_store`: the settings
 # and the CLI import this package's light modules, and `reft-serve serve` starts its engine process before the
-# heavy imports so that both processes import at once (see server.engine_launch).
+# heavy imports so that both processes import at once (see server.engine.launch).
 _LAZY = {"ArtifactStore": "adapters_store.store", "StoreStats": "adapters_store.store",
          "TrainingFileStore": "adapters_store.training_files"}
 
@@ -47,12 +47,7 @@ if TYPE_CHECKING:
     from adapters_store.training_files import TrainingFileStore
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'adapters_store' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -5,8 +5,7 @@ Pure ML: nothing here knows about HTTP or the artifact store.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from reft_core.errors import (
     ArtifactError,
@@ -19,10 +18,11 @@ from reft_core.errors import (
     ReftError,
     UnsupportedFormatVersionError,
 )
+from reft_core.lazy import lazy_attributes
 
 # The modules that import torch and transformers load on first use, not on `import reft_core`: light modules of
 # this package (errors, atomic_io) are imported by the settings and the CLI, and `reft-serve serve` starts its
-# engine process before the heavy imports so that both processes import at once (see server.engine_launch).
+# engine process before the heavy imports so that both processes import at once (see server.engine.launch).
 _LAZY = {"BankPlan": "reft_core.bank", "InterventionBank": "reft_core.bank", "RowPlacement": "reft_core.bank",
          "InterventionConfig": "reft_core.config", "Unit": "reft_core.config", "generate": "reft_core.generate",
          "Intervention": "reft_core.intervention", "UnitWeights": "reft_core.intervention",
@@ -36,12 +36,7 @@ if TYPE_CHECKING:
     from reft_core.positions import PositionSpec
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'reft_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
