@@ -240,14 +240,19 @@ def long_row_steps(base: BaseModel, rows: int = 16, long_tokens: int = 1800, ste
     long_prompt = encode_prompt(base.tokenizer, " ".join(["The quick brown fox jumps over the lazy dog."]
                                                          * (long_tokens // 10)), chat_template=False)
 
+    # several long rows of different lengths (a RAG-like batch): 600-950 tokens
+    several = [long_prompt[: 600 + 50 * i] for i in range(8)]
+
     def measure(long_row: str) -> tuple[float, int]:
-        runner = ModelRunner(base.model, bank, base.tokenizer.pad_token_id)
+        slack = 0.0 if long_row == "8 pieces" else float("inf")
+        runner = ModelRunner(base.model, bank, base.tokenizer.pad_token_id, long_group_slack=slack)
         runner.prefill([PrefillRow(i, p, 0) for i, p in enumerate(prompts)])
         if long_row == "slot cache":
             runner.prefill([PrefillRow(rows, long_prompt, 0)])
-        elif long_row == "own cache":
-            runner.begin_chunked_prefill(PrefillRow(rows, long_prompt, 0))
-            runner.prefill_chunk(rows, len(long_prompt))
+        elif long_row in ("own cache", "8 pieces", "8 grouped"):
+            for i, prompt in enumerate([long_prompt] if long_row == "own cache" else several):
+                runner.begin_chunked_prefill(PrefillRow(rows + i, prompt, 0))
+                runner.prefill_chunk(rows + i, len(prompt))
         tokens = [5] * len(runner.row_ids)
         runner.decode(tokens)  # warm-up
         started = time.perf_counter()
@@ -255,10 +260,12 @@ def long_row_steps(base: BaseModel, rows: int = 16, long_tokens: int = 1800, ste
             runner.decode(tokens)
         return (time.perf_counter() - started) / steps, runner.cache_bytes
 
-    results = {case: measure(case) for case in ("none", "slot cache", "own cache")}
+    results = {case: measure(case) for case in ("none", "slot cache", "own cache", "8 pieces", "8 grouped")}
     lines = ["| batch | decode step (ms) | KV cache (MB) |", "|---|---|---|"]
     labels = {"none": f"{rows} chat rows", "slot cache": f"+ one {len(long_prompt)}-token row in the slot cache "
-              "(before)", "own cache": f"+ one {len(long_prompt)}-token row in its own cache (now)"}
+              "(before)", "own cache": f"+ one {len(long_prompt)}-token row in its own cache (now)",
+              "8 pieces": "+ 8 rows of 600-950 tokens in their own cache, each its own attention call",
+              "8 grouped": "+ the same 8 rows decoding as one group (one attention call per layer; the default here)"}
     for case, (step_s, nbytes) in results.items():
         lines.append(f"| {labels[case]} | {1000 * step_s:.0f} | {nbytes / 1e6:.0f} |")
     return lines

@@ -22,11 +22,12 @@ chunked there: 8 chat prompts joining beside a 1,800-token prompt grew it from 1
 (1.5 GB of keys and values for ~400 tokens, allocated for real on a GPU), and each was copied again to join.
 
 A *long row* (a prompt of at least `long_row_tokens`, packable architectures) is copied into a cache of long
-rows instead, and decodes there as a one-token piece of a packed forward. In the slot cache it would widen every
-row's slot to its length: measured on the 2-core CPU with SmolLM2, one 1,800-token row among 16 chat rows made
-every decode step 2.1x slower (81 -> 170 ms, all rows attending over 1,800 masked columns) and the cache 32x bigger
-(94 MB -> 3 GB). (Not the staging cache: short prompts joining pass through it, and would take rows as wide as the
-long rows there.) `row_ids` lists the slot cache's rows, then the long rows.
+rows instead, and decodes there in packed forwards. In the slot cache it would widen every row's slot to its
+length: measured on the 2-core CPU with SmolLM2, one 1,800-token row among 16 chat rows made every decode step 2.1x
+slower (81 -> 170 ms, all rows attending over 1,800 masked columns) and the cache 32x bigger (94 MB -> 3 GB). The
+long rows decode as one group, as the slot cache's rows do (one attention call per layer over the long cache's
+width), while that reads at most `long_group_slack` times the columns they hold; lengths further apart make each
+a one-token piece with an attention call of its own. `row_ids` lists the slot cache's rows, then the long rows.
 
 Every forward gets a 4D mask built here (bool for sdpa, additive for eager), so transformers never builds one.
 """
@@ -48,6 +49,10 @@ from reft_core.hf_compat import cache_kwargs
 from reft_core.hooks import decoder_layers, editing_layers
 from server.engine.kv_cache import Chunk, SlotKVCache
 from server.engine.packed import PackedCaches, PackedLayout, attention_swapped, packable
+
+# Long rows decode as one group while it reads at most this many times the columns they hold (see
+# `ModelRunner._long_rows_as_group`); past it (lengths far apart) each is a piece with its own attention call.
+LONG_GROUP_SLACK = 1.5
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class _Staged:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, bank: InterventionBank, pad_token_id: int,
-                 compile_decode: str | None = None, long_row_tokens: int = 512) -> None:
+                 compile_decode: str | None = None, long_row_tokens: int = 512,
+                 long_group_slack: float = LONG_GROUP_SLACK) -> None:
         self.model = model
         # Decode forwards (the bare model, one token per row) may run through torch.compile with this backend
         # ("inductor": generated kernels; "cudagraphs": CUDA graphs replaying the eager kernels); prefill and packed
@@ -98,7 +104,8 @@ class ModelRunner:
         # in staging cache order, then those waiting for their first chunk
         self._long_rows: list[int] = []  # seq ids of the long rows, in long cache order
         self.packs_chunks = packable(model)  # chunks can ride in decode forwards
-        self.long_row_tokens = long_row_tokens  # prompts at least this long decode in the staging cache
+        self.long_row_tokens = long_row_tokens  # prompts at least this long decode in the long rows' cache
+        self.long_group_slack = long_group_slack  # see `_long_rows_as_group`
         self._bool_masks = "sdpa" in str(getattr(model.config, "_attn_implementation", "eager"))
         self._arange = torch.arange(0, device=self.device)
         self._head = model.get_output_embeddings()
@@ -240,7 +247,12 @@ class ModelRunner:
         lengths = self._cache.lengths[:rows]
         decode_mask = self._decode_mask(width, rows) if rows else None
         staged = [self._stage(seq_id) for seq_id, _ in chunks]
-        tokens_in = [self._long.extend(Chunk(i, n, n + 1)) for i, n in enumerate(self._long.host_lengths)]
+        grouped = long_rows if self._long_rows_as_group() else 0
+        long_width = self._long.plan_decode(self._range(grouped)) if grouped else 0
+        long_lengths = self._long.lengths[:grouped]
+        long_mask = self._decode_mask(long_width, grouped, self._long) if grouped else None
+        tokens_in = [] if grouped else [self._long.extend(Chunk(i, n, n + 1))
+                                        for i, n in enumerate(self._long.host_lengths)]
         prompt_pieces = [self._staging.extend(Chunk(self._staged.index(s), s.done,
                                                     min(len(s.row.prompt_ids), s.done + n)))
                          for s, (_, n) in zip(staged, chunks)]
@@ -252,26 +264,30 @@ class ModelRunner:
         pieces = tokens_in + prompt_pieces + join_pieces
         caches = ((self._long,) * len(tokens_in) + (self._staging,) * len(prompt_pieces)
                   + (self._cache,) * len(join_pieces))
-        layout = PackedLayout(rows, decode_mask, tuple(pieces), tuple(self._chunk_mask(p.start, p.end) for p in pieces))
+        layout = PackedLayout(rows, decode_mask, tuple(pieces), tuple(self._chunk_mask(p.start, p.end) for p in pieces),
+                              grouped, long_mask)
         input_ids = torch.cat([torch.tensor([list(last_tokens)], dtype=torch.long, device=self.device),
                                *(self._chunk_ids(s, p.end) for s, p in zip(staged, prompt_pieces)),
                                *(self._prompt_ids(r.prompt_ids) for r in joins)], 1)
-        positions = torch.cat([lengths, *(self._range(p.end)[p.start :] for p in pieces)])[None]
-        columns = list(itertools.accumulate((p.end - p.start for p in pieces), initial=rows))
+        positions = torch.cat([lengths, long_lengths, *(self._range(p.end)[p.start :] for p in pieces)])[None]
+        columns = list(itertools.accumulate((p.end - p.start for p in pieces), initial=rows + grouped))
         # long rows decode bare: the bank edits only the prompt pieces, at their columns
         prompts = [(_placement(s.row), (p.start, p.end)) for s, p in zip(staged, prompt_pieces)]
         prompts += [(_placement(r), (0, p.end)) for r, p in zip(joins, join_pieces)]
         plan = self.bank.plan_packed([(placement, window, column)
                                       for (placement, window), column in zip(prompts, columns[len(tokens_in) :])])
         # the logits of each decoding row's token and of each piece's last token
-        keep = torch.tensor([*range(rows), *(c - 1 for c in columns[1:])], device=self.device)
+        keep = torch.tensor([*range(rows + grouped), *(c - 1 for c in columns[1:])], device=self.device)
         with editing_layers(self.model, self.bank.edits(plan)), attention_swapped(self.model):
             # the mask passed is never read (`packed_attention` takes the layout's): a 4D one keeps transformers
             # from building its own
-            logits = self._forward(input_ids, positions, layout.piece_masks[0],
-                                   PackedCaches(layout, caches, self._cache), keep)[0]
+            unread = next(m for m in (*layout.piece_masks, decode_mask, long_mask) if m is not None)
+            logits = self._forward(input_ids, positions, unread,
+                                   PackedCaches(layout, caches, self._cache, self._long), keep)[0]
         if rows:
             self._cache.advance()
+        if grouped:
+            self._long.advance()
         for s, p in zip(staged, prompt_pieces):
             s.done = p.end
         decoded = rows + long_rows
@@ -343,8 +359,16 @@ class ModelRunner:
         positions = self._range(end)
         return (positions[None, :] <= positions[start:end, None])[None, None]  # [1, 1, chunk, end]: causal, absolute
 
-    def _decode_mask(self, width: int, rows: int) -> Tensor:
-        lengths = self._cache.lengths[:rows]
+    def _long_rows_as_group(self) -> bool:
+        """Whether the long rows decode as one group this step (one attention call per layer, over the long
+        cache's width for every row) rather than each as a piece (a call per row, over its own length): while the
+        group reads at most `long_group_slack` times the columns the rows hold."""
+        lengths = self._long.host_lengths
+        return bool(lengths) and len(lengths) * (max(lengths) + 1) <= self.long_group_slack * sum(
+            n + 1 for n in lengths)
+
+    def _decode_mask(self, width: int, rows: int, cache: SlotKVCache | None = None) -> Tensor:
+        lengths = (self._cache if cache is None else cache).lengths[:rows]
         return (self._range(width)[None, :] <= lengths[:, None])[:, None, None]  # each row's tokens and its new one
 
     def _join_if_complete(self, staged: _Staged, logits: Tensor) -> Tensor | None:

@@ -17,12 +17,13 @@ from reft_core.frozen_context import ModelDims
 from reft_core.generate import generate
 from reft_core.hooks import editing_layers
 from server.engine.kv_cache import MIN_COLUMNS, MIN_ROWS, capacity, capacity_bytes
-from server.engine.runner import ModelRunner, PrefillRow
+from server.engine.runner import LONG_GROUP_SLACK, ModelRunner, PrefillRow
 from server.engine.scheduler import KVBudget
 from tests import tiny
 from tests.builders import random_intervention
 
 PAD = 257
+INF = float("inf")
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -58,12 +59,12 @@ class Job:
 
 
 def run_schedule(model, bank: InterventionBank, jobs: list[Job], packed: bool = False,
-                 long_row_tokens: int = 512) -> ModelRunner:
+                 long_row_tokens: int = 512, long_group_slack: float = LONG_GROUP_SLACK) -> ModelRunner:
     """Drive a runner through the schedule the way the engine does: joins, one chunk per chunked row, a decode.
     With `packed`, whenever rows decode, the prompts joining whole (into new slot cache rows) and every chunked
     row's chunk ride in the decode forward (several pieces side by side). Prompts of `long_row_tokens` or more prefilled in chunks (or packed)
     stay in the staging cache and decode there as long rows."""
-    runner = ModelRunner(model, bank, PAD, long_row_tokens=long_row_tokens)
+    runner = ModelRunner(model, bank, PAD, long_row_tokens=long_row_tokens, long_group_slack=long_group_slack)
     live: dict[int, Job] = {}
     chunking: dict[int, Job] = {}
 
@@ -140,9 +141,10 @@ def check_alone(model, personas, bank, jobs: list[Job]) -> None:
         torch.testing.assert_close(torch.stack(job.logits), reference_logits(model, bank, job), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("long_row_tokens", [512, 8], ids=["no long rows", "long rows"])
+@pytest.mark.parametrize(("long_row_tokens", "long_group_slack"), [(512, LONG_GROUP_SLACK), (8, 0.0), (8, INF)],
+                         ids=["no long rows", "long rows, each a piece", "long rows, one group"])
 @pytest.mark.parametrize("packed", [False, True], ids=["chunks alone", "chunks packed into decode"])
-def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed, long_row_tokens) -> None:
+def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed, long_row_tokens, long_group_slack) -> None:
     bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
     jobs = [
         Job(list(range(5, 13)), 1, 9, join=0),
@@ -153,14 +155,16 @@ def test_rows_joining_and_leaving_decode_as_alone(model, personas, packed, long_
         Job([7, 8], 2, 3, join=4),  # the fifth row: grows the rows past 4
         Job([60, 61, 62], 0, 12, join=1, leave=5),  # cancelled mid-run
     ]
-    runner = run_schedule(model, bank, jobs, packed, long_row_tokens)
+    runner = run_schedule(model, bank, jobs, packed, long_row_tokens, long_group_slack)
     assert runner.row_ids == [] and runner.cache_bytes == 0  # an idle runner holds no cache memory
     check_alone(model, personas, bank, [j for j in jobs if j.leave is None])
 
 
-@pytest.mark.parametrize(("packed", "long_row_tokens"), [(False, 512), (True, 512), (True, 8)],
-                         ids=["chunks alone", "packed", "packed, long rows"])
-def test_in_bfloat16_every_row_gets_the_logits_of_a_forward_without_cache(personas, packed, long_row_tokens) -> None:
+@pytest.mark.parametrize(("packed", "long_row_tokens", "long_group_slack"),
+                         [(False, 512, INF), (True, 512, INF), (True, 8, 0.0), (True, 8, INF)],
+                         ids=["chunks alone", "packed", "packed, long rows each a piece", "packed, long rows grouped"])
+def test_in_bfloat16_every_row_gets_the_logits_of_a_forward_without_cache(personas, packed, long_row_tokens,
+                                                                         long_group_slack) -> None:
     """bf16, the dtype served on GPUs: prefill, chunks (alone and packed), joins and long rows give each row the
     logits of one forward over its own tokens without a cache, within bf16 rounding. (Greedy tokens can differ from
     a batch of one at near-ties in bf16, so logits are compared along each row's own tokens.)"""
@@ -174,7 +178,7 @@ def test_in_bfloat16_every_row_gets_the_logits_of_a_forward_without_cache(person
         Job([9, 9, 9], 0, 8, join=4),
         Job([7, 8], 2, 3, join=4),
     ]
-    run_schedule(model, bank, jobs, packed, long_row_tokens)
+    run_schedule(model, bank, jobs, packed, long_row_tokens, long_group_slack)
     for job in jobs:
         torch.testing.assert_close(torch.stack(job.logits), reference_logits(model, bank, job), rtol=0.02, atol=0.06)
 
@@ -199,9 +203,10 @@ def test_a_slot_holds_only_its_own_tokens(model) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.data(), packed=st.booleans(), long_row_tokens=st.sampled_from([512, 6, 20]))
-def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data, packed,
-                                                                  long_row_tokens) -> None:
+@given(data=st.data(), packed=st.booleans(), long_row_tokens=st.sampled_from([512, 6, 20]),
+       long_group_slack=st.sampled_from([0.0, LONG_GROUP_SLACK, INF]))
+def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas, data, packed, long_row_tokens,
+                                                                  long_group_slack) -> None:
     bank = InterventionBank.for_interventions(personas[1:], num_layers=tiny.LAYERS)
     jobs = []
     for _ in range(data.draw(st.integers(1, 7))):
@@ -215,7 +220,7 @@ def test_random_join_and_leave_schedules_equal_one_row_at_a_time(model, personas
             chunk=data.draw(st.one_of(st.none(), st.integers(1, 12))),
             leave=data.draw(st.one_of(st.none(), st.integers(1, 10))),
         ))
-    run_schedule(model, bank, jobs, packed, long_row_tokens)
+    run_schedule(model, bank, jobs, packed, long_row_tokens, long_group_slack)
     check_alone(model, personas, bank, [j for j in jobs if j.out])
 
 
