@@ -231,43 +231,48 @@ def runner_decode_step(base: BaseModel, rows: int = 64, steps: int = 8) -> float
     return (time.perf_counter() - started) / steps
 
 
-def long_row_steps(base: BaseModel, rows: int = 16, long_tokens: int = 1800, steps: int = 12) -> list[str]:
-    """Decode step time and KV cache bytes of `rows` chat rows, alone and beside one long row: in the slot cache
-    (every slot as wide as the long row) and in the long rows' own cache (the default). In-process, the forward
-    alone."""
+def long_row_steps(base: BaseModel, rows: int = 16, long_tokens: int = 1800, rounds: int = 6,
+                   steps: int = 4) -> list[str]:
+    """Decode step time and KV cache bytes of `rows` chat rows, alone and beside long rows: one long row in the slot
+    cache (every slot as wide as it) and in the long rows' own cache (the default); 32 long rows of similar lengths
+    (a RAG-like batch) each with its own attention call, and as one group (the default). In-process, the forward
+    alone; every batch is built first, then timed in alternating rounds (medians)."""
     bank = InterventionBank(hidden_size=base.hidden_size, num_layers=base.num_layers, num_slots=1)
     prompts = [encode_prompt(base.tokenizer, PROMPTS[i % len(PROMPTS)], chat_template=True) for i in range(rows)]
     long_prompt = encode_prompt(base.tokenizer, " ".join(["The quick brown fox jumps over the lazy dog."]
                                                          * (long_tokens // 10)), chat_template=False)
+    many = [long_prompt[: 520 + 5 * i] for i in range(32)]
 
-    # several long rows of different lengths (a RAG-like batch): 600-950 tokens
-    several = [long_prompt[: 600 + 50 * i] for i in range(8)]
-
-    def measure(long_row: str) -> tuple[float, int]:
-        slack = 0.0 if long_row == "8 pieces" else float("inf")
+    def build(case: str) -> ModelRunner:
+        slack = 0.0 if case == "pieces" else float("inf")
         runner = ModelRunner(base.model, bank, base.tokenizer.pad_token_id, long_group_slack=slack)
         runner.prefill([PrefillRow(i, p, 0) for i, p in enumerate(prompts)])
-        if long_row == "slot cache":
+        if case == "slot cache":
             runner.prefill([PrefillRow(rows, long_prompt, 0)])
-        elif long_row in ("own cache", "8 pieces", "8 grouped"):
-            for i, prompt in enumerate([long_prompt] if long_row == "own cache" else several):
+        elif case != "none":
+            for i, prompt in enumerate([long_prompt] if case == "own cache" else many):
                 runner.begin_chunked_prefill(PrefillRow(rows + i, prompt, 0))
                 runner.prefill_chunk(rows + i, len(prompt))
-        tokens = [5] * len(runner.row_ids)
-        runner.decode(tokens)  # warm-up
-        started = time.perf_counter()
-        for _ in range(steps):
-            runner.decode(tokens)
-        return (time.perf_counter() - started) / steps, runner.cache_bytes
+        runner.decode([5] * len(runner.row_ids))  # warm-up
+        return runner
 
-    results = {case: measure(case) for case in ("none", "slot cache", "own cache", "8 pieces", "8 grouped")}
-    lines = ["| batch | decode step (ms) | KV cache (MB) |", "|---|---|---|"]
-    labels = {"none": f"{rows} chat rows", "slot cache": f"+ one {len(long_prompt)}-token row in the slot cache "
-              "(before)", "own cache": f"+ one {len(long_prompt)}-token row in its own cache (now)",
-              "8 pieces": "+ 8 rows of 600-950 tokens in their own cache, each its own attention call",
-              "8 grouped": "+ the same 8 rows decoding as one group (one attention call per layer; the default here)"}
-    for case, (step_s, nbytes) in results.items():
-        lines.append(f"| {labels[case]} | {1000 * step_s:.0f} | {nbytes / 1e6:.0f} |")
+    runners = {case: build(case) for case in ("none", "slot cache", "own cache", "pieces", "group")}
+    times: dict[str, list[float]] = {case: [] for case in runners}
+    for _ in range(rounds):
+        for case, runner in runners.items():
+            tokens = [5] * len(runner.row_ids)
+            started = time.perf_counter()
+            for _ in range(steps):
+                runner.decode(tokens)
+            times[case].append((time.perf_counter() - started) / steps)
+    lines = ["| batch | decode step (ms, median) | KV cache (MB) |", "|---|---|---|"]
+    labels = {"none": f"{rows} chat rows", "slot cache": f"+ one {len(long_prompt)}-token row in the slot cache",
+              "own cache": f"+ one {len(long_prompt)}-token row in its own cache (the default)",
+              "pieces": f"+ 32 rows of {len(many[0])}-{len(many[-1])} tokens in their own cache, each its own "
+                        "attention call",
+              "group": "+ the same 32 rows decoding as one group (one attention call per layer; the default here)"}
+    for case, runner in runners.items():
+        lines.append(f"| {labels[case]} | {1000 * statistics.median(times[case]):.0f} | {runner.cache_bytes / 1e6:.0f} |")
     return lines
 
 
